@@ -1,0 +1,1 @@
+"""The Ray Serve application, the global block manager and the ``kvserve`` CLI."""

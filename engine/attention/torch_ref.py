@@ -1,0 +1,108 @@
+"""Reference attention over the paged cache, in plain torch (CPU and CUDA).
+
+KV cache of one layer: ``[2, num_blocks, block_size, kv_heads, head_dim]``
+(K at index 0, V at 1). A step first writes every new token's K/V into its slot,
+then each sequence attends to its cached positions, so a sequence may read blocks
+that another sequence of the same step has just written (shared prefixes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.metadata import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Stores k, v ([T, Hk, D]) at ``slot_mapping`` ([T]) of the layer's cache."""
+    _, _, _, hk, d = kv_cache.shape
+    kv_cache[0].view(-1, hk, d).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, hk, d).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence's first ``length`` positions: [length, Hk, D] each."""
+    _, _, bs, hk, d = kv_cache.shape
+    n = -(-length // bs)
+    ids = torch.tensor(block_ids[:n], dtype=torch.long, device=kv_cache.device)
+    kv = kv_cache[:, ids].reshape(2, n * bs, hk, d)[:, :length]
+    return kv[0], kv[1]
+
+
+def causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[q_len, kv_len] bool; query i sits at position kv_len - q_len + i."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    kpos = torch.arange(kv_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= qpos - kpos < window
+    return mask
+
+
+class TorchAttentionBackend:
+    """Paged attention in torch: decode rows batched, prefill rows per sequence."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hk, D]
+        v: torch.Tensor,  # [T, Hk, D]
+        kv_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+        window: int | None,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        if not meta.use_cache or kv_cache is None:
+            return self._uncached(q, k, v, meta, window)
+        assert meta.slot_mapping is not None
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        any_decode = False
+        for i in range(meta.num_seqs):
+            s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if e - s == 1:
+                any_decode = True
+                continue
+            n = meta.seq_lens[i]
+            if n == e - s:  # no cached prefix: the fresh K/V are the whole context
+                ks, vs = k[s:e], v[s:e]
+            else:
+                ks, vs = gather_kv(kv_cache, meta.block_tables[i], n)
+            out[s:e] = self._attend(q[s:e], ks, vs, causal_mask(e - s, n, window, q.device))
+        if any_decode:
+            self._decode(q, kv_cache, meta, window, out)
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, window: int | None, out: torch.Tensor
+    ) -> None:
+        _, rows, tables, _ = meta.decode_batch(q.device)
+        _, _, bs, hk, d = kv_cache.shape
+        b, m = tables.shape
+        kv = kv_cache[:, tables].view(2, b, m * bs, hk, d).transpose(2, 3)  # [2, B, Hk, L, D]
+        mask = meta.decode_mask(window, m * bs, q.device)  # [B, 1, 1, L]
+        qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out[rows] = o.squeeze(2)
+
+    def _uncached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int | None
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for i in range(meta.num_seqs):
+            s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            out[s:e] = self._attend(q[s:e], k[s:e], v[s:e], causal_mask(e - s, e - s, window, q.device))
+        return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q: [S, Hq, D], k/v: [L, Hk, D], mask: [S, L] -> [S, Hq, D]."""
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return o.transpose(0, 1)

@@ -1,0 +1,149 @@
+"""Frozen configuration objects, validated once at construction and passed down.
+
+``ModelConfig`` is the engine's own view of a Hugging Face ``PretrainedConfig``: only
+the fields our Llama-family modules read, checked for support at load time so an
+unsupported checkpoint fails before any weight is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# model_type -> behaviour differences inside the Llama family.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of one Llama-family model (all sizes are for the full model, TP=1)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    # None for full attention; otherwise a query at position p sees keys at
+    # positions k with p - k < window (transformers' convention).
+    sliding_windows: tuple[int | None, ...]
+    eos_token_ids: tuple[int, ...]
+    # The original HF config, kept for transformers' rope helpers. Not compared.
+    hf_config: Any = field(compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelConfig:
+        """Builds the engine view of ``hf``; raises ``ValueError`` if unsupported."""
+        model_type = getattr(hf, "model_type", None)
+        archs = getattr(hf, "architectures", None) or []
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture: model_type={model_type!r} "
+                f"(architectures={archs}); kvserve supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        act = getattr(hf, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+        num_layers = hf.num_hidden_layers
+        num_heads = hf.num_attention_heads
+        num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} not a multiple of kv heads {num_kv_heads}")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        return cls(
+            model_type=model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            o_bias=model_type == "llama" and bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            sliding_windows=_sliding_windows(hf, model_type, num_layers),
+            eos_token_ids=_as_tuple(getattr(hf, "eos_token_id", None)),
+            hf_config=hf,
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int, num_kv_heads: int | None = None) -> int:
+        """layers × 2 (K and V) × kv_heads × head_dim × dtype bytes."""
+        heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
+        return self.num_layers * 2 * heads * self.head_dim * dtype_bytes
+
+
+def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)
+
+
+def _sliding_windows(hf: Any, model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None and window:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if model_type == "mistral" and window:
+        return (window,) * num_layers
+    return (None,) * num_layers
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache settings.
+
+    On CPU the cache gets ``cpu_kv_cache_bytes``; on GPU it gets what is left of
+    ``gpu_memory_utilization`` × device memory after weights and a profiling step.
+    ``num_gpu_blocks_override`` fixes the block count (tests use tiny pools).
+    ``kv_cache=False`` is the recompute-everything mode used to show what the cache buys.
+    """
+
+    block_size: int = 16
+    cpu_kv_cache_bytes: int = 2 * 1024**3
+    gpu_memory_utilization: float = 0.9
+    num_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_blocks_override is not None and self.num_blocks_override < 1:
+            raise ValueError("num_blocks_override must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous-batching limits: one token budget per step shared by all requests."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "without chunked prefill max_num_batched_tokens must be >= max_model_len "
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )

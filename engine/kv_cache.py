@@ -1,0 +1,96 @@
+"""Sizing and allocating the paged KV cache of one rank.
+
+Per token the cache holds ``layers × 2 × kv_heads × head_dim × dtype_bytes``; the
+number of blocks is the memory budget divided by the bytes of one block. On CPU the
+budget is ``cpu_kv_cache_bytes``; on GPU it is ``gpu_memory_utilization`` × device
+memory minus the weights and the activation peak of a profiling step. The
+arithmetic is logged at start-up.
+
+Layout, one tensor per layer (so a tensor-parallel rank holds only its KV heads)::
+
+    kv_cache[layer]: [2, num_blocks, block_size, kv_heads_of_this_rank, head_dim]
+                      K/V   block id   slot in block
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.model_runner import RunnerConfig
+    from engine.models.llama import LlamaAttention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCachePlan:
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    budget_bytes: int
+    max_concurrent_seqs: float  # at max_model_len
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def plan_kv_cache(cfg: RunnerConfig, kv_heads_per_rank: int, weight_bytes: int) -> KVCachePlan:
+    dtype_bytes = torch.empty((), dtype=cfg.dtype).element_size()
+    per_token = cfg.model.kv_bytes_per_token(dtype_bytes, kv_heads_per_rank)
+    bs = cfg.cache.block_size
+    if cfg.cache.num_blocks_override is not None:
+        num_blocks = cfg.cache.num_blocks_override
+        budget = num_blocks * bs * per_token
+    else:
+        budget = _budget_bytes(cfg, weight_bytes)
+        num_blocks = budget // (per_token * bs)
+    max_len = cfg.scheduler.max_model_len
+    if num_blocks * bs < max_len:
+        raise ValueError(
+            f"KV cache of {num_blocks} blocks × {bs} tokens cannot hold one sequence of "
+            f"max_model_len={max_len}; raise the memory budget or lower max_model_len"
+        )
+    plan = KVCachePlan(num_blocks, bs, per_token, budget, num_blocks * bs / max_len)
+    logger.info(
+        "KV cache: %d layers × 2 × %d kv heads × %d head_dim × %d bytes = %d bytes/token; "
+        "budget %.1f MiB -> %d blocks of %d tokens (%d tokens); %.1f sequences of max_model_len=%d",
+        cfg.model.num_layers, kv_heads_per_rank, cfg.model.head_dim, dtype_bytes, per_token,
+        budget / 2**20, num_blocks, bs, plan.num_tokens, plan.max_concurrent_seqs, max_len,
+    )  # fmt: skip
+    return plan
+
+
+def _budget_bytes(cfg: RunnerConfig, weight_bytes: int) -> int:
+    if cfg.device.type != "cuda":
+        return cfg.cache.cpu_kv_cache_bytes
+    free, total = torch.cuda.mem_get_info(cfg.device)
+    used_by_others = total - free - torch.cuda.memory_allocated(cfg.device)
+    # Activations of the largest step: a conservative estimate from the step's shape
+    # (hidden and MLP activations for max_num_batched_tokens, logits of max_num_seqs).
+    m = cfg.model
+    dtype_bytes = torch.empty((), dtype=cfg.dtype).element_size()
+    tokens = cfg.scheduler.max_num_batched_tokens
+    activations = tokens * (4 * m.hidden_size + 3 * m.intermediate_size) * dtype_bytes * 2
+    activations += cfg.scheduler.max_num_seqs * m.vocab_size * 4 * 3
+    budget = int(total * cfg.cache.gpu_memory_utilization) - used_by_others - weight_bytes - activations
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB)")
+    return budget
+
+
+def allocate_kv_cache(
+    plan: KVCachePlan, layers: list[LlamaAttention], device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Allocates one cache tensor per layer and binds it to the layer."""
+    caches = []
+    for layer in layers:
+        cache = torch.zeros(2, plan.num_blocks, plan.block_size, layer.num_kv_heads, layer.head_dim, dtype=dtype, device=device)
+        layer.kv_cache = cache
+        caches.append(cache)
+    return caches

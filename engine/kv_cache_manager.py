@@ -1,0 +1,98 @@
+"""Block tables of the requests of one instance, on top of the block pool.
+
+Pure Python. A request's block table is append-only while it runs; block ``i``
+holds tokens ``[i * block_size, (i + 1) * block_size)`` of ``all_token_ids``::
+
+    tokens:  |0 ........ 15|16 ....... 31|32 .. 37      |
+    table:   [    b4       ,     b9      ,    b2         ]
+              full, hashed   full, hashed  partial, never shared
+
+Only full blocks are hashed and shared. ``free`` returns every block of a request.
+"""
+
+from __future__ import annotations
+
+from engine.block_hash import extend_block_hashes
+from engine.block_pool import BlockPool
+from engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int, extra_key: bytes = b"") -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.extra_key = extra_key
+        self._tables: dict[str, list[int]] = {}
+        self._num_hashed: dict[str, int] = {}
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._tables.get(request_id, [])
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Blocks that already hold a prefix of ``request``'s tokens (no reference
+        taken). At least one token is always left to compute, so the step yields logits.
+        """
+        if not self.pool.enable_caching:
+            return []
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, self.extra_key)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for h in request.block_hashes[:max_blocks]:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None
+    ) -> bool:
+        """Makes room for ``num_new_tokens`` more computed tokens of ``request``.
+
+        ``cached_blocks`` (first admission only) are prefix hits to take references on;
+        the caller then advances ``num_computed_tokens`` past them. Returns False and
+        changes nothing when the pool cannot supply the blocks. Full blocks covered by
+        this step are hashed into the prefix cache (their K/V are written this step,
+        before any attention of this step reads them).
+        """
+        cached_blocks = cached_blocks or []
+        table = self._tables.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = self.num_blocks_for(total) - len(table) - len(cached_blocks)
+        evictable_hits = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)
+        if num_new_blocks > self.pool.num_free_blocks - evictable_hits:
+            return False
+        if cached_blocks:
+            self.pool.touch(cached_blocks)
+        table = self._tables.setdefault(request.request_id, table)
+        table.extend(cached_blocks)
+        if num_new_blocks > 0:
+            table.extend(self.pool.allocate(num_new_blocks))
+        self._cache_full_blocks(request, table, total, already=len(cached_blocks))
+        return True
+
+    def _cache_full_blocks(self, request: Request, table: list[int], num_tokens: int, already: int) -> None:
+        if not self.pool.enable_caching:
+            return
+        start = max(self._num_hashed.get(request.request_id, 0), already)
+        end = num_tokens // self.block_size
+        if end <= start:
+            return
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, self.extra_key)
+        for i in range(start, end):
+            self.pool.cache_block(table[i], request.block_hashes[i])
+        self._num_hashed[request.request_id] = end
+
+    def free(self, request: Request) -> None:
+        """Returns every block of ``request`` to the pool (tail blocks evicted first)."""
+        table = self._tables.pop(request.request_id, [])
+        self._num_hashed.pop(request.request_id, None)
+        self.pool.free(reversed(table))
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._tables)

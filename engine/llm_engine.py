@@ -1,0 +1,317 @@
+"""One engine instance: tokenizer, scheduler, block pool, model runner, sampler.
+
+The step loop is schedule → run → postprocess. ``add_request`` / ``step`` /
+``abort`` are the streaming interface the serving layer drives; ``LLM`` wraps them
+for offline use. Synchronous and deterministic given its inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from engine.block_pool import BlockPool
+from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
+from engine.kv_cache_manager import KVCacheManager
+from engine.loader import resolve_model
+from engine.model_runner import ModelRunner, RunnerConfig
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.parallel import TPContext
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineArgs:
+    """Everything needed to start an engine; validated by the configs it builds."""
+
+    model: str | os.PathLike[str] | None = None  # None: the default model (SmolLM2)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU) | "float32" | "bfloat16" | "float16"
+    block_size: int = 16
+    max_model_len: int | None = None  # None: min(config's max positions, 8192)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) without chunking
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    kv_cache: bool = True
+    cpu_kv_cache_bytes: int = 2 * 1024**3
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None
+    seed: int = 0
+    tensor_parallel_size: int = 1
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass(slots=True)
+class _Group:
+    """A user request: its ``n`` samples and their detokenizers."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs | None = None, tp: TPContext | None = None) -> None:
+        args = args or EngineArgs()
+        if args.tensor_parallel_size != 1 and tp is None:
+            raise ValueError("tensor_parallel_size > 1 needs the worker group (workers/)")
+        self.args = args
+        model_dir = resolve_model(args.model)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self.model_config = ModelConfig.from_hf(hf_config)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        self._detok_backend = backend_tokenizer(self.tokenizer)
+        self.eos_token_ids = self._eos_ids(model_dir)
+        device = _device(args.device)
+        max_len = args.max_model_len or min(self.model_config.max_position_embeddings, 8192)
+        chunked = args.enable_chunked_prefill and args.kv_cache
+        batched = args.max_num_batched_tokens or (2048 if chunked else max(2048, max_len))
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=max_len,
+            enable_chunked_prefill=chunked,
+        )
+        self.cache_config = CacheConfig(
+            block_size=args.block_size,
+            cpu_kv_cache_bytes=args.cpu_kv_cache_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            num_blocks_override=args.num_blocks,
+            enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache=args.kv_cache,
+        )
+        self.runner = ModelRunner(
+            RunnerConfig(
+                model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
+                _dtype(args.dtype, device),
+            ),
+            tp,
+        )  # fmt: skip
+        self.kv: KVCacheManager | None = None
+        if args.kv_cache:
+            pool = BlockPool(self.runner.num_blocks, args.enable_prefix_caching)
+            self.kv = KVCacheManager(pool, args.block_size, extra_key=str(model_dir).encode())
+        self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.sampler = Sampler(args.seed)
+        self._groups: dict[str, _Group] = {}
+        self._sample_group: dict[str, _Group] = {}
+        self._next_id = 0
+
+    def _eos_ids(self, model_dir: os.PathLike[str]) -> tuple[int, ...]:
+        ids: list[int] = []
+        try:
+            gen = GenerationConfig.from_pretrained(model_dir)
+            e = gen.eos_token_id
+            ids += [e] if isinstance(e, int) else list(e or [])
+        except OSError:
+            pass
+        ids += list(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    # --- requests ------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model has no chat template")
+        return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Validates and queues a request (``n`` samples); returns its id.
+
+        Raises ``ValueError`` naming the problem (empty prompt, too long, token ids
+        outside the vocabulary, duplicate id); nothing is queued then.
+        """
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        max_len = self.scheduler_config.max_model_len
+        room = max_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        samples = [
+            Request(
+                request_id if params.n == 1 else f"{request_id}#{i}", ids, params, max_tokens, text,
+                parent_id=request_id, sample_index=i,
+            )
+            for i in range(params.n)
+        ]  # fmt: skip
+        detoks = [
+            IncrementalDetokenizer(self._detok_backend, params.skip_special_tokens, params.stop) for _ in samples
+        ]
+        group = _Group(request_id, text, ids, samples, detoks)
+        self._groups[request_id] = group
+        for s in samples:
+            self._sample_group[s.request_id] = group
+            self.scheduler.add_request(s)
+        return request_id
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        max_len = self.scheduler_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; max_model_len is {max_len} (room for at least one new token needed)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Aborts every sample of a request at any point; its blocks return to the pool."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return None
+        for s in group.samples:
+            if not s.is_finished:
+                self.scheduler.abort(s.request_id)
+        return self._finish_group_if_done(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # --- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns an output for every request it advanced
+        (cumulative, ``finished`` set on the last one)."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits = self.runner.execute(out)
+        self.scheduler.update_after_step(out)
+        to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.needs_sample]
+        touched: dict[str, _Group] = {}
+        if to_sample:
+            result = self.sampler.sample(logits, to_sample, self.eos_token_ids)
+            now = time.monotonic()
+            for i, req in enumerate(to_sample):
+                group = self._sample_group[req.request_id]
+                if group.first_token_time is None:
+                    group.first_token_time = now
+                lp = result.top_logprobs[i]
+                if lp is not None and result.sampled_logprobs is not None:
+                    req.logprobs.append(lp)
+                    req.cumulative_logprob += result.sampled_logprobs[i]
+                self._append_token(req, group, result.token_ids[i])
+                touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            done = self._finish_group_if_done(group)
+            outputs.append(done if done is not None else self._output(group))
+        return outputs
+
+    def _append_token(self, req: Request, group: _Group, token: int) -> None:
+        sp = req.sampling_params
+        req.append_output_token(token)
+        detok = group.detoks[req.sample_index]
+        stop_str = detok.add(token, check_stop=req.num_output_tokens > sp.min_tokens)
+        status = None
+        if not sp.ignore_eos and token in self.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in sp.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif req.num_output_tokens >= req.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(req, status)
+            self.sampler.forget(req.request_id)
+
+    def _finish_group_if_done(self, group: _Group) -> RequestOutput | None:
+        if not all(s.is_finished for s in group.samples):
+            return None
+        del self._groups[group.request_id]
+        for s in group.samples:
+            self._sample_group.pop(s.request_id, None)
+        return self._output(group)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outs = []
+        for s, d in zip(group.samples, group.detoks, strict=True):
+            wants_lp = s.sampling_params.logprobs is not None
+            outs.append(
+                CompletionOutput(
+                    index=s.sample_index,
+                    text=d.visible_text(s.is_finished),
+                    token_ids=list(s.output_token_ids),
+                    finish_reason=s.status.finish_reason,
+                    stop_reason=s.stop_reason,
+                    cumulative_logprob=s.cumulative_logprob if wants_lp else None,
+                    logprobs=list(s.logprobs) if wants_lp else None,
+                )
+            )
+        finished = all(o.finished for o in outs)
+        metrics = {"arrival": group.arrival}
+        if group.first_token_time is not None:
+            metrics["ttft_s"] = group.first_token_time - group.arrival
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            num_cached_tokens=max(0, group.samples[0].num_cached_tokens),
+            metrics=metrics,
+        )
+
+    # --- introspection ------------------------------------------------------------
+    def kv_usage(self) -> float:
+        return self.kv.pool.usage if self.kv is not None else 0.0
+
+    def pool_is_whole(self) -> bool:
+        """True when no request holds a block (all free or evictable cache)."""
+        if self.kv is None:
+            return True
+        self.kv.pool.check()
+        return self.kv.pool.num_free_blocks == self.kv.pool.num_blocks and self.kv.num_requests == 0

@@ -1,0 +1,114 @@
+"""Turns a ``SchedulerOutput`` into tensors, runs the model, returns logits.
+
+Owns the model's weights and the KV cache tensors of one rank. Everything it needs
+about a step is in the ``SchedulerOutput``, so a tensor-parallel rank in another
+process can run the same step from the same description.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
+from engine.loader import load_weights
+from engine.models import LlamaForCausalLM
+from engine.parallel import TPContext
+from engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    model_dir: Path
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunnerConfig, tp: TPContext | None = None) -> None:
+        self.cfg = cfg
+        self.tp = tp or TPContext()
+        self.device = cfg.device
+        self.block_size = cfg.cache.block_size
+        self.model = build_model(cfg, self.tp)
+        load_weights(self.model, cfg.model_dir)
+        self.model.eval()
+        self.kv_caches: list[torch.Tensor] = []
+        self.plan: KVCachePlan | None = None
+        if cfg.cache.kv_cache:
+            layers = self.model.attention_layers()
+            self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self._weight_bytes())
+            self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cfg.dtype)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.plan.num_blocks if self.plan is not None else 0
+
+    def _weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """(input_ids [T], positions [T], attention metadata, rows to sample [S])."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        for s in out.scheduled:
+            n = s.num_new_tokens
+            ids.extend(s.token_ids)
+            pos = range(s.start_pos, s.start_pos + n)
+            positions.extend(pos)
+            if out.use_cache:
+                table = s.block_ids
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            starts.append(starts[-1] + n)
+            seq_lens.append(s.start_pos + n)
+            if s.needs_sample:
+                sample_rows.append(starts[-1] - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev) if out.use_cache else None,
+            block_tables=[s.block_ids for s in out.scheduled],
+            block_size=bs,
+            use_cache=out.use_cache,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Runs one step; returns float32 logits [S, vocab] of the rows that sample,
+        in the order of ``out.scheduled`` (requests with ``needs_sample``)."""
+        input_ids, positions, meta, sample_rows = self.prepare(out)
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[sample_rows])
+
+
+def build_model(cfg: RunnerConfig, tp: TPContext) -> LlamaForCausalLM:
+    """Constructs the (uninitialised) model directly on its device and in its dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(cfg.device):
+            return LlamaForCausalLM(cfg.model, cfg.scheduler.max_model_len, tp)
+    finally:
+        torch.set_default_dtype(default)

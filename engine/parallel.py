@@ -1,0 +1,45 @@
+"""Tensor-parallel context: which rank this process is, and its collectives.
+
+With ``size == 1`` every collective is the identity, so the same model code runs
+single-process. ``group`` is a ``torch.distributed`` process group (NCCL on GPU,
+gloo on CPU) created by the worker layer; the engine never creates one itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class TPContext:
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} outside tensor-parallel size {self.size}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums ``x`` over the ranks in place and returns it."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenates every rank's ``x`` along the last dimension, rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what}: {numerator} is not divisible by tensor-parallel size {denominator}")
+    return numerator // denominator

@@ -1,0 +1,145 @@
+"""Continuous batching with one token budget per step.
+
+There are no prefill and decode phases: each request has ``num_computed_tokens``
+and the scheduler spends ``max_num_batched_tokens`` across requests, running ones
+first (FCFS), then waiting ones. A prompt larger than what is left of the budget is
+chunked. When the pool cannot supply blocks, the newest running request is
+preempted (its blocks freed, to be recomputed later, often from the prefix cache)
+and moved to the front of the waiting queue; no request is ever dropped.
+
+Pure Python; mutates only the requests and the KV cache manager it is given.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager | None) -> None:
+        """``kv=None`` is the recompute mode: every step recomputes whole sequences."""
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # --- queue management ------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Ends ``request`` with ``status`` (a finished one); frees its blocks."""
+        assert status.finished
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        if self.kv is not None:
+            self.kv.free(request)
+        del self.requests[request.request_id]
+
+    def abort(self, request_id: str) -> Request | None:
+        """Aborts a request at any point; returns it, or None if unknown/finished."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # --- one step ----------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(use_cache=self.kv is not None)
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = req.num_tokens - req.num_computed_tokens
+            if self.kv is None and num_new > budget:
+                i += 1  # recompute mode cannot chunk; try again next step
+                continue
+            num_new = min(num_new, budget)
+            if not self._allocate_or_preempt(req, num_new, out):
+                break  # req itself was preempted
+            self._emit(req, num_new, out)
+            budget -= num_new
+            i += 1
+        if not out.preempted:
+            budget = self._admit_waiting(budget, out)
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
+        if self.kv is None:
+            return True
+        while not self.kv.allocate_slots(req, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        assert self.kv is not None
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits = self.kv.find_cached_prefix(req) if self.kv is not None else []
+            num_computed = len(hits) * self.kv.block_size if self.kv is not None else 0
+            num_new = req.num_tokens - num_computed
+            if num_new > budget and (self.kv is None or not self.config.enable_chunked_prefill):
+                break
+            num_new = min(num_new, budget)
+            if self.kv is not None and not self.kv.allocate_slots(req, num_new, hits):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            self._emit(req, num_new, out)
+            budget -= num_new
+        return budget
+
+    def _emit(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+        start = req.num_computed_tokens
+        out.scheduled.append(
+            ScheduledRequest(
+                request_id=req.request_id,
+                token_ids=req.all_token_ids[start : start + num_new],
+                start_pos=start,
+                block_ids=self.kv.block_table(req.request_id) if self.kv is not None else [],
+                needs_sample=start + num_new == req.num_tokens,
+            )
+        )
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advances ``num_computed_tokens`` of every request the step computed."""
+        for s in out.scheduled:
+            req = self.requests.get(s.request_id)
+            if req is None:
+                continue
+            # Recompute mode keeps nothing: the next step starts from token 0 again.
+            req.num_computed_tokens = 0 if not out.use_cache else s.start_pos + s.num_new_tokens

@@ -1,0 +1,42 @@
+"""The scheduler's plain description of one step: ints and lists, no tensors.
+
+It is everything a model runner (in this process or a tensor-parallel rank
+elsewhere) needs to build the step's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request_id: str
+    # Tokens whose K/V this step computes: all_token_ids[start_pos : start_pos + len].
+    token_ids: list[int]
+    # num_computed_tokens before the step (prefix-cache hits included).
+    start_pos: int
+    # The request's whole block table after this step's allocation (empty without cache).
+    block_ids: list[int]
+    # True when the step reaches the request's last token, so a token is sampled.
+    needs_sample: bool
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    # Requests of this step, in batch order (rows of the flattened batch follow it).
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Requests preempted in this step (their blocks are already back in the pool).
+    preempted: list[str] = field(default_factory=list)
+    # Sum of num_new_tokens; never above max_num_batched_tokens.
+    num_batched_tokens: int = 0
+    # False in recompute mode (kv_cache=False): no cache reads or writes.
+    use_cache: bool = True
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

@@ -1,0 +1,1 @@
+"""The gRPC service definition and its generated stubs (the front issue)."""
