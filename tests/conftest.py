@@ -1,0 +1,52 @@
+"""Shared fixtures: the default model (converted once per machine), tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.factories import save_tiny_model
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from engine.loader import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_dir: Path) -> Any:
+    from engine import LLM
+
+    return LLM(smollm2_dir, max_model_len=1024)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict[str, Path]:
+    """name -> HF directory of each tiny config (plus a sharded llama3 copy)."""
+    from tests.factories import TINY_CONFIGS
+
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {name: save_tiny_model(name, root / name, smollm2_dir) for name in TINY_CONFIGS}
+    dirs["llama3-sharded"] = save_tiny_model("llama3", root / "llama3-sharded", smollm2_dir, max_shard_size="100KB")
+    return dirs
