@@ -61,7 +61,7 @@ QUICK = Sizes(
 
 
 def log(console: Console, msg: str, t0: float) -> None:
-    console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/dim] {msg}")
+    console.print(f"[dim]{time.perf_counter() - t0:7.1f}s[/dim] {msg}", soft_wrap=True)
 
 
 def load_context(console: Console, ceilings: dict[str, Any], t0: float) -> Context:
@@ -73,7 +73,8 @@ def load_context(console: Console, ceilings: dict[str, Any], t0: float) -> Conte
 
     ours = make_ours()
     log(console, "loaded kvserve", t0)
-    peer = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=DTYPE).to(DEVICE).eval()
+    peer: Any = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=DTYPE)
+    peer.to(DEVICE).eval()
     log(console, f"loaded HF ({peer.config._attn_implementation} attention)", t0)
     facts = ModelFacts.from_hf(peer, dtype_bytes=DTYPE.itemsize)
     ours_kv = ours.engine.model_config.kv_bytes_per_token(DTYPE.itemsize)
@@ -120,10 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     out_dir = Path(tempfile.mkdtemp(prefix="kvserve-bench-")) if args.quick else RESULTS_DIR
     env = environment(DEVICE)
     console.print(f"device: {env['device']['name']} ({env['device']['count']} cores, "
-                  f"{torch.get_num_threads()} torch threads); results: {out_dir}")  # fmt: skip
+                  f"{torch.get_num_threads()} torch threads); results: {out_dir}", soft_wrap=True)  # fmt: skip
     ceilings = measure_ceilings(DEVICE, DTYPE, sizes.copy_bytes, sizes.matmul_n)
     log(console, f"ceilings: copy {fmt(ceilings['copy_bytes_per_s'] / 1e9)} GB/s, "
                  f"matmul {fmt(ceilings['matmul_flop_per_s'] / 1e9)} GFLOP/s", t0)  # fmt: skip

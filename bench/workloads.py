@@ -16,77 +16,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-from transformers.generation.streamers import BaseStreamer
-
-from bench.common import ModelFacts, common_prefix, random_prompts, stats, sync
-from engine import LLM, SamplingParams
+from bench.common import common_prefix, random_prompts, stats
+from bench.drivers import (
+    Context,
+    TimingStreamer,
+    greedy,
+    ours_token_times,
+    peer_generate,
+    timed,
+    warm_up,
+)
+from engine import SamplingParams
 
 Result = dict[str, Any]
-
-
-@dataclass
-class Context:
-    """What every workload runs against: both engines, loaded once, and the ceilings.
-
-    ``make_ours(**engine_args)`` builds another instance of our engine on the same
-    model (W3's ``kv_cache=False``); ``pad_token_id`` is the peer's pad (= EOS).
-    """
-
-    device: torch.device
-    ours: LLM
-    peer: Any
-    facts: ModelFacts
-    ceilings: dict[str, Any]
-    make_ours: Callable[..., LLM]
-    pad_token_id: int
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.ours.engine.model_config.vocab_size)
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(wall seconds, result) of ``fn``, synchronised on ``device``, after a GC pass."""
-    gc.collect()
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
-def peer_generate(
-    ctx: Context, prompts: list[list[int]], max_new: int, **kwargs: Any
-) -> list[list[int]]:
-    """HF ``generate`` on one batch: left padding with EOS, attention mask, greedy, exactly
-    ``max_new`` new tokens per row (``min_new_tokens = max_new_tokens``)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), ctx.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    with torch.inference_mode():
-        seq = ctx.peer.generate(
-            input_ids=ids.to(ctx.device), attention_mask=mask.to(ctx.device), max_new_tokens=max_new,
-            min_new_tokens=max_new, do_sample=False, pad_token_id=ctx.pad_token_id, **kwargs,
-        )  # fmt: skip
-    return [row[width:] for row in seq.tolist()]
-
-
-def warm_up(ctx: Context, llm: LLM | None = None) -> None:
-    """One short generate on each engine (or only on ``llm``) before anything is timed.
-    Its prompts come from their own seed, so they never seed the prefix cache of a
-    timed prompt."""
-    prompts = random_prompts(2, 16, 16, ctx.vocab_size, seed=12345)
-    (llm or ctx.ours).generate(prompts, greedy(4))
-    if llm is None:
-        peer_generate(ctx, prompts, 4)
 
 
 # --- W1 offline mix --------------------------------------------------------------------
@@ -169,43 +111,6 @@ class W2Config:
     seed: int = 1
 
 
-class TimingStreamer(BaseStreamer):
-    """Records ``perf_counter`` at each ``put``; the first put is the prompt and is skipped."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: list[float] = []
-        self._seen_prompt = False
-
-    def put(self, value: Any) -> None:
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        sync(self.device)
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def ours_token_times(
-    llm: LLM, prompt: list[int], sp: SamplingParams, device: torch.device
-) -> tuple[float, list[float]]:
-    """(start, arrival time of every new token) driving ``add_request`` + ``step``."""
-    engine = llm.engine
-    gc.collect()
-    t0 = time.perf_counter()
-    engine.add_request(prompt, sp)
-    times: list[float] = []
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        sync(device)
-        now = time.perf_counter()
-        for o in outs:
-            times.extend([now] * (len(o.outputs[0].token_ids) - len(times)))
-    return t0, times
-
-
 def _latency(t0: float, times: list[float]) -> dict[str, Any]:
     itl = [b - a for a, b in itertools.pairwise(times)]
     decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
@@ -276,6 +181,13 @@ def _ours_recompute_wall(
     return wall
 
 
+def _peer_wall(ctx: Context, cfg: W3Config, prompt: list[int], use_cache: bool) -> float:
+    wall, _ = timed(
+        ctx.device, lambda: peer_generate(ctx, [prompt], cfg.output_len, use_cache=use_cache)
+    )
+    return wall
+
+
 def run_w3(ctx: Context, cfg: W3Config) -> Result:
     """One long request with the KV cache vs recomputing every key and value each step,
     for our engine (``kv_cache=False``) and HF (``use_cache=False``)."""
@@ -285,10 +197,7 @@ def run_w3(ctx: Context, cfg: W3Config) -> Result:
     walls["ours_cache_s"], _ = timed(ctx.device, lambda: ctx.ours.generate([prompt], sp))
     walls["ours_recompute_s"] = _ours_recompute_wall(ctx, cfg, prompt, sp)
     for name, use_cache in (("peer_cache_s", True), ("peer_recompute_s", False)):
-        walls[name], _ = timed(
-            ctx.device,
-            lambda u=use_cache: peer_generate(ctx, [prompt], cfg.output_len, use_cache=u),
-        )
+        walls[name] = _peer_wall(ctx, cfg, prompt, use_cache)
     return {
         "peer": "HF generate(use_cache=True/False)",
         "config": asdict(cfg),
