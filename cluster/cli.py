@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_ in (("generate", "complete prompts"), ("chat", "answer one chat message")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("text", nargs="+", help="prompt(s) or the chat message")
-        p.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+        p.add_argument(
+            "--model",
+            default=None,
+            help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)",
+        )
         p.add_argument("--device", default="auto")
         p.add_argument("--max-tokens", type=int, default=64)
         p.add_argument("--temperature", type=float, default=0.0)
@@ -36,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--max-model-len", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     from engine import LLM, SamplingParams
 
     console = Console()
@@ -45,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     try:
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
         )
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
@@ -63,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "generate":
             console.print(f"[bold]{out.prompt}[/bold]", end="")
         console.print(sample.text, markup=False, highlight=False)
-        console.print(f"[dim]({len(sample.token_ids)} tokens, finish: {sample.finish_reason})[/dim]")
-    console.print(f"[dim]loaded in {load_s:.1f} s; {ntok} tokens in {gen_s:.2f} s ({ntok / gen_s:.1f} tok/s)[/dim]")
+        console.print(
+            f"[dim]({len(sample.token_ids)} tokens, finish: {sample.finish_reason})[/dim]"
+        )
+    console.print(
+        f"[dim]loaded in {load_s:.1f} s; {ntok} tokens in {gen_s:.2f} s ({ntok / gen_s:.1f} tok/s)[/dim]"
+    )
     return 0
 
 

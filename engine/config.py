@@ -56,7 +56,9 @@ class ModelConfig:
         num_heads = hf.num_attention_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads {num_heads} not a multiple of kv heads {num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {num_heads} not a multiple of kv heads {num_kv_heads}"
+            )
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         return cls(
             model_type=model_type,

@@ -17,7 +17,9 @@ from tokenizers.decoders import DecodeStream
 
 def backend_tokenizer(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a transformers tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is None:
         raise ValueError(f"{type(tokenizer).__name__} has no fast (tokenizers) backend")
     return backend

@@ -78,7 +78,9 @@ def _budget_bytes(cfg: RunnerConfig, weight_bytes: int) -> int:
     tokens = cfg.scheduler.max_num_batched_tokens
     activations = tokens * (4 * m.hidden_size + 3 * m.intermediate_size) * dtype_bytes * 2
     activations += cfg.scheduler.max_num_seqs * m.vocab_size * 4 * 3
-    budget = int(total * cfg.cache.gpu_memory_utilization) - used_by_others - weight_bytes - activations
+    budget = (
+        int(total * cfg.cache.gpu_memory_utilization) - used_by_others - weight_bytes - activations
+    )
     if budget <= 0:
         raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB)")
     return budget
@@ -90,7 +92,15 @@ def allocate_kv_cache(
     """Allocates one cache tensor per layer and binds it to the layer."""
     caches = []
     for layer in layers:
-        cache = torch.zeros(2, plan.num_blocks, plan.block_size, layer.num_kv_heads, layer.head_dim, dtype=dtype, device=device)
+        cache = torch.zeros(
+            2,
+            plan.num_blocks,
+            plan.block_size,
+            layer.num_kv_heads,
+            layer.head_dim,
+            dtype=dtype,
+            device=device,
+        )
         layer.kv_cache = cache
         caches.append(cache)
     return caches

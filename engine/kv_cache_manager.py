@@ -37,7 +37,9 @@ class KVCacheManager:
         """
         if not self.pool.enable_caching:
             return []
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, self.extra_key)
+        extend_block_hashes(
+            request.block_hashes, request.all_token_ids, self.block_size, self.extra_key
+        )
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
         for h in request.block_hashes[:max_blocks]:
@@ -75,14 +77,18 @@ class KVCacheManager:
         self._cache_full_blocks(request, table, total, already=len(cached_blocks))
         return True
 
-    def _cache_full_blocks(self, request: Request, table: list[int], num_tokens: int, already: int) -> None:
+    def _cache_full_blocks(
+        self, request: Request, table: list[int], num_tokens: int, already: int
+    ) -> None:
         if not self.pool.enable_caching:
             return
         start = max(self._num_hashed.get(request.request_id, 0), already)
         end = num_tokens // self.block_size
         if end <= start:
             return
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, self.extra_key)
+        extend_block_hashes(
+            request.block_hashes, request.all_token_ids, self.block_size, self.extra_key
+        )
         for i in range(start, end):
             self.pool.cache_block(table[i], request.block_hashes[i])
         self._num_hashed[request.request_id] = end

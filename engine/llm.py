@@ -1,9 +1,9 @@
 """The offline API, as vLLM users know it::
 
-    from engine import LLM, SamplingParams
-    llm = LLM()                      # the default model, SmolLM2-135M-Instruct
-    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
-    print(outs[0].outputs[0].text)
+from engine import LLM, SamplingParams
+llm = LLM()                      # the default model, SmolLM2-135M-Instruct
+outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+print(outs[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class LLM:
         prompts = [self.engine.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, ids_by_order: list[tuple[str, str | None]], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, ids_by_order: list[tuple[str, str | None]], use_tqdm: bool
+    ) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids_by_order), disable=not use_tqdm, desc="generate")
         while self.engine.has_unfinished_requests():

@@ -39,7 +39,9 @@ class EngineArgs:
 
     model: str | os.PathLike[str] | None = None  # None: the default model (SmolLM2)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU) | "float32" | "bfloat16" | "float16"
+    dtype: str = (
+        "auto"  # "auto" (float32 on CPU, bfloat16 on GPU) | "float32" | "bfloat16" | "float16"
+    )
     block_size: int = 16
     max_model_len: int | None = None  # None: min(config's max positions, 8192)
     max_num_seqs: int = 64
@@ -151,10 +153,17 @@ class LLMEngine:
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
         if not self.tokenizer.chat_template:
             raise ValueError("this model has no chat template")
-        return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+        return str(
+            self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        )
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Validates and queues a request (``n`` samples); returns its id.
 
@@ -181,7 +190,8 @@ class LLMEngine:
             for i in range(params.n)
         ]  # fmt: skip
         detoks = [
-            IncrementalDetokenizer(self._detok_backend, params.skip_special_tokens, params.stop) for _ in samples
+            IncrementalDetokenizer(self._detok_backend, params.skip_special_tokens, params.stop)
+            for _ in samples
         ]
         group = _Group(request_id, text, ids, samples, detoks)
         self._groups[request_id] = group

@@ -52,13 +52,17 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
         return convert_gguf(path)
     if path.is_dir() and (path / "config.json").exists():
         return path
-    raise FileNotFoundError(f"{path}: not a Hugging Face model directory (config.json) nor a .gguf file")
+    raise FileNotFoundError(
+        f"{path}: not a Hugging Face model directory (config.json) nor a .gguf file"
+    )
 
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantizes ``gguf`` into an HF directory in the cache; a no-op when cached."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists():
         return out
@@ -67,10 +71,12 @@ def convert_gguf(gguf: Path) -> Path:
     t0 = time.perf_counter()
     logger.info("converting %s to an HF directory (once; cached in %s)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # The weights are dequantized now; drop the GGUF marker so they save as plain safetensors.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
@@ -133,4 +139,6 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         loaded.add(target)
     missing = set(params) - loaded
     if missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks {sorted(missing)[:5]} ({len(missing)} in all)")
+        raise ValueError(
+            f"checkpoint in {model_dir} lacks {sorted(missing)[:5]} ({len(missing)} in all)"
+        )

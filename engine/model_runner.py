@@ -57,7 +57,9 @@ class ModelRunner:
     def _weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids [T], positions [T], attention metadata, rows to sample [S])."""
         ids: list[int] = []
         positions: list[int] = []
@@ -82,7 +84,9 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=starts,
             seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev) if out.use_cache else None,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev)
+            if out.use_cache
+            else None,
             block_tables=[s.block_ids for s in out.scheduled],
             block_size=bs,
             use_cache=out.use_cache,

@@ -41,5 +41,7 @@ class TPContext:
 
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
-        raise ValueError(f"{what}: {numerator} is not divisible by tensor-parallel size {denominator}")
+        raise ValueError(
+            f"{what}: {numerator} is not divisible by tensor-parallel size {denominator}"
+        )
     return numerator // denominator

@@ -47,7 +47,9 @@ class Sampler:
             self._gens[req.request_id] = gen
         return gen
 
-    def sample(self, logits: torch.Tensor, requests: list[Request], eos_ids: tuple[int, ...]) -> SampleResult:
+    def sample(
+        self, logits: torch.Tensor, requests: list[Request], eos_ids: tuple[int, ...]
+    ) -> SampleResult:
         """logits: float32 [B, V], row i for ``requests[i]``. Does not mutate requests."""
         want_lp = any(r.sampling_params.logprobs is not None for r in requests)
         raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
@@ -90,7 +92,9 @@ def _apply_penalties(row: torch.Tensor, r: Request, eos_ids: tuple[int, ...]) ->
     if sp.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long, device=row.device)
         vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+        row[seen] = torch.where(
+            vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty
+        )
     if (sp.presence_penalty or sp.frequency_penalty) and r.output_token_ids:
         out = torch.tensor(r.output_token_ids, dtype=torch.long, device=row.device)
         counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)

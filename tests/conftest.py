@@ -48,5 +48,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> di
 
     root = tmp_path_factory.mktemp("tiny")
     dirs = {name: save_tiny_model(name, root / name, smollm2_dir) for name in TINY_CONFIGS}
-    dirs["llama3-sharded"] = save_tiny_model("llama3", root / "llama3-sharded", smollm2_dir, max_shard_size="100KB")
+    dirs["llama3-sharded"] = save_tiny_model(
+        "llama3", root / "llama3-sharded", smollm2_dir, max_shard_size="100KB"
+    )
     return dirs

@@ -39,13 +39,19 @@ TINY_CONFIGS: dict[str, Any] = {
     "mistral": lambda: MistralConfig(**TINY_COMMON, sliding_window=8, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**TINY_COMMON, tie_word_embeddings=True),
     "qwen2-mixed-window": lambda: Qwen2Config(
-        **TINY_COMMON, use_sliding_window=True, sliding_window=6, max_window_layers=1, tie_word_embeddings=True
+        **TINY_COMMON,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=1,
+        tie_word_embeddings=True,
     ),
     "llama-mqa": lambda: LlamaConfig(**{**TINY_COMMON, "num_key_value_heads": 1}),
 }
 
 
-def save_tiny_model(name: str, out: Path, tokenizer_dir: Path, max_shard_size: str | None = None) -> Path:
+def save_tiny_model(
+    name: str, out: Path, tokenizer_dir: Path, max_shard_size: str | None = None
+) -> Path:
     """Builds a seeded random model of ``TINY_CONFIGS[name]`` and saves it as an HF
     directory with ``tokenizer_dir``'s tokenizer (its ids cover the tiny vocab)."""
     torch.manual_seed(1234)

@@ -36,7 +36,9 @@ def test_bad_sampling_values_name_the_field(field: str, value: object) -> None:
 
 def test_bad_prompts_are_refused_while_others_keep_running(smollm2_llm: Any) -> None:
     engine = smollm2_llm.engine
-    rid = engine.add_request("Keep going:", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    rid = engine.add_request(
+        "Keep going:", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
     engine.step()
     max_len = engine.scheduler_config.max_model_len
     with pytest.raises(ValueError, match="must not be empty"):
@@ -59,7 +61,9 @@ def test_bad_prompts_are_refused_while_others_keep_running(smollm2_llm: Any) -> 
 
 def test_prompt_at_the_length_limit_gets_what_room_is_left(smollm2_llm: Any) -> None:
     max_len = smollm2_llm.engine.scheduler_config.max_model_len
-    out = smollm2_llm.generate([[42] * (max_len - 2)], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    out = smollm2_llm.generate(
+        [[42] * (max_len - 2)], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    )
     assert len(out[0].outputs[0].token_ids) == 2
     assert out[0].outputs[0].finish_reason == "length"
 

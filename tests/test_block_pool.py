@@ -53,7 +53,7 @@ def test_prefix_hit_reuses_the_same_blocks() -> None:
     a = make_request("a", list(range(10)))  # 2 full blocks + 2 tokens
     assert kv.allocate_slots(a, 10)
     assert kv.block_table("a") == [0, 1, 2]
-    b = make_request("b", list(range(8)) + [99, 98, 97])
+    b = make_request("b", [*range(8), 99, 98, 97])
     hits = kv.find_cached_prefix(b)
     assert hits == [0, 1]
     assert kv.allocate_slots(b, 3, hits)
@@ -104,7 +104,10 @@ class PoolMachine(RuleBasedStateMachine):
         self.live: dict[str, Request] = {}
         self.counter = 0
 
-    @rule(prefix=st.sampled_from([[], [1, 2], [1, 2, 3, 4], [5, 6, 7, 8]]), tail=st.lists(st.integers(0, 9), max_size=5))
+    @rule(
+        prefix=st.sampled_from([[], [1, 2], [1, 2, 3, 4], [5, 6, 7, 8]]),
+        tail=st.lists(st.integers(0, 9), max_size=5),
+    )
     def admit(self, prefix: list[int], tail: list[int]) -> None:
         tokens = prefix + tail
         if not tokens:

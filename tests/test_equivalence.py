@@ -39,7 +39,9 @@ def engine_logits(engine: LLMEngine, prompt_ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm2_llm: Any, smollm2_hf: Any) -> None:
-    chat = smollm2_llm.engine.apply_chat_template([{"role": "user", "content": "Name three uses of a cache."}])
+    chat = smollm2_llm.engine.apply_chat_template(
+        [{"role": "user", "content": "Name three uses of a cache."}]
+    )
     prompts = [*SMOL_PROMPTS, chat]
     outs = smollm2_llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
@@ -55,9 +57,13 @@ def test_smollm2_stops_at_eos_like_transformers(smollm2_llm: Any, smollm2_hf: An
     chat = smollm2_llm.engine.apply_chat_template([{"role": "user", "content": "Say hi."}])
     ids = smollm2_llm.engine.tokenize(chat)
     out = smollm2_llm.generate([chat], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
-    ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids) :].tolist()
+    ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[
+        0, len(ids) :
+    ].tolist()
     assert out.token_ids == ref
-    assert out.finish_reason == ("stop" if ref[-1] in smollm2_llm.engine.eos_token_ids else "length")
+    assert out.finish_reason == (
+        "stop" if ref[-1] in smollm2_llm.engine.eos_token_ids else "length"
+    )
 
 
 def test_smollm2_logits_close(smollm2_dir: Path, smollm2_hf: Any) -> None:
@@ -69,7 +75,9 @@ def test_smollm2_logits_close(smollm2_dir: Path, smollm2_hf: Any) -> None:
     assert engine.pool_is_whole()
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen2-mixed-window", "llama-mqa", "llama3-sharded"])
+@pytest.mark.parametrize(
+    "name", ["llama3", "mistral", "qwen2", "qwen2-mixed-window", "llama-mqa", "llama3-sharded"]
+)
 def test_tiny_models_match_transformers(name: str, tiny_dirs: dict[str, Path]) -> None:
     path = tiny_dirs[name]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -28,7 +28,9 @@ PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir: Path) -> list[list[int]]:
-    llm = LLM(smollm2_dir, max_model_len=512, enable_prefix_caching=False, enable_chunked_prefill=False)
+    llm = LLM(
+        smollm2_dir, max_model_len=512, enable_prefix_caching=False, enable_chunked_prefill=False
+    )
     return [llm.generate([p], PARAMS)[0].outputs[0].token_ids for p in PROMPTS]
 
 
@@ -36,14 +38,20 @@ def tokens(outs: list[Any]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_mixed_chunked_batch_matches_one_at_a_time(smollm2_dir: Path, reference: list[list[int]]) -> None:
+def test_mixed_chunked_batch_matches_one_at_a_time(
+    smollm2_dir: Path, reference: list[list[int]]
+) -> None:
     # A 24-token budget splits every long prompt into chunks that share steps with decodes.
-    llm = LLM(smollm2_dir, max_model_len=512, max_num_batched_tokens=24, enable_prefix_caching=False)
+    llm = LLM(
+        smollm2_dir, max_model_len=512, max_num_batched_tokens=24, enable_prefix_caching=False
+    )
     assert tokens(llm.generate(PROMPTS, PARAMS)) == reference
     assert llm.engine.pool_is_whole()
 
 
-def test_prefix_cache_hits_are_real_and_change_nothing(smollm2_llm: Any, reference: list[list[int]]) -> None:
+def test_prefix_cache_hits_are_real_and_change_nothing(
+    smollm2_llm: Any, reference: list[list[int]]
+) -> None:
     llm = smollm2_llm
     assert llm.engine.kv is not None
     llm.engine.kv.pool.reset_prefix_cache()
@@ -51,7 +59,9 @@ def test_prefix_cache_hits_are_real_and_change_nothing(smollm2_llm: Any, referen
     assert first.num_cached_tokens == 0
     second = llm.generate([PROMPTS[1]], PARAMS)[0]
     shared = len(llm.engine.tokenize(PREFIX)) // 16 * 16
-    assert second.num_cached_tokens >= shared - 16 > 0  # the prefix's full blocks came from the cache
+    assert (
+        second.num_cached_tokens >= shared - 16 > 0
+    )  # the prefix's full blocks came from the cache
     assert second.num_cached_tokens % 16 == 0
     again = llm.generate(PROMPTS, PARAMS)
     hits = [o.num_cached_tokens for o in again]

@@ -13,7 +13,12 @@ from engine.request import Request
 from engine.sampler import Sampler, _warped_probs
 
 
-def req(params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None, rid: str = "r") -> Request:
+def req(
+    params: SamplingParams,
+    prompt: list[int] | None = None,
+    output: list[int] | None = None,
+    rid: str = "r",
+) -> Request:
     r = Request(rid, prompt or [0], params, max_tokens=100)
     for t in output or []:
         r.append_output_token(t)
@@ -48,7 +53,11 @@ def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
     logits = torch.tensor([[3.0, 2.5, 2.0, 0.0]])
     # Token 0 twice in the output: 3 - 2*0.5 - 0.6 = 1.4; token 1 once: 2.5 - 0.5 - 0.6 = 1.4 - 0.0
     # Token 2 only in the prompt: untouched 2.0 -> wins.
-    r = req(SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.6), prompt=[2], output=[0, 0, 1])
+    r = req(
+        SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.6),
+        prompt=[2],
+        output=[0, 0, 1],
+    )
     assert Sampler().sample(logits, [r], eos_ids=()).token_ids == [2]
 
 
@@ -78,9 +87,16 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(smollm2_llm: Any)
     sp = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
     alone = smollm2_llm.generate(["Tell me a story"], sp)[0].outputs[0].token_ids
     other = SamplingParams(temperature=1.0, seed=99, max_tokens=20)
-    batched = smollm2_llm.generate(["Tell me a story", "Something else"], [sp, other])[0].outputs[0].token_ids
+    batched = (
+        smollm2_llm.generate(["Tell me a story", "Something else"], [sp, other])[0]
+        .outputs[0]
+        .token_ids
+    )
     assert alone == batched
-    different = smollm2_llm.generate(["Tell me a story"], SamplingParams(temperature=1.0, top_p=0.95, seed=4321, max_tokens=16, ignore_eos=True))
+    different = smollm2_llm.generate(
+        ["Tell me a story"],
+        SamplingParams(temperature=1.0, top_p=0.95, seed=4321, max_tokens=16, ignore_eos=True),
+    )
     assert different[0].outputs[0].token_ids != alone
 
 
@@ -93,11 +109,15 @@ def test_n_seeded_samples_are_reproducible(smollm2_llm: Any) -> None:
 
 def test_stop_string_cuts_the_text_before_it(smollm2_llm: Any) -> None:
     prompt = "Count: 1, 2, 3, 4,"
-    full = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    full = smollm2_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    )[0].outputs[0]
     text = full.text
     stop = text[8:11]
     assert stop.strip() and text.find(stop) == 8
-    out = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop=[stop, "never-seen"]))[0].outputs[0]
+    out = smollm2_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, stop=[stop, "never-seen"])
+    )[0].outputs[0]
     assert out.text == text[:8]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
@@ -105,22 +125,30 @@ def test_stop_string_cuts_the_text_before_it(smollm2_llm: Any) -> None:
 
 def test_stop_token_id_ends_the_request_and_is_kept(smollm2_llm: Any) -> None:
     prompt = "The alphabet: a, b, c,"
-    full = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].outputs[0]
+    full = smollm2_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    )[0].outputs[0]
     stop_id = full.token_ids[5]
     first = full.token_ids.index(stop_id)
-    out = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_id]))[0].outputs[0]
+    out = smollm2_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_id])
+    )[0].outputs[0]
     assert out.token_ids == full.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
 
 
 def test_max_tokens_gives_length(smollm2_llm: Any) -> None:
-    out = smollm2_llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0].outputs[0]
+    out = smollm2_llm.generate(
+        ["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    )[0].outputs[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
 
 
 def test_greedy_logprobs_match_transformers(smollm2_llm: Any, smollm2_hf: Any) -> None:
     prompt = "Paged attention stores"
-    out = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True))[0]
+    out = smollm2_llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    )[0]
     sample = out.outputs[0]
     ids = out.prompt_token_ids + sample.token_ids
     with torch.no_grad():
@@ -132,4 +160,6 @@ def test_greedy_logprobs_match_transformers(smollm2_llm: Any, smollm2_hf: Any) -
         assert set(lp) == set(top3) | {tok}
         for t, v in lp.items():
             assert v == pytest.approx(row[t].item(), abs=2e-3)
-    assert sample.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(sample.token_ids, sample.logprobs, strict=True)))
+    assert sample.cumulative_logprob == pytest.approx(
+        sum(lp[t] for t, lp in zip(sample.token_ids, sample.logprobs, strict=True))
+    )

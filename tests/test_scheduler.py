@@ -13,9 +13,20 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 
-def make(num_blocks: int = 16, block_size: int = 4, budget: int = 32, max_seqs: int = 8, chunked: bool = True) -> Scheduler:
+def make(
+    num_blocks: int = 16,
+    block_size: int = 4,
+    budget: int = 32,
+    max_seqs: int = 8,
+    chunked: bool = True,
+) -> Scheduler:
     kv = KVCacheManager(BlockPool(num_blocks), block_size)
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=64, enable_chunked_prefill=chunked)
+    cfg = SchedulerConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=64,
+        enable_chunked_prefill=chunked,
+    )
     return Scheduler(cfg, kv)
 
 
@@ -99,7 +110,9 @@ def test_abort_frees_blocks_whether_waiting_or_running() -> None:
 
 
 def test_recompute_mode_schedules_whole_sequences_every_step() -> None:
-    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, enable_chunked_prefill=False)
+    cfg = SchedulerConfig(
+        max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, enable_chunked_prefill=False
+    )
     s = Scheduler(cfg, None)
     s.add_request(req("a", 5))
     assert run_step(s) == [("a", 5, True)]

@@ -35,7 +35,9 @@ class AttentionMetadata:
     def query_len(self, i: int) -> int:
         return self.query_start_loc[i + 1] - self.query_start_loc[i]
 
-    def decode_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_batch(
+        self, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(seq indices, token rows, padded block tables [Bd, M], seq lens [Bd]) of
         the sequences that add exactly one token this step."""
         if self._decode is None:

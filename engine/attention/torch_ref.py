@@ -14,14 +14,18 @@ import torch.nn.functional as F
 from engine.attention.metadata import AttentionMetadata
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Stores k, v ([T, Hk, D]) at ``slot_mapping`` ([T]) of the layer's cache."""
     _, _, _, hk, d = kv_cache.shape
     kv_cache[0].view(-1, hk, d).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, hk, d).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(
+    kv_cache: torch.Tensor, block_ids: list[int], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of one sequence's first ``length`` positions: [length, Hk, D] each."""
     _, _, bs, hk, d = kv_cache.shape
     n = -(-length // bs)
@@ -80,7 +84,12 @@ class TorchAttentionBackend:
         return out
 
     def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, window: int | None, out: torch.Tensor
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        window: int | None,
+        out: torch.Tensor,
     ) -> None:
         _, rows, tables, _ = meta.decode_batch(q.device)
         _, _, bs, hk, d = kv_cache.shape
@@ -88,21 +97,37 @@ class TorchAttentionBackend:
         kv = kv_cache[:, tables].view(2, b, m * bs, hk, d).transpose(2, 3)  # [2, B, Hk, L, D]
         mask = meta.decode_mask(window, m * bs, q.device)  # [B, 1, 1, L]
         qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
-        o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            qd, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
         out[rows] = o.squeeze(2)
 
     def _uncached(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        window: int | None,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         for i in range(meta.num_seqs):
             s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[s:e] = self._attend(q[s:e], k[s:e], v[s:e], causal_mask(e - s, e - s, window, q.device))
+            out[s:e] = self._attend(
+                q[s:e], k[s:e], v[s:e], causal_mask(e - s, e - s, window, q.device)
+            )
         return out
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """q: [S, Hq, D], k/v: [L, Hk, D], mask: [S, L] -> [S, Hq, D]."""
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale, enable_gqa=True
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
         )
         return o.transpose(0, 1)

@@ -28,7 +28,9 @@ class _ShardedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.empty(out_features), requires_grad=False
+            )
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.bias = None
@@ -58,7 +60,9 @@ class ColumnParallelLinear(_ShardedLinear):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp: TPContext) -> None:
+    def __init__(
+        self, in_features: int, output_sizes: list[int], bias: bool, tp: TPContext
+    ) -> None:
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias, tp)
 
@@ -75,7 +79,13 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused Q/K/V projection; output layout per rank is ``[q heads | k heads | v heads]``."""
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPContext
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        tp: TPContext,
     ) -> None:
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp.size, "attention heads")
@@ -95,7 +105,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         d = self.head_dim
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         if shard_id == "q":
-            dst, src = param.data.narrow(0, 0, q_size), loaded.narrow(0, self.tp.rank * q_size, q_size)
+            dst, src = (
+                param.data.narrow(0, 0, q_size),
+                loaded.narrow(0, self.tp.rank * q_size, q_size),
+            )
         elif shard_id in ("k", "v"):
             offset = q_size if shard_id == "k" else q_size + kv_size
             dst = param.data.narrow(0, offset, kv_size)

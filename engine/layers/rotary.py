@@ -17,7 +17,11 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_type_of(hf_config: Any) -> str:
-    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    params = (
+        getattr(hf_config, "rope_parameters", None)
+        or getattr(hf_config, "rope_scaling", None)
+        or {}
+    )
     return params.get("rope_type", params.get("type", "default"))
 
 
@@ -30,7 +34,9 @@ class RotaryEmbedding(nn.Module):
         if rope_type == "default":
             params = getattr(hf_config, "rope_parameters", None) or {}
             base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            inv_freq = 1.0 / (
+                base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+            )
             scaling = 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
@@ -42,7 +48,9 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos() * scaling
         self.sin = emb.sin() * scaling
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
