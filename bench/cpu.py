@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     log(console, "warmed up", t0)
     records: dict[str, dict[str, Any]] = {}
     for wl in args.workloads:
+        ctx.ours.engine.reset_prefix_cache()  # no workload is flattered by an earlier one
         result = WORKLOADS[wl](ctx, sizes.configs[wl])
         path = write_result(out_dir, SUITE, wl, env, ceilings, result)
         records[wl] = result

@@ -47,14 +47,16 @@ class ModelRunner:
         self.plan: KVCachePlan | None = None
         if cfg.cache.kv_cache:
             layers = self.model.attention_layers()
-            self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self._weight_bytes())
+            self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
             self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cfg.dtype)
 
     @property
     def num_blocks(self) -> int:
         return self.plan.num_blocks if self.plan is not None else 0
 
-    def _weight_bytes(self) -> int:
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (tied parameters counted once)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def prepare(

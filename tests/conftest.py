@@ -42,13 +42,13 @@ def smollm2_hf(smollm2_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict[str, Path]:
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name -> HF directory of each tiny config (plus a sharded llama3 copy)."""
     from tests.factories import TINY_CONFIGS
 
     root = tmp_path_factory.mktemp("tiny")
-    dirs = {name: save_tiny_model(name, root / name, smollm2_dir) for name in TINY_CONFIGS}
+    dirs = {name: save_tiny_model(name, root / name) for name in TINY_CONFIGS}
     dirs["llama3-sharded"] = save_tiny_model(
-        "llama3", root / "llama3-sharded", smollm2_dir, max_shard_size="100KB"
+        "llama3", root / "llama3-sharded", max_shard_size="100KB"
     )
     return dirs
