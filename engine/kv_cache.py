@@ -14,6 +14,7 @@ Layout, one tensor per layer (so a tensor-parallel rank holds only its KV heads)
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -67,22 +68,34 @@ def plan_kv_cache(cfg: RunnerConfig, kv_heads_per_rank: int, weight_bytes: int) 
 
 
 def _budget_bytes(cfg: RunnerConfig, weight_bytes: int) -> int:
+    """GPU: ``utilization × total`` minus memory outside torch (CUDA context, other
+    processes), minus every live torch tensor of this process (the weights included),
+    minus an activation estimate. Torch's cached-but-free blocks count as free."""
     if cfg.device.type != "cuda":
         return cfg.cache.cpu_kv_cache_bytes
+    gc.collect()  # engines dropped by the caller release their caches first
     free, total = torch.cuda.mem_get_info(cfg.device)
-    used_by_others = total - free - torch.cuda.memory_allocated(cfg.device)
-    # Activations of the largest step: a conservative estimate from the step's shape
-    # (hidden and MLP activations for max_num_batched_tokens, logits of max_num_seqs).
+    outside_torch = total - free - torch.cuda.memory_reserved(cfg.device)
+    live = torch.cuda.memory_allocated(cfg.device)
+    # Activations of the largest step, estimated from its shape: hidden and MLP
+    # activations of max_num_batched_tokens, float32 logits of max_num_seqs.
     m = cfg.model
     dtype_bytes = torch.empty((), dtype=cfg.dtype).element_size()
     tokens = cfg.scheduler.max_num_batched_tokens
     activations = tokens * (4 * m.hidden_size + 3 * m.intermediate_size) * dtype_bytes * 2
     activations += cfg.scheduler.max_num_seqs * m.vocab_size * 4 * 3
-    budget = (
-        int(total * cfg.cache.gpu_memory_utilization) - used_by_others - weight_bytes - activations
-    )
+    budget = int(total * cfg.cache.gpu_memory_utilization) - outside_torch - live - activations
+    logger.info(
+        "GPU memory: total %.1f GiB × %.2f; outside torch %.2f GiB, live tensors %.2f GiB "
+        "(weights %.2f GiB), activations ~%.2f GiB",
+        total / 2**30, cfg.cache.gpu_memory_utilization, outside_torch / 2**30, live / 2**30,
+        weight_bytes / 2**30, activations / 2**30,
+    )  # fmt: skip
     if budget <= 0:
-        raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB)")
+        raise ValueError(
+            f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+            "raise gpu_memory_utilization or free the device"
+        )
     return budget
 
 

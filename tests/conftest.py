@@ -31,7 +31,7 @@ def smollm2_dir() -> Path:
 def smollm2_llm(smollm2_dir: Path) -> Any:
     from engine import LLM
 
-    return LLM(smollm2_dir, max_model_len=1024)
+    return LLM(smollm2_dir, device="cpu", max_model_len=1024)
 
 
 @pytest.fixture(scope="session")

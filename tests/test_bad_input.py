@@ -72,4 +72,4 @@ def test_unknown_engine_argument_is_a_type_error() -> None:
     from engine import LLM
 
     with pytest.raises(TypeError, match="unknown engine arguments"):
-        LLM(blok_size=8)
+        LLM(device="cpu", blok_size=8)

@@ -20,7 +20,9 @@ def test_kv_cache_arithmetic_is_logged(
 ) -> None:
     caplog.set_level(logging.INFO, logger="engine.kv_cache")
     # Tiny llama: 2 layers × 2 × 4 kv heads × 8 head_dim × 4 bytes = 512 bytes/token.
-    llm = LLM(tiny_dirs["llama3"], max_model_len=256, cpu_kv_cache_bytes=512 * 16 * 100)
+    llm = LLM(
+        tiny_dirs["llama3"], device="cpu", max_model_len=256, cpu_kv_cache_bytes=512 * 16 * 100
+    )
     assert llm.engine.runner.num_blocks == 100
     text = caplog.text
     assert "2 layers × 2 × 4 kv heads × 8 head_dim × 4 bytes = 512 bytes/token" in text
@@ -29,7 +31,7 @@ def test_kv_cache_arithmetic_is_logged(
 
 def test_pool_too_small_for_one_sequence_is_refused(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="cannot hold one sequence"):
-        LLM(tiny_dirs["llama3"], max_model_len=256, num_blocks=4)
+        LLM(tiny_dirs["llama3"], device="cpu", max_model_len=256, num_blocks=4)
 
 
 def test_gguf_conversion_is_cached(smollm2_dir: Path) -> None:
@@ -62,7 +64,7 @@ def test_streamed_text_only_grows_and_never_shows_a_stop_string(smollm2_llm: Any
 
 
 def test_chat_applies_the_template(tiny_dirs: dict[str, Path]) -> None:
-    llm = LLM(tiny_dirs["llama3"], max_model_len=128)
+    llm = LLM(tiny_dirs["llama3"], device="cpu", max_model_len=128)
     out = llm.chat(
         [{"role": "user", "content": "w7 w8"}],
         SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),

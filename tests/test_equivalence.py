@@ -67,7 +67,9 @@ def test_smollm2_stops_at_eos_like_transformers(smollm2_llm: Any, smollm2_hf: An
 
 
 def test_smollm2_logits_close(smollm2_dir: Path, smollm2_hf: Any) -> None:
-    engine = LLMEngine(EngineArgs(model=smollm2_dir, max_model_len=256, max_num_batched_tokens=16))
+    engine = LLMEngine(
+        EngineArgs(model=smollm2_dir, device="cpu", max_model_len=256, max_num_batched_tokens=16)
+    )
     ids = engine.tokenize("A paged KV cache keeps keys and values in fixed-size blocks, so that")
     ours = engine_logits(engine, ids)
     ref = smollm2_hf(torch.tensor([ids])).logits[0, -1].float()
@@ -83,7 +85,7 @@ def test_tiny_models_match_transformers(name: str, tiny_dirs: dict[str, Path]) -
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     # Prompts longer than the sliding windows (6, 8) and past llama3's original 32 positions.
     prompts = random_prompts(4, 20, 60, vocab=512, seed=hash(name) % 1000)
-    llm = LLM(path, max_model_len=256, max_num_batched_tokens=64)
+    llm = LLM(path, device="cpu", max_model_len=256, max_num_batched_tokens=64)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     for p, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
@@ -110,9 +112,9 @@ def test_unsupported_architecture_fails_at_load(tmp_path: Path) -> None:
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported architecture: model_type='gpt2'"):
-        LLM(tmp_path)
+        LLM(tmp_path, device="cpu")
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
-        LLM(tmp_path / "nowhere")
+        LLM(tmp_path / "nowhere", device="cpu")

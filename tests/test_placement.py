@@ -29,7 +29,11 @@ PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def reference(smollm2_dir: Path) -> list[list[int]]:
     llm = LLM(
-        smollm2_dir, max_model_len=512, enable_prefix_caching=False, enable_chunked_prefill=False
+        smollm2_dir,
+        device="cpu",
+        max_model_len=512,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
     )
     return [llm.generate([p], PARAMS)[0].outputs[0].token_ids for p in PROMPTS]
 
@@ -43,7 +47,11 @@ def test_mixed_chunked_batch_matches_one_at_a_time(
 ) -> None:
     # A 24-token budget splits every long prompt into chunks that share steps with decodes.
     llm = LLM(
-        smollm2_dir, max_model_len=512, max_num_batched_tokens=24, enable_prefix_caching=False
+        smollm2_dir,
+        device="cpu",
+        max_model_len=512,
+        max_num_batched_tokens=24,
+        enable_prefix_caching=False,
     )
     assert tokens(llm.generate(PROMPTS, PARAMS)) == reference
     assert llm.engine.pool_is_whole()
@@ -73,7 +81,7 @@ def test_prefix_cache_hits_are_real_and_change_nothing(
 
 def test_preemption_with_a_tiny_pool(smollm2_dir: Path, reference: list[list[int]]) -> None:
     # 12 blocks of 16 tokens: the six requests need ~30 blocks together.
-    llm = LLM(smollm2_dir, max_model_len=192, num_blocks=12)
+    llm = LLM(smollm2_dir, device="cpu", max_model_len=192, num_blocks=12)
     outs = llm.generate(PROMPTS, PARAMS)
     assert llm.engine.scheduler.num_preemptions > 0
     assert all(o.finished for o in outs)
@@ -82,7 +90,7 @@ def test_preemption_with_a_tiny_pool(smollm2_dir: Path, reference: list[list[int
 
 
 def test_no_cache_mode_gives_the_same_tokens(smollm2_dir: Path, reference: list[list[int]]) -> None:
-    llm = LLM(smollm2_dir, max_model_len=512, kv_cache=False)
+    llm = LLM(smollm2_dir, device="cpu", max_model_len=512, kv_cache=False)
     assert llm.engine.kv is None
     assert tokens(llm.generate(PROMPTS[:3], PARAMS)) == reference[:3]
 
@@ -106,7 +114,7 @@ def test_n_samples_share_the_prompt_blocks(smollm2_llm: Any) -> None:
 
 
 def test_abort_at_any_point_returns_every_block(smollm2_dir: Path) -> None:
-    llm = LLM(smollm2_dir, max_model_len=512, max_num_batched_tokens=16)
+    llm = LLM(smollm2_dir, device="cpu", max_model_len=512, max_num_batched_tokens=16)
     engine = llm.engine
     long_rid = engine.add_request(PROMPTS[0], PARAMS)  # prefill spans several steps
     short_rid = engine.add_request(PROMPTS[3], PARAMS)

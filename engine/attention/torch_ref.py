@@ -75,9 +75,9 @@ class TorchAttentionBackend:
                 continue
             n = meta.seq_lens[i]
             if n == e - s:  # no cached prefix: the fresh K/V are the whole context
-                ks, vs = k[s:e], v[s:e]
-            else:
-                ks, vs = gather_kv(kv_cache, meta.block_tables[i], n)
+                out[s:e] = self._attend_causal(q[s:e], k[s:e], v[s:e], window)
+                continue
+            ks, vs = gather_kv(kv_cache, meta.block_tables[i], n)
             out[s:e] = self._attend(q[s:e], ks, vs, causal_mask(e - s, n, window, q.device))
         if any_decode:
             self._decode(q, kv_cache, meta, window, out)
@@ -113,10 +113,25 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         for i in range(meta.num_seqs):
             s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[s:e] = self._attend(
-                q[s:e], k[s:e], v[s:e], causal_mask(e - s, e - s, window, q.device)
-            )
+            out[s:e] = self._attend_causal(q[s:e], k[s:e], v[s:e], window)
         return out
+
+    def _attend_causal(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """Causal self-attention over one sequence's own tokens; SDPA's fused causal
+        path when no window cuts in."""
+        if window is not None and window < q.shape[0]:
+            return self._attend(q, k, v, causal_mask(q.shape[0], q.shape[0], window, q.device))
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            is_causal=True,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return o.transpose(0, 1)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

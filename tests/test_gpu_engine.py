@@ -1,0 +1,49 @@
+"""The engine's torch reference path on CUDA (marker ``gpu``; skipped without CUDA):
+the same greedy tokens as transformers on the GPU, and the memory-budget sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+from tests.factories import hf_greedy, random_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2-mixed-window"])
+def test_tiny_greedy_on_cuda_matches_transformers(name: str, tiny_dirs: dict[str, Path]) -> None:
+    path = tiny_dirs[name]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    prompts = random_prompts(4, 20, 60, vocab=512, seed=7)
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for p, out in zip(prompts, outs, strict=True):
+        with torch.device("cuda"):
+            assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
+    assert llm.engine.pool_is_whole()
+
+
+def test_bf16_cache_sized_from_device_memory(tiny_dirs: dict[str, Path]) -> None:
+    llm = LLM(
+        tiny_dirs["llama3"],
+        device="cuda",
+        max_model_len=512,
+        gpu_memory_utilization=0.05,
+    )
+    plan = llm.engine.runner.plan
+    assert plan is not None and plan.num_blocks > 0
+    assert llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
+    # The cache fits in the fraction asked for, with the weights beside it.
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert plan.num_blocks * plan.block_size * plan.bytes_per_token <= 0.05 * total
+    outs = llm.generate(
+        random_prompts(8, 10, 100, vocab=512, seed=3),
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+    )
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+    assert llm.engine.pool_is_whole()
