@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy), so their logic is
+# tested on CPU too. Must be set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from tests.factories import save_tiny_model
 
