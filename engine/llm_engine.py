@@ -54,6 +54,7 @@ class EngineArgs:
     num_blocks: int | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
+    attention_backend: str = "auto"  # "auto" (Triton on CUDA) | "torch" | "triton"
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,7 +120,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             RunnerConfig(
                 model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
-                _dtype(args.dtype, device),
+                _dtype(args.dtype, device), args.attention_backend,
             ),
             tp,
         )  # fmt: skip

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, select_backend
 from engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from engine.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
 from engine.loader import load_weights
@@ -32,6 +33,7 @@ class RunnerConfig:
     scheduler: SchedulerConfig
     device: torch.device
     dtype: torch.dtype
+    attention_backend: str = "auto"
 
 
 class ModelRunner:
@@ -40,7 +42,14 @@ class ModelRunner:
         self.tp = tp or TPContext()
         self.device = cfg.device
         self.block_size = cfg.cache.block_size
-        self.model = build_model(cfg, self.tp)
+        self.backend = select_backend(cfg.attention_backend, cfg.device, cfg.model.head_dim)
+        self.uses_triton = self.backend.__name__ == "TritonAttentionBackend"
+        self.num_sms = (
+            torch.cuda.get_device_properties(cfg.device).multi_processor_count
+            if cfg.device.type == "cuda"
+            else 8
+        )
+        self.model = build_model(cfg, self.tp, self.backend)
         load_weights(self.model, cfg.model_dir)
         self.model.eval()
         self.kv_caches: list[torch.Tensor] = []
@@ -93,6 +102,13 @@ class ModelRunner:
             block_size=bs,
             use_cache=out.use_cache,
         )
+        if self.uses_triton and out.use_cache:
+            from engine.attention.triton_backend import build_step_data
+
+            kv_heads = self.model.attention_layers()[0].num_kv_heads
+            meta.triton = build_step_data(
+                starts, seq_lens, meta.block_tables, kv_heads, self.num_sms, dev
+            )
         return (
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -109,12 +125,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[sample_rows])
 
 
-def build_model(cfg: RunnerConfig, tp: TPContext) -> LlamaForCausalLM:
+def build_model(cfg: RunnerConfig, tp: TPContext, backend: Any) -> LlamaForCausalLM:
     """Constructs the (uninitialised) model directly on its device and in its dtype."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(cfg.dtype)
     try:
         with torch.device(cfg.device):
-            return LlamaForCausalLM(cfg.model, cfg.scheduler.max_model_len, tp)
+            return LlamaForCausalLM(cfg.model, cfg.scheduler.max_model_len, tp, backend)
     finally:
         torch.set_default_dtype(default)

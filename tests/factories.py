@@ -52,6 +52,13 @@ TINY_CONFIGS: dict[str, Any] = {
         tie_word_embeddings=True,
     ),
     "llama-mqa": lambda: LlamaConfig(**{**TINY_COMMON, "num_key_value_heads": 1}),
+    # head_dim 16: the smallest the Triton kernels take.
+    "llama-hd16": lambda: LlamaConfig(
+        **{**TINY_COMMON, "num_attention_heads": 4, "num_key_value_heads": 2}
+    ),
+    "mistral-hd16": lambda: MistralConfig(
+        **{**TINY_COMMON, "num_attention_heads": 4, "num_key_value_heads": 1}, sliding_window=8
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ class AttentionMetadata:
     block_tables: list[list[int]]  # [B][num_blocks], host
     block_size: int
     use_cache: bool = True
+    # Device tensors for the Triton backend (a ``TritonStepData``), built by the runner.
+    triton: Any = None
     # Decode rows (query_len == 1) attended in one batched call; built lazily per step.
     _decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.torch_ref import TorchAttentionBackend
 from engine.attention.triton_kernels import (
     _paged_decode_kernel,
     _paged_decode_reduce_kernel,
@@ -42,7 +44,60 @@ class PrefillBatch:
     max_q_len: int
 
 
+@dataclass(slots=True)
+class TritonStepData:
+    decode: DecodeBatch | None
+    prefill: PrefillBatch | None
+
+
 DECODE_BLOCK_N = 64
+
+
+def build_step_data(
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    kv_heads: int,
+    num_sms: int,
+    device: torch.device,
+) -> TritonStepData:
+    """Splits a step's sequences into decode rows and prefill sequences (host lists in,
+    int32 device tensors out)."""
+    dec: list[int] = []
+    pre: list[int] = []
+    for i in range(len(seq_lens)):
+        (dec if query_start_loc[i + 1] - query_start_loc[i] == 1 else pre).append(i)
+
+    def tables(idx: list[int]) -> torch.Tensor:
+        width = max(len(block_tables[i]) for i in idx)
+        rows = [block_tables[i] + [0] * (width - len(block_tables[i])) for i in idx]
+        return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+
+    def i32(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.int32).to(device, non_blocking=True)
+
+    decode = prefill = None
+    if dec:
+        splits, split_len = decode_splits(
+            max(seq_lens[i] for i in dec), len(dec), kv_heads, num_sms
+        )
+        decode = DecodeBatch(
+            i32([query_start_loc[i] for i in dec]),
+            tables(dec),
+            i32([seq_lens[i] for i in dec]),
+            splits,
+            split_len,
+        )
+    if pre:
+        q_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in pre]
+        prefill = PrefillBatch(
+            i32([query_start_loc[i] for i in pre]),
+            i32(q_lens),
+            tables(pre),
+            i32([seq_lens[i] for i in pre]),
+            max(q_lens),
+        )
+    return TritonStepData(decode, prefill)
 
 
 def decode_splits(max_seq_len: int, batch: int, kv_heads: int, num_sms: int) -> tuple[int, int]:
@@ -120,3 +175,38 @@ def paged_prefill(
         *_cache_strides(kv_cache), batch.block_tables.stride(0), scale,
         GROUP=hq // hk, HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, WINDOW=window or 0,
     )  # fmt: skip
+
+
+class TritonAttentionBackend:
+    """The GPU backend: same contract as ``TorchAttentionBackend``; the recompute mode
+    (no cache) falls back to the torch reference."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.scale = scale
+        self._fallback = TorchAttentionBackend(num_heads, num_kv_heads, head_dim, scale)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+        window: int | None,
+    ) -> torch.Tensor:
+        if not meta.use_cache or kv_cache is None:
+            return self._fallback.forward(q, k, v, kv_cache, meta, window)
+        data: TritonStepData = meta.triton
+        assert meta.slot_mapping is not None and data is not None
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if data.decode is not None:
+            paged_decode(q, kv_cache, data.decode, self.scale, window, out)
+        if data.prefill is not None:
+            paged_prefill(q, kv_cache, data.prefill, self.scale, window, out)
+        return out
+
+
+def triton_supported(head_dim: int) -> bool:
+    """The kernels need a power-of-two head_dim of at least 16 (tl.dot tiles)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0

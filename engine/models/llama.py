@@ -8,7 +8,7 @@ and no padding. Tensor parallelism lives only in the layers used here.
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from engine.parallel import TPContext
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, tp: TPContext
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, tp: TPContext, backend: Any
     ) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
@@ -39,9 +39,8 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.window = cfg.sliding_windows[layer_idx]
-        self.attn = TorchAttentionBackend(
-            self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
-        )
+        # The attention backend class (torch reference or Triton), chosen by the runner.
+        self.attn = backend(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         # Bound once by the model runner: [2, num_blocks, block_size, kv_heads, head_dim].
         self.kv_cache: torch.Tensor | None = None
 
@@ -75,10 +74,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, tp: TPContext
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, tp: TPContext, backend: Any
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, tp)
+        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, tp, backend)
         self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -97,12 +96,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPContext) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPContext, backend: Any) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, tp) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, rotary, tp, backend) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -126,11 +125,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPContext | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_positions: int,
+        tp: TPContext | None = None,
+        backend: Any = TorchAttentionBackend,
+    ) -> None:
         super().__init__()
         tp = tp or TPContext()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions, tp)
+        self.model = LlamaModel(cfg, max_positions, tp, backend)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
