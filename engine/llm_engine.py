@@ -55,6 +55,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (Triton on CUDA) | "torch" | "triton"
+    load_format: str = "auto"  # "auto" | "dummy" (seeded random weights, for benchmarks)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +121,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             RunnerConfig(
                 model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
-                _dtype(args.dtype, device), args.attention_backend,
+                _dtype(args.dtype, device), args.attention_backend, args.load_format, args.seed,
             ),
             tp,
         )  # fmt: skip

@@ -34,6 +34,10 @@ class RunnerConfig:
     device: torch.device
     dtype: torch.dtype
     attention_backend: str = "auto"
+    load_format: str = (
+        "auto"  # "auto": the checkpoint's weights; "dummy": seeded random (benchmarks)
+    )
+    seed: int = 0
 
 
 class ModelRunner:
@@ -50,7 +54,12 @@ class ModelRunner:
             else 8
         )
         self.model = build_model(cfg, self.tp, self.backend)
-        load_weights(self.model, cfg.model_dir)
+        if cfg.load_format == "dummy":
+            init_dummy_weights(self.model, cfg.seed)
+        elif cfg.load_format == "auto":
+            load_weights(self.model, cfg.model_dir)
+        else:
+            raise ValueError(f"load_format must be auto or dummy, got {cfg.load_format!r}")
         self.model.eval()
         self.kv_caches: list[torch.Tensor] = []
         self.plan: KVCachePlan | None = None
@@ -134,3 +143,15 @@ def build_model(cfg: RunnerConfig, tp: TPContext, backend: Any) -> LlamaForCausa
             return LlamaForCausalLM(cfg.model, cfg.scheduler.max_model_len, tp, backend)
     finally:
         torch.set_default_dtype(default)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights, as a real checkpoint's scale (norms 1, the rest N(0, 0.02)),
+    generated on the parameters' device: for speed runs at sizes nobody downloads."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
