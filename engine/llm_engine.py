@@ -56,6 +56,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (Triton on CUDA) | "torch" | "triton"
     load_format: str = "auto"  # "auto" | "dummy" (seeded random weights, for benchmarks)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,6 +123,7 @@ class LLMEngine:
             RunnerConfig(
                 model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
                 _dtype(args.dtype, device), args.attention_backend, args.load_format, args.seed,
+                args.enforce_eager,
             ),
             tp,
         )  # fmt: skip

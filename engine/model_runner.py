@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class RunnerConfig:
         "auto"  # "auto": the checkpoint's weights; "dummy": seeded random (benchmarks)
     )
     seed: int = 0
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
 
 class ModelRunner:
@@ -67,6 +71,15 @@ class ModelRunner:
             layers = self.model.attention_layers()
             self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
             self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cfg.dtype)
+        self.graphs: DecodeGraphs | None = None
+        if self.uses_triton and cfg.cache.kv_cache and not cfg.enforce_eager:
+            from engine.cuda_graph import DecodeGraphs  # needs Triton: import only here
+
+            self.graphs = DecodeGraphs(
+                self.model, self.model.attention_layers()[0].num_kv_heads, self.block_size,
+                cfg.scheduler.max_num_seqs, cfg.scheduler.max_model_len, self.num_sms,
+            )  # fmt: skip
+            self.graphs.capture()
 
     @property
     def num_blocks(self) -> int:
@@ -129,6 +142,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Runs one step; returns float32 logits [S, vocab] of the rows that sample,
         in the order of ``out.scheduled`` (requests with ``needs_sample``)."""
+        if self.graphs is not None and self.graphs.can_run(out):
+            return self.graphs.run(out)
         input_ids, positions, meta, sample_rows = self.prepare(out)
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[sample_rows])

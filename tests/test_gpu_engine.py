@@ -47,3 +47,31 @@ def test_bf16_cache_sized_from_device_memory(tiny_dirs: dict[str, Path]) -> None
     )
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
     assert llm.engine.pool_is_whole()
+
+
+def test_cuda_graph_decode_matches_eager_and_transformers(tiny_dirs: dict[str, Path]) -> None:
+    path = tiny_dirs["llama-hd16"]
+    # 11 prompts of uneven lengths: decode batches shrink through several buckets (padding rows).
+    prompts = random_prompts(11, 5, 70, vocab=512, seed=5)
+    params = [
+        SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(11)
+    ]
+    kw = dict(
+        device="cuda",
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=16,
+        gpu_memory_utilization=0.05,
+    )
+    graphed = LLM(path, **kw)
+    assert graphed.engine.runner.graphs is not None
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
+    eager = LLM(path, enforce_eager=True, **kw)
+    assert eager.engine.runner.graphs is None
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    with torch.device("cuda"):
+        assert got == [
+            hf_greedy(hf, p, sp.max_tokens or 0) for p, sp in zip(prompts, params, strict=True)
+        ]
+    assert graphed.engine.pool_is_whole()
