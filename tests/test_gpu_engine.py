@@ -66,7 +66,9 @@ def test_cuda_graph_decode_matches_eager_and_transformers(tiny_dirs: dict[str, P
     graphed = LLM(path, **kw)
     assert graphed.engine.runner.graphs is not None
     got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
-    eager = LLM(path, enforce_eager=True, **kw)
+    # Utilization is a share of the whole device for this process: the second engine
+    # needs room beside the first.
+    eager = LLM(path, enforce_eager=True, **{**kw, "gpu_memory_utilization": 0.1})
     assert eager.engine.runner.graphs is None
     assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
