@@ -171,9 +171,10 @@ class ModelFacts:
     @classmethod
     def from_hf(cls, model: Any, dtype_bytes: int) -> ModelFacts:
         cfg = model.config
-        params = (
-            int(model.num_parameters(exclude_embeddings=True)) + cfg.vocab_size * cfg.hidden_size
-        )
+        params = int(model.num_parameters(exclude_embeddings=True))
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is model.get_input_embeddings().weight:
+            params += cfg.vocab_size * cfg.hidden_size  # a tied LM head is not counted above
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv = cfg.num_hidden_layers * 2 * heads * head_dim * dtype_bytes

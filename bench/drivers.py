@@ -1,7 +1,8 @@
 """How each engine is driven and timed: the shared ``Context``, our engine through
 ``LLM.generate`` or ``add_request`` + ``step``, the HF peer through ``generate``.
 
-A GPU suite adds its peers here (e.g. transformers' ``generate_batch``).
+``hf_generate`` is the peer without a ``Context`` (the GPU suite loads one engine at a
+time); the GPU suite's ``generate_batch`` peer lives in ``bench/gpu_env.py``.
 """
 
 from __future__ import annotations
@@ -57,18 +58,30 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
 def peer_generate(
     ctx: Context, prompts: list[list[int]], max_new: int, **kwargs: Any
 ) -> list[list[int]]:
-    """HF ``generate`` on one batch: left padding with EOS, attention mask, greedy, exactly
-    ``max_new`` new tokens per row (``min_new_tokens = max_new_tokens``)."""
+    """``hf_generate`` on the context's peer."""
+    return hf_generate(ctx.peer, ctx.device, ctx.pad_token_id, prompts, max_new, **kwargs)
+
+
+def hf_generate(
+    model: Any,
+    device: torch.device,
+    pad_token_id: int,
+    prompts: list[list[int]],
+    max_new: int,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """HF ``generate`` on one batch: left padding with ``pad_token_id``, attention mask,
+    greedy, exactly ``max_new`` new tokens per row (``min_new_tokens = max_new_tokens``)."""
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), ctx.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     with torch.inference_mode():
-        seq = ctx.peer.generate(
-            input_ids=ids.to(ctx.device), attention_mask=mask.to(ctx.device), max_new_tokens=max_new,
-            min_new_tokens=max_new, do_sample=False, pad_token_id=ctx.pad_token_id, **kwargs,
+        seq = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+            min_new_tokens=max_new, do_sample=False, pad_token_id=pad_token_id, **kwargs,
         )  # fmt: skip
     return [row[width:] for row in seq.tolist()]
 

@@ -28,12 +28,15 @@ def test_triton_backend_matches_reference_and_transformers(
     kw = dict(
         device=DEVICE, dtype="float32", max_model_len=128, max_num_batched_tokens=32, block_size=8
     )
-    ours = LLM(path, attention_backend="triton", **kw)
+    # On a GPU both engines live at once; each takes a share of the device.
+    ours = LLM(path, attention_backend="triton", gpu_memory_utilization=0.1, **kw)
     assert ours.engine.runner.uses_triton
     got = [o.outputs[0].token_ids for o in ours.generate(prompts, params)]
     ref = [
         o.outputs[0].token_ids
-        for o in LLM(path, attention_backend="torch", **kw).generate(prompts, params)
+        for o in LLM(path, attention_backend="torch", gpu_memory_utilization=0.3, **kw).generate(
+            prompts, params
+        )
     ]
     assert got == ref
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()

@@ -124,6 +124,10 @@ def store_kv(
     )  # fmt: skip
 
 
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
     return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
 
@@ -149,7 +153,7 @@ def paged_decode(
         q.stride(0), q.stride(1), *_cache_strides(kv_cache), batch.block_tables.stride(0),
         scale, s, batch.split_len,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        PAGE=page, BLOCK_N=DECODE_BLOCK_N, WINDOW=window or 0,
+        PAGE=page, BLOCK_N=DECODE_BLOCK_N, WINDOW=window or 0, PRECISION=_precision(q),
     )  # fmt: skip
     _paged_decode_reduce_kernel[(b, hq)](
         part_acc, part_ml, batch.rows, out, out.stride(0), out.stride(1), s,
@@ -174,6 +178,7 @@ def paged_prefill(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(kv_cache), batch.block_tables.stride(0), scale,
         GROUP=hq // hk, HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, WINDOW=window or 0,
+        PRECISION=_precision(q),
     )  # fmt: skip
 
 

@@ -13,7 +13,8 @@ iteration, gathered row by row), so tiles stay large whatever the block size.
   prefix and causally to each other.
 
 Sliding windows: a query at position p sees keys at positions k with p - k < window
-(``WINDOW = 0`` means full attention). The torch reference in ``torch_ref.py`` is the
+(``WINDOW = 0`` means full attention). ``PRECISION`` is "ieee" for float32 inputs (exact
+comparisons with the reference; Triton would otherwise use TF32) and "tf32" otherwise. The torch reference in ``torch_ref.py`` is the
 oracle for all of them (``tests/test_triton_kernels.py``).
 """
 
@@ -51,7 +52,7 @@ def _paged_decode_kernel(
     stride_bt,
     scale, num_splits, split_len,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -81,14 +82,14 @@ def _paged_decode_kernel(
         )
         row = base + blk * stride_c_blk + (pos % PAGE) * stride_c_slot
         k = tl.load(row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(row[:, None] + stride_c_kv + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     # Partials: acc [B, Hq, S, D] and (m, l) [B, Hq, S, 2], unnormalised.
     h = kvh * GROUP + offs_g
@@ -133,7 +134,7 @@ def _paged_prefill_kernel(
     stride_c_kv, stride_c_blk, stride_c_slot, stride_c_head,
     stride_bt, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -168,7 +169,7 @@ def _paged_prefill_kernel(
         )
         row = base + blk * stride_c_blk + (pos % PAGE) * stride_c_slot
         k = tl.load(row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         visible = n_mask[None, :] & (pos[None, :] <= qpos[:, None])
         if WINDOW > 0:
             visible = visible & (qpos[:, None] - pos[None, :] < WINDOW)
@@ -179,7 +180,7 @@ def _paged_prefill_kernel(
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(row[:, None] + stride_c_kv + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
