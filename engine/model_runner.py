@@ -72,7 +72,12 @@ class ModelRunner:
             self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
             self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cfg.dtype)
         self.graphs: DecodeGraphs | None = None
-        if self.uses_triton and cfg.cache.kv_cache and not cfg.enforce_eager:
+        if (
+            self.uses_triton
+            and cfg.device.type == "cuda"
+            and cfg.cache.kv_cache
+            and not cfg.enforce_eager
+        ):
             from engine.cuda_graph import DecodeGraphs  # needs Triton: import only here
 
             self.graphs = DecodeGraphs(
