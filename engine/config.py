@@ -120,12 +120,16 @@ class CacheConfig:
     num_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     kv_cache: bool = True
+    # "auto": the model's dtype; "fp8": float8 e4m3 with a scale per layer (half the bytes).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.num_blocks_override is not None and self.num_blocks_override < 1:
             raise ValueError("num_blocks_override must be >= 1")
 

@@ -42,7 +42,7 @@ class KVCachePlan:
 
 
 def plan_kv_cache(cfg: RunnerConfig, kv_heads_per_rank: int, weight_bytes: int) -> KVCachePlan:
-    dtype_bytes = torch.empty((), dtype=cfg.dtype).element_size()
+    dtype_bytes = torch.empty((), dtype=cache_dtype(cfg)).element_size()
     per_token = cfg.model.kv_bytes_per_token(dtype_bytes, kv_heads_per_rank)
     bs = cfg.cache.block_size
     if cfg.cache.num_blocks_override is not None:
@@ -65,6 +65,11 @@ def plan_kv_cache(cfg: RunnerConfig, kv_heads_per_rank: int, weight_bytes: int) 
         budget / 2**20, num_blocks, bs, plan.num_tokens, plan.max_concurrent_seqs, max_len,
     )  # fmt: skip
     return plan
+
+
+def cache_dtype(cfg: RunnerConfig) -> torch.dtype:
+    """The cache's element type: the model's, or float8 e4m3 for ``kv_cache_dtype="fp8"``."""
+    return torch.float8_e4m3fn if cfg.cache.kv_cache_dtype == "fp8" else cfg.dtype
 
 
 def _budget_bytes(cfg: RunnerConfig, weight_bytes: int) -> int:

@@ -49,6 +49,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     kv_cache: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" (e4m3, per-layer scales)
     cpu_kv_cache_bytes: int = 2 * 1024**3
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None
@@ -118,6 +119,7 @@ class LLMEngine:
             num_blocks_override=args.num_blocks,
             enable_prefix_caching=args.enable_prefix_caching,
             kv_cache=args.kv_cache,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         self.runner = ModelRunner(
             RunnerConfig(

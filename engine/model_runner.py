@@ -16,7 +16,7 @@ import torch
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import CacheConfig, ModelConfig, SchedulerConfig
-from engine.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
+from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv_cache
 from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
 from engine.parallel import TPContext
@@ -70,7 +70,7 @@ class ModelRunner:
         if cfg.cache.kv_cache:
             layers = self.model.attention_layers()
             self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
-            self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cfg.dtype)
+            self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cache_dtype(cfg))
         self.graphs: DecodeGraphs | None = None
         if (
             self.uses_triton

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 
@@ -91,3 +92,35 @@ def test_cli_generates_with_the_default_model(smollm2_dir: Path) -> None:
     )
     assert "Paris" in res.stdout
     assert "8 tokens" in res.stdout or "finish: stop" in res.stdout
+
+
+def test_fp8_cache_holds_more_tokens_and_stays_close(smollm2_dir: Path) -> None:
+    budget = 2**26
+    full = LLM(smollm2_dir, device="cpu", max_model_len=512, cpu_kv_cache_bytes=budget)
+    fp8 = LLM(
+        smollm2_dir,
+        device="cpu",
+        max_model_len=512,
+        cpu_kv_cache_bytes=budget,
+        kv_cache_dtype="fp8",
+    )
+    # float32 model: 4 bytes per value against 1.
+    assert fp8.engine.runner.num_blocks == 4 * full.engine.runner.num_blocks
+    assert fp8.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    prompts = [
+        "The capital of France is",
+        "def add(a, b):",
+        "Water boils at",
+        "My favourite colour is",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    a = [o.outputs[0].token_ids for o in full.generate(prompts, params)]
+    b = [o.outputs[0].token_ids for o in fp8.generate(prompts, params)]
+    # e4m3 keeps ~2 significant digits: the first tokens agree, later ones may drift.
+    assert sum(x[:4] == y[:4] for x, y in zip(a, b, strict=True)) >= 3
+    assert fp8.engine.pool_is_whole()
+
+
+def test_kv_cache_dtype_is_validated(tiny_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(tiny_dirs["llama3"], device="cpu", kv_cache_dtype="int4")

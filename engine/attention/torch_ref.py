@@ -13,14 +13,37 @@ import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata
 
+FP8 = torch.float8_e4m3fn
+
 
 def write_kv(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
-    """Stores k, v ([T, Hk, D]) at ``slot_mapping`` ([T]) of the layer's cache."""
+    """Stores k, v ([T, Hk, D]) at ``slot_mapping`` ([T]) of the layer's cache; an FP8
+    cache stores ``x / scale`` rounded to e4m3 (written through a byte view)."""
     _, _, _, hk, d = kv_cache.shape
-    kv_cache[0].view(-1, hk, d).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, hk, d).index_copy_(0, slot_mapping, v)
+    for i, (x, scale) in enumerate(((k, scales[0]), (v, scales[1]))):
+        dst = kv_cache[i].view(-1, hk, d)
+        if kv_cache.dtype == FP8:
+            x = (x.float() / scale).clamp(-448.0, 448.0).to(FP8).view(torch.uint8)
+            dst = dst.view(torch.uint8)
+        dst.index_copy_(0, slot_mapping, x)
+
+
+def take_blocks(kv_cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``kv_cache[:, ids]`` (FP8 caches are indexed through a byte view)."""
+    if kv_cache.dtype == FP8:
+        return kv_cache.view(torch.uint8)[:, ids].view(FP8)
+    return kv_cache[:, ids]
+
+
+def dequantize(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cache values in the compute dtype (FP8: times the layer's scale)."""
+    return x.to(dtype) * scale if x.dtype == FP8 else x
 
 
 def gather_kv(
@@ -30,7 +53,7 @@ def gather_kv(
     _, _, bs, hk, d = kv_cache.shape
     n = -(-length // bs)
     ids = torch.tensor(block_ids[:n], dtype=torch.long, device=kv_cache.device)
-    kv = kv_cache[:, ids].reshape(2, n * bs, hk, d)[:, :length]
+    kv = take_blocks(kv_cache, ids).reshape(2, n * bs, hk, d)[:, :length]
     return kv[0], kv[1]
 
 
@@ -52,6 +75,9 @@ class TorchAttentionBackend:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        # Per-layer FP8 scales (stored value = x / scale); 1.0 unless calibrated.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -65,7 +91,8 @@ class TorchAttentionBackend:
         if not meta.use_cache or kv_cache is None:
             return self._uncached(q, k, v, meta, window)
         assert meta.slot_mapping is not None
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        write_kv(kv_cache, k, v, meta.slot_mapping, (self.k_scale, self.v_scale))
+        fp8 = kv_cache.dtype == FP8
         out = torch.empty_like(q)
         any_decode = False
         for i in range(meta.num_seqs):
@@ -74,10 +101,11 @@ class TorchAttentionBackend:
                 any_decode = True
                 continue
             n = meta.seq_lens[i]
-            if n == e - s:  # no cached prefix: the fresh K/V are the whole context
+            if n == e - s and not fp8:  # no cached prefix: the fresh K/V are the whole context
                 out[s:e] = self._attend_causal(q[s:e], k[s:e], v[s:e], window)
                 continue
             ks, vs = gather_kv(kv_cache, meta.block_tables[i], n)
+            ks, vs = dequantize(ks, q.dtype, self.k_scale), dequantize(vs, q.dtype, self.v_scale)
             out[s:e] = self._attend(q[s:e], ks, vs, causal_mask(e - s, n, window, q.device))
         if any_decode:
             self._decode(q, kv_cache, meta, window, out)
@@ -94,11 +122,15 @@ class TorchAttentionBackend:
         _, rows, tables, _ = meta.decode_batch(q.device)
         _, _, bs, hk, d = kv_cache.shape
         b, m = tables.shape
-        kv = kv_cache[:, tables].view(2, b, m * bs, hk, d).transpose(2, 3)  # [2, B, Hk, L, D]
+        kv = (
+            take_blocks(kv_cache, tables).view(2, b, m * bs, hk, d).transpose(2, 3)
+        )  # [2, B, Hk, L, D]
+        k_all = dequantize(kv[0], q.dtype, self.k_scale)
+        v_all = dequantize(kv[1], q.dtype, self.v_scale)
         mask = meta.decode_mask(window, m * bs, q.device)  # [B, 1, 1, L]
         qd = q[rows].unsqueeze(2)  # [B, Hq, 1, D]
         o = F.scaled_dot_product_attention(
-            qd, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True
+            qd, k_all, v_all, attn_mask=mask, scale=self.scale, enable_gqa=True
         )
         out[rows] = o.squeeze(2)
 

@@ -111,15 +111,20 @@ def decode_splits(max_seq_len: int, batch: int, kv_heads: int, num_sms: int) -> 
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
-    """k, v: [T, Hk, D] (rows contiguous); slot_mapping [T] (negative = skip)."""
+    """k, v: [T, Hk, D] (rows contiguous); slot_mapping [T] (negative = skip); an FP8
+    cache stores ``x / scale`` (``scales`` = K's and V's of this layer)."""
     t, hk, d = k.shape
     assert k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
     assert kv_cache.is_contiguous()
     row = hk * d
     _store_kv_kernel[(t,)](
-        k, v, kv_cache, slot_mapping, k.stride(0), v.stride(0), kv_cache.stride(0),
+        k, v, kv_cache, slot_mapping, k.stride(0), v.stride(0), kv_cache.stride(0), *scales,
         ROW=row, BLOCK=triton.next_power_of_2(row),
     )  # fmt: skip
 
@@ -139,6 +144,7 @@ def paged_decode(
     scale: float,
     window: int | None,
     out: torch.Tensor,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     """Writes attention of rows ``batch.rows`` of q ([T, Hq, D]) into the same rows of out."""
     _, hq, d = q.shape
@@ -151,7 +157,7 @@ def paged_decode(
     _paged_decode_kernel[(b, hk, s)](
         q, batch.rows, kv_cache, batch.block_tables, batch.seq_lens, part_acc, part_ml,
         q.stride(0), q.stride(1), *_cache_strides(kv_cache), batch.block_tables.stride(0),
-        scale, s, batch.split_len,
+        scale, *scales, s, batch.split_len,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         PAGE=page, BLOCK_N=DECODE_BLOCK_N, WINDOW=window or 0, PRECISION=_precision(q),
     )  # fmt: skip
@@ -168,6 +174,7 @@ def paged_prefill(
     scale: float,
     window: int | None,
     out: torch.Tensor,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     _, hq, d = q.shape
     hk, page = kv_cache.shape[3], kv_cache.shape[2]
@@ -176,7 +183,7 @@ def paged_prefill(
     _paged_prefill_kernel[grid](
         q, out, kv_cache, batch.block_tables, batch.seq_lens, batch.q_start, batch.q_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *_cache_strides(kv_cache), batch.block_tables.stride(0), scale,
+        *_cache_strides(kv_cache), batch.block_tables.stride(0), scale, *scales,
         GROUP=hq // hk, HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, WINDOW=window or 0,
         PRECISION=_precision(q),
     )  # fmt: skip
@@ -188,6 +195,8 @@ class TritonAttentionBackend:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.scale = scale
+        self.k_scale = 1.0  # per-layer FP8 scales, as in the torch reference
+        self.v_scale = 1.0
         self._fallback = TorchAttentionBackend(num_heads, num_kv_heads, head_dim, scale)
 
     def forward(
@@ -203,12 +212,13 @@ class TritonAttentionBackend:
             return self._fallback.forward(q, k, v, kv_cache, meta, window)
         data: TritonStepData = meta.triton
         assert meta.slot_mapping is not None and data is not None
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        scales = (self.k_scale, self.v_scale)
+        store_kv(k, v, kv_cache, meta.slot_mapping, scales)
         out = torch.empty_like(q)
         if data.decode is not None:
-            paged_decode(q, kv_cache, data.decode, self.scale, window, out)
+            paged_decode(q, kv_cache, data.decode, self.scale, window, out, scales)
         if data.prefill is not None:
-            paged_prefill(q, kv_cache, data.prefill, self.scale, window, out)
+            paged_prefill(q, kv_cache, data.prefill, self.scale, window, out, scales)
         return out
 
 

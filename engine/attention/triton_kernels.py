@@ -12,6 +12,9 @@ iteration, gathered row by row), so tiles stay large whatever the block size.
   prefix-cache hits), variable lengths in one launch; new tokens attend to the cached
   prefix and causally to each other.
 
+An FP8 (e4m3) cache holds ``x / scale`` per layer; kernels convert on load and fold the
+scales into the softmax scale (K) and the output (V).
+
 Sliding windows: a query at position p sees keys at positions k with p - k < window
 (``WINDOW = 0`` means full attention). ``PRECISION`` is "ieee" for float32 inputs (exact
 comparisons with the reference; Triton would otherwise use TF32) and "tf32" otherwise. The torch reference in ``torch_ref.py`` is the
@@ -27,7 +30,7 @@ import triton.language as tl
 @triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slot_ptr,
-    stride_kt, stride_vt, stride_c_kv,
+    stride_kt, stride_vt, stride_c_kv, k_scale, v_scale,
     ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
@@ -38,9 +41,12 @@ def _store_kv_kernel(
     mask = offs < ROW
     k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:  # FP8 cache: store x / scale, saturated
+        k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
     dst = cache_ptr + slot.to(tl.int64) * ROW + offs
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + stride_c_kv, v, mask=mask)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -50,7 +56,7 @@ def _paged_decode_kernel(
     stride_qt, stride_qh,
     stride_c_kv, stride_c_blk, stride_c_slot, stride_c_head,
     stride_bt,
-    scale, num_splits, split_len,
+    scale, k_scale, v_scale, num_splits, split_len,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -81,16 +87,21 @@ def _paged_decode_kernel(
             tl.int64
         )
         row = base + blk * stride_c_blk + (pos % PAGE) * stride_c_slot
-        k = tl.load(row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
+        k = tl.load(row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
+            scale * k_scale
+        )  # [BLOCK_G, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(row[:, None] + stride_c_kv + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(
+            row[:, None] + stride_c_kv + offs_d[None, :], mask=n_mask[:, None], other=0.0
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    acc = acc * v_scale  # FP8 values were stored as v / v_scale (1.0 otherwise)
     # Partials: acc [B, Hq, S, D] and (m, l) [B, Hq, S, 2], unnormalised.
     h = kvh * GROUP + offs_g
     num_heads = tl.num_programs(1) * GROUP
@@ -132,7 +143,7 @@ def _paged_prefill_kernel(
     q_ptr, out_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr, q_len_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_slot, stride_c_head,
-    stride_bt, scale,
+    stride_bt, scale, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -168,8 +179,10 @@ def _paged_prefill_kernel(
             tl.int64
         )
         row = base + blk * stride_c_blk + (pos % PAGE) * stride_c_slot
-        k = tl.load(row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+        k = tl.load(row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
+            scale * k_scale
+        )  # [BLOCK_M, BLOCK_N]
         visible = n_mask[None, :] & (pos[None, :] <= qpos[:, None])
         if WINDOW > 0:
             visible = visible & (qpos[:, None] - pos[None, :] < WINDOW)
@@ -179,10 +192,12 @@ def _paged_prefill_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(row[:, None] + stride_c_kv + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(
+            row[:, None] + stride_c_kv + offs_d[None, :], mask=n_mask[:, None], other=0.0
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None],
