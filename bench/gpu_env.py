@@ -63,15 +63,9 @@ def gpu_ceilings(
     if device.type != "cuda":
         return {**measure_ceilings(device, dtype, copy_bytes, matmul_n), "timer": "perf_counter"}
     elem = torch.empty((), dtype=dtype).element_size()
-    src = torch.ones(copy_bytes // elem, dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    copy_times = _event_times(lambda: dst.copy_(src), reps)
-    nbytes = src.numel() * elem
-    del src, dst
-    a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-    b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-    mm_times = _event_times(lambda: torch.matmul(a, b), reps)
-    del a, b
+    nbytes = copy_bytes // elem * elem
+    copy_times = _copy_times(device, dtype, nbytes // elem, reps)
+    mm_times = _matmul_times(device, dtype, matmul_n, reps)
     torch.cuda.empty_cache()
     return {
         "dtype": str(dtype).removeprefix("torch."),
@@ -83,6 +77,18 @@ def gpu_ceilings(
         "matmul_times_s": mm_times,
         "matmul_flop_per_s": 2 * matmul_n**3 / min(mm_times),
     }
+
+
+def _copy_times(device: torch.device, dtype: torch.dtype, elems: int, reps: int) -> list[float]:
+    src = torch.ones(elems, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    return _event_times(lambda: dst.copy_(src), reps)
+
+
+def _matmul_times(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> list[float]:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return _event_times(lambda: torch.matmul(a, b), reps)
 
 
 def _event_times(fn: Callable[[], Any], reps: int) -> list[float]:
@@ -142,7 +148,9 @@ class GPUEnv:
             return "cpu"
         free, total = torch.cuda.mem_get_info(self.device)
         alloc = torch.cuda.memory_allocated(self.device)
-        return f"{alloc / 2**30:.1f} GiB allocated, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+        return (
+            f"{alloc / 2**30:.1f} GiB allocated, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+        )
 
     # --- our engine ------------------------------------------------------------------
     def ours(self, **engine_args: Any) -> LLM:
@@ -168,10 +176,14 @@ class GPUEnv:
         if self._peer is None:
             t0 = time.perf_counter()
             self._peer = build_peer(self.config, self.device, self.dtype, self.seed)
-            hf_generate(self._peer, self.device, self.pad_token_id, warm_prompts(self.vocab_size), 4)
+            hf_generate(
+                self._peer, self.device, self.pad_token_id, warm_prompts(self.vocab_size), 4
+            )
             n = self._peer.num_parameters()
             if n != self.shape.total_params:
-                self.log(f"WARNING: HF has {n} parameters, the shape says {self.shape.total_params}")
+                self.log(
+                    f"WARNING: HF has {n} parameters, the shape says {self.shape.total_params}"
+                )
             self.log(f"built + warmed HF ({self._peer.config._attn_implementation}) in "
                      f"{time.perf_counter() - t0:.1f}s ({self.memory()})")  # fmt: skip
         return self._peer
@@ -183,24 +195,27 @@ class GPUEnv:
             self.log(f"dropped HF ({self.memory()})")
 
 
-def warm_prompts(vocab_size: int) -> list[list[int]]:
+def warm_prompts(vocab_size: int, max_len: int = 300) -> list[list[int]]:
     """Warm-up prompts from their own seed (never a prefix of a timed prompt)."""
-    return random_prompts(4, 16, 300, vocab_size, seed=12345)
+    return random_prompts(4, 16, max(16, max_len), vocab_size, seed=12345)
 
 
 def warm_ours(llm: LLM, vocab_size: int) -> None:
     """A few mixed-length requests: compiles and runs the prefill and decode paths."""
-    llm.generate(warm_prompts(vocab_size), greedy(8))
+    room = llm.engine.scheduler_config.max_model_len - 16
+    llm.generate(warm_prompts(vocab_size, min(300, room)), greedy(8))
     llm.engine.reset_prefix_cache()
 
 
-def build_peer(config: Any, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+def build_peer(
+    config: Any, device: torch.device, dtype: torch.dtype, seed: int, attn: str = "sdpa"
+) -> Any:
     """transformers' Llama with seeded random weights, built directly on ``device``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
@@ -229,12 +244,16 @@ def hf_generate_batch(
         try:
             if impl != model.config._attn_implementation:
                 model.set_attn_implementation(impl)
-            with torch.inference_mode():
-                out = model.generate_batch(inputs=prompts, generation_config=gen, **kwargs)
+            # No inference_mode here: its worker thread updates tensors made by this one.
+            out = model.generate_batch(inputs=prompts, generation_config=gen, **kwargs)
             sync(device)
             call_s = time.perf_counter() - t0
-            return {**_parse_batch(out, len(prompts)), "call_s": call_s, "attn_implementation": impl}
-        except Exception as e:  # noqa: BLE001 - a failing peer is recorded, never fatal
+            return {
+                **_parse_batch(out, len(prompts)),
+                "call_s": call_s,
+                "attn_implementation": impl,
+            }
+        except Exception as e:  # a failing peer is recorded, never fatal
             errors.append(f"{impl}: {type(e).__name__}: {e}")
             if time.perf_counter() - t0 > 60:
                 break  # it ran, then failed: retrying would cost as much again

@@ -2,13 +2,15 @@
 
 Takes the newest record per (device, workload), groups devices under a section per
 kind ("CPU", "GPU") and renders one table per workload. Table and plot builders are
-registered per workload id in ``TABLES`` and ``PLOTS``; a GPU suite adds its own
-(W4, W5, ...) and calls ``write_report``. A workload without a builder gets a table
-of its ratios. Run alone: ``python -m bench.report``.
+registered per workload id in ``TABLES`` and ``PLOTS``; records of the GPU suite
+(``suite == "gpu"``) take theirs from ``bench/report_gpu.py``. A workload without a
+builder gets a table of its ratios only. Run alone:
+``python -m bench.report [--results DIR] [--doc PATH]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Callable
@@ -77,8 +79,8 @@ def table_w2(rec: Record) -> Table:
     ]
     rows = [
         [name, ms(raw[k]["ttft_s"]), ms(raw[k]["itl"]["median"]), ms(raw[k]["itl"]["p99"]),
-         fmt(raw[k]["decode_tok_s"]), fmt(rec["ratios"][f"{k}_itl_median_over_floor"])]
-        for k, name in (("ours", "kvserve"), ("peer", rec["peer"]))
+         fmt(raw[k]["decode_tok_s"]), fmt(rec["ratios"].get(f"{k}_itl_median_over_floor"))]
+        for k, name in (("ours", "kvserve"), ("peer", rec["peer"])) if k in raw
     ]  # fmt: skip
     rows.append(
         ["floor (mean)", "", ms(raw["floor_itl_mean_s"]), "", fmt(1 / raw["floor_itl_mean_s"]), "1"]
@@ -106,7 +108,13 @@ def table_w3(rec: Record) -> Table:
     return head, rows
 
 
-TITLES = {"W1": "W1 offline mix", "W2": "W2 batch-1 latency", "W3": "W3 what the cache buys"}
+TITLES = {
+    "W1": "W1 offline mix",
+    "W2": "W2 batch-1 latency",
+    "W3": "W3 what the cache buys",
+    "W4": "W4 prefill",
+    "W5": "W5 capacity",
+}
 TABLES: dict[str, Callable[[Record], Table]] = {"W1": table_w1, "W2": table_w2, "W3": table_w3}
 
 
@@ -130,6 +138,8 @@ def plot_w2_itl(rec: Record, path: Path) -> None:
     raw = rec["raw"]
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, label in (("ours", "kvserve"), ("peer", rec["peer"])):
+        if key not in raw:
+            continue
         ax.plot([x * 1e3 for x in raw[key]["itl_s"]], label=label, linewidth=1)
     ax.plot(
         [x * 1e3 for x in raw["floor_itl_s"]],
@@ -198,20 +208,36 @@ def render_workload(rec: Record, img_dir: Path, doc_path: Path) -> list[str]:
         f"{c['dtype']} matmul {fmt(c['matmul_flop_per_s'] / 1e9)} GFLOP/s.",
         "",
     ]
-    builder = TABLES.get(wl)
+    if "peer_error" in rec:
+        out += [f"The peer failed: `{rec['peer_error']}`", ""]
+    tables, plots = builders(rec)
+    builder = tables.get(wl)
     if builder is not None:
         out += markdown_table(*builder(rec))
         out.append("")
     out += markdown_table(
         ["ratio", "value"], [[f"`{k}`", fmt(x)] for k, x in rec["ratios"].items()]
     )
-    if wl in PLOTS:
-        stem, plot = PLOTS[wl]
+    if wl in plots:
+        stem, plot = plots[wl]
         path = img_dir / f"{rec['device']['slug']}-{stem}.png"
         plot(rec, path)
         rel = path.relative_to(doc_path.parent) if path.is_relative_to(doc_path.parent) else path
         out += ["", f"![{TITLES.get(wl, wl)}]({rel.as_posix()})"]
     return out
+
+
+def builders(
+    rec: Record,
+) -> tuple[
+    dict[str, Callable[[Record], Table]], dict[str, tuple[str, Callable[[Record, Path], None]]]
+]:
+    """The table and plot builders of ``rec``'s suite."""
+    if rec.get("suite") == "gpu":
+        from bench import report_gpu  # imported here: it imports this module
+
+        return report_gpu.TABLES, report_gpu.PLOTS
+    return TABLES, PLOTS
 
 
 def write_report(results_dir: Path = RESULTS_DIR, doc_path: Path = DOCS_PATH) -> Path:
@@ -223,8 +249,14 @@ def write_report(results_dir: Path = RESULTS_DIR, doc_path: Path = DOCS_PATH) ->
     return doc_path
 
 
-def main() -> None:
-    print(write_report())
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.report", description=(__doc__ or "").split("\n")[0]
+    )
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="records to read (*.json)")
+    p.add_argument("--doc", type=Path, default=DOCS_PATH, help="markdown to write (img/ beside it)")
+    args = p.parse_args(argv)
+    print(write_report(args.results, args.doc))
 
 
 if __name__ == "__main__":

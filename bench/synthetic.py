@@ -3,7 +3,8 @@
 ``write_model_dir(config, out)`` writes ``config.json`` and a tokenizer whose token ``i``
 is the word ``w{i}``; our engine loads it with ``load_format="dummy"`` (seeded random
 weights built on the device), the HF peer with ``AutoModelForCausalLM.from_config``.
-``Shape`` holds the sizes the floors and FLOP counts are computed from.
+``Shape`` holds the sizes the floors and FLOP counts are computed from; ``w1_floor``
+is W1's floor.
 """
 
 from __future__ import annotations
@@ -135,3 +136,27 @@ class Shape:
         attention 2 (QKᵀ and PV) × 2 × layers × heads × head_dim × tokens² / 2."""
         attn = 2 * self.layers * self.heads * self.head_dim * tokens**2
         return 2.0 * self.body_params * tokens + 2.0 * self.head_params + attn
+
+
+def w1_floor(
+    shape: Shape, dtype_bytes: int, lens: list[int], output_len: int, ceilings: dict[str, Any]
+) -> dict[str, float]:
+    """Least time for W1 on this hardware, all requests decoding in one batch.
+
+    prefill_s = Σ over prompts of ``Shape.prefill_flops(p)`` / matmul rate.
+    decode_s = Σ over the output_len - 1 decode steps k = 0, 1, ... of
+    max((weight bytes + KV bytes of Σ_r (p_r + k + 1) positions) / copy rate,
+    2 × matmul params × requests / matmul rate): each step reads the weights once and
+    every request's keys and values, and is never faster than its FLOPs allow.
+    floor_s = prefill_s + decode_s.
+    """
+    facts = shape.facts(dtype_bytes)
+    copy, mm = ceilings["copy_bytes_per_s"], ceilings["matmul_flop_per_s"]
+    prefill_s = sum(shape.prefill_flops(p) for p in lens) / mm
+    compute_s = 2 * facts.matmul_params * len(lens) / mm
+    decode_s = sum(
+        max((facts.weight_bytes + facts.kv_bytes_per_token * (sum(lens) + len(lens) * (k + 1))) / copy,
+            compute_s)
+        for k in range(output_len - 1)
+    )  # fmt: skip
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "floor_s": prefill_s + decode_s}
