@@ -10,8 +10,8 @@ caches at once:
 - Our engine is built per workload, after the peer, with the workload's own settings
   (W1: ``max_num_seqs=256`` and the default ``gpu_memory_utilization=0.9``, whose budget
   is utilization × total minus every live tensor, the peer's weights included: ~38 GB
-  of KV, more than W1's 22 GB peak; W2-W4: a small fixed pool via ``num_blocks``; W5:
-  the default utilization on an otherwise empty GPU).
+  of KV, more than W1's 22 GB peak; W2-W4: a small fixed pool via ``num_blocks`` and
+  ``max_num_seqs=4``; W5: the default utilization on an otherwise empty GPU, eager).
 - Each workload runs our part first, then frees our engine (``del``, ``gc.collect()``,
   ``torch.cuda.empty_cache()``) and runs the peer's part on a GPU holding only the peer:
   ``generate_batch`` sizes its paged cache from the memory free at that moment.

@@ -56,7 +56,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # One output buffer for every bucket (a graph's own output would stay alive per bucket).
+        self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=dev)
         self._kv_heads = kv_heads
         self._num_sms = num_sms
 
@@ -88,7 +89,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
+                self.logits[:b].copy_(self._forward(b))
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
@@ -130,7 +131,7 @@ class DecodeGraphs:
             self.slots[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(0)
         self.graphs[b].replay()
-        logits = self.logits[b][:n]
+        logits = self.logits[:n]
         if all(s.needs_sample for s in out.scheduled):
             return logits
         keep = [i for i, s in enumerate(out.scheduled) if s.needs_sample]

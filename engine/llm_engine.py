@@ -58,6 +58,7 @@ class EngineArgs:
     attention_backend: str = "auto"  # "auto" (Triton on CUDA) | "torch" | "triton"
     load_format: str = "auto"  # "auto" | "dummy" (seeded random weights, for benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    fused_ops: bool = True  # fused Triton elementwise kernels on the GPU path
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,7 +126,7 @@ class LLMEngine:
             RunnerConfig(
                 model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
                 _dtype(args.dtype, device), args.attention_backend, args.load_format, args.seed,
-                args.enforce_eager,
+                args.enforce_eager, args.fused_ops,
             ),
             tp,
         )  # fmt: skip

@@ -42,6 +42,7 @@ class RunnerConfig:
     )
     seed: int = 0
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    fused_ops: bool = True  # Triton add+RMSNorm, SiLU·mul and rotary (GPU path only)
 
 
 class ModelRunner:
@@ -58,6 +59,10 @@ class ModelRunner:
             else 8
         )
         self.model = build_model(cfg, self.tp, self.backend)
+        if self.uses_triton and cfg.device.type == "cuda" and cfg.fused_ops:
+            for module in self.model.modules():
+                if hasattr(module, "fused"):
+                    setattr(module, "fused", True)  # noqa: B010 (mypy sees nn.Module)
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.seed)
         elif cfg.load_format == "auto":

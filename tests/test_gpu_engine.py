@@ -77,3 +77,16 @@ def test_cuda_graph_decode_matches_eager_and_transformers(tiny_dirs: dict[str, P
             hf_greedy(hf, p, sp.max_tokens or 0) for p, sp in zip(prompts, params, strict=True)
         ]
     assert graphed.engine.pool_is_whole()
+
+
+def test_fused_ops_give_the_same_tokens(tiny_dirs: dict[str, Path]) -> None:
+    path = tiny_dirs["mistral-hd16"]
+    prompts = random_prompts(5, 5, 70, vocab=512, seed=9)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", max_model_len=256, max_num_seqs=8)
+    fused = LLM(path, gpu_memory_utilization=0.05, **kw)
+    assert fused.engine.runner.model.model.norm.fused
+    plain = LLM(path, fused_ops=False, gpu_memory_utilization=0.1, **kw)
+    assert not plain.engine.runner.model.model.norm.fused
+    a = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
+    assert a == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]

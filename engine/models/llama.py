@@ -43,6 +43,7 @@ class LlamaAttention(nn.Module):
         self.attn = backend(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         # Bound once by the model runner: [2, num_blocks, block_size, kv_heads, head_dim].
         self.kv_cache: torch.Tensor | None = None
+        self.fused = False  # set by the runner on the GPU path (Triton rotary)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
@@ -50,11 +51,17 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.fused:  # rotate q and k heads in place, one kernel
+            from engine.layers.triton_fused import rotary_inplace
+
+            heads = self.num_heads + self.num_kv_heads
+            rotary_inplace(qkv, positions, self.rotary.cos, self.rotary.sin, heads, self.head_dim)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        if not self.fused:
+            q, k = self.rotary(positions, q, k)
         o = self.attn.forward(q, k, v.contiguous(), self.kv_cache, meta, self.window)
         return self.o_proj(o.reshape(t, q_size))
 
@@ -65,9 +72,14 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             cfg.hidden_size, [cfg.intermediate_size] * 2, cfg.mlp_bias, tp
         )
+        self.fused = False  # set by the runner on the GPU path (Triton SiLU·mul)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from engine.layers.triton_fused import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
