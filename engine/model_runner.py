@@ -8,6 +8,7 @@ process can run the same step from the same description.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv
 from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
 from engine.parallel import TPContext
-from engine.scheduler_output import SchedulerOutput
+from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from engine.cuda_graph import DecodeGraphs
@@ -90,6 +91,8 @@ class ModelRunner:
                 cfg.scheduler.max_num_seqs, cfg.scheduler.max_model_len, self.num_sms,
             )  # fmt: skip
             self.graphs.capture()
+        if self.uses_triton and cfg.device.type == "cuda" and cfg.cache.kv_cache:
+            self.warm_up_kernels()
 
     @property
     def num_blocks(self) -> int:
@@ -147,6 +150,25 @@ class ModelRunner:
             meta,
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
+
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Compiles every Triton kernel variant a step can meet (short and long prefill
+        tiles, decode rows beside prefill rows) before the first request, so no JIT
+        compile lands in a request's latency. Writes nothing: every slot is -1."""
+        t0 = time.perf_counter()
+        for q_lens in ([8], [48], [1, 1, 8]):
+            scheduled = [
+                ScheduledRequest(f"warm-{i}", [0] * n, 0, [0] * -(-n // self.block_size), n > 1)
+                for i, n in enumerate(q_lens)
+            ]
+            out = SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(q_lens))
+            input_ids, positions, meta, rows = self.prepare(out)
+            assert meta.slot_mapping is not None
+            meta.slot_mapping.fill_(-1)
+            self.model.compute_logits(self.model(input_ids, positions, meta)[rows])
+        torch.cuda.synchronize(self.device)
+        logger.info("warmed up kernels in %.1f s", time.perf_counter() - t0)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:

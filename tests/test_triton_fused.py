@@ -57,6 +57,8 @@ def test_rotary_inplace(dtype: torch.dtype) -> None:
     ref_q, ref_k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
     v_before = qkv[:, (hq + hk) * d :].clone()
     rotary_inplace(qkv, pos, cos, sin, hq + hk, d)
-    torch.testing.assert_close(q, ref_q, atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 1e-2)
-    torch.testing.assert_close(k, ref_k, atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 1e-2)
+    # bf16: the two products may round one step apart, and their sum can cancel.
+    tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 8e-3, "rtol": 1e-2}
+    torch.testing.assert_close(q, ref_q, **tol)
+    torch.testing.assert_close(k, ref_k, **tol)
     assert torch.equal(qkv[:, (hq + hk) * d :], v_before)  # V untouched

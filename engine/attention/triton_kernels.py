@@ -49,7 +49,7 @@ def _store_kv_kernel(
     tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "split_len"])
 def _paged_decode_kernel(
     q_ptr, rows_ptr, cache_ptr, block_table_ptr, seq_lens_ptr,
     part_acc_ptr, part_ml_ptr,
@@ -111,7 +111,7 @@ def _paged_decode_kernel(
     tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, rows_ptr, out_ptr,
     stride_ot, stride_oh, num_splits,
