@@ -14,6 +14,7 @@ device slug marked with the model name so it never passes for a real run.
 from __future__ import annotations
 
 import argparse
+import ast
 import shutil
 import sys
 import tempfile
@@ -75,6 +76,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(RUNNERS), help="comma-separated subset of W1-W5")
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_MODEL}, tiny sizes")
     p.add_argument("--out", type=Path, help="write results and the report under DIR")
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an engine argument of every kvserve engine (e.g. kv_cache_dtype=fp8)",
+    )
+    p.add_argument(
+        "--tag", default="", help="suffix of the workload names in the records (e.g. fp8)"
+    )
     p.add_argument("--model", choices=sorted(MODELS),
                    help=f"default {FULL_MODEL} ({QUICK_MODEL} with --quick)")  # fmt: skip
     p.add_argument("--device", default="cuda", help="default cuda ('cpu' runs the logic only)")
@@ -102,6 +113,15 @@ def summary(records: dict[str, dict[str, Any]], title: str) -> Any:
         if "peer_error" in res:
             table.add_row(wl, "peer_error", str(res["peer_error"])[:60])
     return table
+
+
+def _engine_arg(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE parsed as a Python literal where it is one (True, 0.5, ...)."""
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ceilings: copy {fmt(ceilings['copy_bytes_per_s'] / 1e9)} GB/s (read + write), "
         f"matmul {fmt(ceilings['matmul_flop_per_s'] / 1e12)} TFLOP/s")  # fmt: skip
     env = GPUEnv(device, dtype, model_dir, config, ceilings, log)
+    env.overrides = dict(_engine_arg(a) for a in args.engine_arg)
     records: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     try:
@@ -154,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                 env.free()
                 continue
             env.free()
-            result["config"] = {"model": args.model, **asdict(sizes.configs[wl])}
-            path = write_result(out_dir, SUITE, wl, env_rec, ceilings, result)
+            result["config"] = {"model": args.model, **asdict(sizes.configs[wl]), **env.overrides}
+            name = f"{wl}-{args.tag}" if args.tag else wl
+            path = write_result(out_dir, SUITE, name, env_rec, ceilings, result)
             records[wl] = result
             log(f"{wl} done -> {path}")
     finally:

@@ -118,6 +118,8 @@ class GPUEnv:
     ceilings: dict[str, Any]
     log: Logger
     seed: int = 0
+    # Engine arguments that override every workload's own (``--engine-arg``).
+    overrides: dict[str, Any] = field(default_factory=dict)
     _peer: Any = field(default=None, repr=False)
 
     @property
@@ -156,6 +158,7 @@ class GPUEnv:
     def ours(self, **engine_args: Any) -> LLM:
         """Our engine on the synthetic model, seeded random weights, warmed up."""
         t0 = time.perf_counter()
+        engine_args = {**engine_args, **self.overrides}
         llm = LLM(
             self.model_dir, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             load_format="dummy", seed=self.seed, **engine_args,
