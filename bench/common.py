@@ -45,10 +45,11 @@ def _run(cmd: list[str]) -> str | None:
 def git_commit() -> dict[str, Any]:
     """HEAD's hash and whether the working tree had uncommitted changes (None: unknown)."""
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    return {
-        "sha": _run(["git", "rev-parse", "HEAD"]),
-        "dirty": None if status is None else bool(status),
-    }
+    sha = _run(["git", "rev-parse", "HEAD"])
+    if sha is None and os.environ.get("KVSERVE_COMMIT"):
+        # A copy of the tree without .git (the GPU machines): the caller names the commit.
+        return {"sha": os.environ["KVSERVE_COMMIT"], "dirty": None, "source": "KVSERVE_COMMIT"}
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 
 def cpu_name() -> str:
