@@ -55,6 +55,11 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.int32, device=dev)
+        # Pinned host staging: filled on the CPU, copied without blocking. Reusing them is
+        # safe because every step ends by reading its sampled tokens (a sync).
+        self._host_long = torch.zeros(3, n, dtype=torch.long, pin_memory=True)
+        self._host_lens = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self._host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # One output buffer for every bucket (a graph's own output would stay alive per bucket).
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=dev)
@@ -119,14 +124,15 @@ class DecodeGraphs:
             lens.append(p + 1)
             width = max(width, len(s.block_ids))
         tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in out.scheduled]
-        host = torch.tensor([ids, pos, slots], dtype=torch.long)
+        host = self._host_long[:, :n]
+        host.copy_(torch.tensor([ids, pos, slots], dtype=torch.long))
+        self._host_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32))
+        self._host_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32))
         self.input_ids[:n].copy_(host[0], non_blocking=True)
         self.positions[:n].copy_(host[1], non_blocking=True)
         self.slots[:n].copy_(host[2], non_blocking=True)
-        self.seq_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:n, :width].copy_(
-            torch.tensor(tables, dtype=torch.int32), non_blocking=True
-        )
+        self.seq_lens[:n].copy_(self._host_lens[:n], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
         if b > n:
             self.slots[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(0)
