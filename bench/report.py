@@ -109,6 +109,7 @@ def table_w3(rec: Record) -> Table:
 
 
 TITLES = {
+    "FP8": "FP8 KV cache: agreement with the bf16 cache, capacity",
     "W1": "W1 offline mix",
     "W2": "W2 batch-1 latency",
     "W3": "W3 what the cache buys",
@@ -204,8 +205,12 @@ def render_workload(rec: Record, img_dir: Path, doc_path: Path) -> list[str]:
         "",
         f"{rec['date']}, commit `{short_sha(rec)}`, torch {v.get('torch')}, transformers "
         f"{v.get('transformers')}. Peer: {rec.get('peer', '-')}. Config: {describe_config(rec['config'])}. "
-        f"Ceilings measured in the run: copy {fmt(c['copy_bytes_per_s'] / 1e9)} GB/s (read + write), "
-        f"{c['dtype']} matmul {fmt(c['matmul_flop_per_s'] / 1e9)} GFLOP/s.",
+        + (
+            f"Ceilings measured in the run: copy {fmt(c['copy_bytes_per_s'] / 1e9)} GB/s (read + write), "
+            f"{c['dtype']} matmul {fmt(c['matmul_flop_per_s'] / 1e9)} GFLOP/s."
+            if c
+            else "No ceilings: this record is not a timing."
+        ),
         "",
     ]
     if "peer_error" in rec:
