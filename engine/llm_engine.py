@@ -61,6 +61,15 @@ class EngineArgs:
     fused_ops: bool = True  # fused Triton elementwise kernels on the GPU path
 
 
+# Run once at start-up when the KV cache is FP8, to set each layer's scales.
+FP8_CALIBRATION_TEXT = (
+    "The history of science is the study of how people have come to understand the natural "
+    "world. Early astronomers charted the motions of the planets; physicians described the "
+    "body; engineers built bridges, clocks and engines. def mean(xs):\n    return sum(xs) / "
+    "len(xs)\n Questions, answers, numbers such as 3.14159 and 2,718, lists, and dialogue: "
+    '"Where are you going?" she asked. "To the library," he said, "to read about rivers."'
+)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,7 +135,7 @@ class LLMEngine:
             RunnerConfig(
                 model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
                 _dtype(args.dtype, device), args.attention_backend, args.load_format, args.seed,
-                args.enforce_eager, args.fused_ops,
+                args.enforce_eager, args.fused_ops, self._calibration_ids(args),
             ),
             tp,
         )  # fmt: skip
@@ -139,6 +148,13 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, _Group] = {}
         self._next_id = 0
+
+    def _calibration_ids(self, args: EngineArgs) -> tuple[int, ...]:
+        """Tokens of a short neutral text, for the FP8 KV scales (none without FP8)."""
+        if args.kv_cache_dtype != "fp8":
+            return ()
+        ids = self.tokenize(FP8_CALIBRATION_TEXT)
+        return tuple(t for t in ids if 0 <= t < self.model_config.vocab_size)
 
     def _eos_ids(self, model_dir: os.PathLike[str]) -> tuple[int, ...]:
         ids: list[int] = []

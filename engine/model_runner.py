@@ -44,6 +44,8 @@ class RunnerConfig:
     seed: int = 0
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     fused_ops: bool = True  # Triton add+RMSNorm, SiLU·mul and rotary (GPU path only)
+    # Token ids run once at start-up to set per-layer FP8 KV scales (empty: scales 1.0).
+    kv_calibration_ids: tuple[int, ...] = ()
 
 
 class ModelRunner:
@@ -77,6 +79,8 @@ class ModelRunner:
             layers = self.model.attention_layers()
             self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
             self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cache_dtype(cfg))
+            if cache_dtype(cfg) == torch.float8_e4m3fn and cfg.kv_calibration_ids:
+                self.calibrate_kv_scales(list(cfg.kv_calibration_ids))
         self.graphs: DecodeGraphs | None = None
         if (
             self.uses_triton
@@ -150,6 +154,28 @@ class ModelRunner:
             meta,
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
+
+    @torch.inference_mode()
+    def calibrate_kv_scales(self, token_ids: list[int], headroom: float = 2.0) -> None:
+        """Sets each layer's FP8 scales from one forward over ``token_ids`` (no cache):
+        scale = headroom × max|x| / 448, so the largest value seen maps to 448 / headroom.
+        Runs before CUDA graphs are captured (the kernels take the scales as scalars)."""
+        layers = self.model.attention_layers()
+        for layer in layers:
+            layer.kv_amax = [0.0, 0.0]
+        n = len(token_ids)
+        meta = AttentionMetadata([0, n], [n], None, [[]], self.block_size, use_cache=False)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        self.model(ids, torch.arange(n, device=self.device), meta)
+        for layer in layers:
+            assert layer.kv_amax is not None
+            k_amax, v_amax = layer.kv_amax
+            layer.attn.k_scale = max(headroom * k_amax / 448.0, 1e-8)
+            layer.attn.v_scale = max(headroom * v_amax / 448.0, 1e-8)
+            layer.kv_amax = None
+        logger.info("FP8 KV scales from %d calibration tokens: k %s, v %s", n,
+                    [round(la.attn.k_scale, 4) for la in layers[:4]],
+                    [round(la.attn.v_scale, 4) for la in layers[:4]])  # fmt: skip
 
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:

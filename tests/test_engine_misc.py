@@ -107,6 +107,10 @@ def test_fp8_cache_holds_more_tokens_and_stays_close(smollm2_dir: Path) -> None:
     # float32 model: 4 bytes per value against 1.
     assert fp8.engine.runner.num_blocks == 4 * full.engine.runner.num_blocks
     assert fp8.engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    # Per-layer scales were calibrated at start-up (1.0 would push small V values
+    # into e4m3's subnormal range), and differ across layers.
+    scales = [(a.attn.k_scale, a.attn.v_scale) for a in fp8.engine.runner.model.attention_layers()]
+    assert all(k != 1.0 and v != 1.0 for k, v in scales) and len(set(scales)) > 1
     prompts = [
         "The capital of France is",
         "def add(a, b):",
@@ -117,7 +121,7 @@ def test_fp8_cache_holds_more_tokens_and_stays_close(smollm2_dir: Path) -> None:
     a = [o.outputs[0].token_ids for o in full.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in fp8.generate(prompts, params)]
     # e4m3 keeps ~2 significant digits: the first tokens agree, later ones may drift.
-    assert sum(x[:4] == y[:4] for x, y in zip(a, b, strict=True)) >= 3
+    assert sum(x[:6] == y[:6] for x, y in zip(a, b, strict=True)) >= 3
     assert fp8.engine.pool_is_whole()
 
 

@@ -43,6 +43,8 @@ class LlamaAttention(nn.Module):
         self.attn = backend(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         # Bound once by the model runner: [2, num_blocks, block_size, kv_heads, head_dim].
         self.kv_cache: torch.Tensor | None = None
+        # While calibrating FP8 scales: the largest |K| and |V| seen (else None).
+        self.kv_amax: list[float] | None = None
         self.fused = False  # set by the runner on the GPU path (Triton rotary)
 
     def forward(
@@ -62,6 +64,9 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if not self.fused:
             q, k = self.rotary(positions, q, k)
+        if self.kv_amax is not None:
+            self.kv_amax[0] = max(self.kv_amax[0], k.abs().max().item())
+            self.kv_amax[1] = max(self.kv_amax[1], v.abs().max().item())
         o = self.attn.forward(q, k, v.contiguous(), self.kv_cache, meta, self.window)
         return self.o_proj(o.reshape(t, q_size))
 
