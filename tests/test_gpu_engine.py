@@ -110,3 +110,23 @@ def test_smollm2_greedy_on_the_gpu_path_matches_transformers(smollm2_dir: Path) 
         for p, out in zip(prompts, outs, strict=True):
             assert out.outputs[0].token_ids == hf_greedy(hf, llm.engine.tokenize(p), 64), p
     assert llm.engine.pool_is_whole()
+
+
+def test_fp8_cache_on_the_gpu_path_matches_the_reference_path(tiny_dirs: dict[str, Path]) -> None:
+    """FP8 cache through the Triton kernels and CUDA graphs gives the tokens of the
+    torch reference reading the same quantized cache (float32 model)."""
+    path = tiny_dirs["llama-hd16"]
+    prompts = random_prompts(4, 10, 60, vocab=512, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kw = dict(
+        device="cuda", dtype="float32", max_model_len=256, max_num_seqs=8, kv_cache_dtype="fp8"
+    )
+    fast = LLM(path, gpu_memory_utilization=0.05, **kw)
+    assert fast.engine.runner.uses_triton and fast.engine.runner.graphs is not None
+    layer = fast.engine.runner.model.attention_layers()[0]
+    assert layer.kv_cache is not None and layer.kv_cache.dtype == torch.float8_e4m3fn
+    assert layer.attn.k_scale != 1.0  # calibrated at start-up
+    ref = LLM(path, attention_backend="torch", gpu_memory_utilization=0.1, **kw)
+    a = [o.outputs[0].token_ids for o in fast.generate(prompts, params)]
+    assert a == [o.outputs[0].token_ids for o in ref.generate(prompts, params)]
+    assert fast.engine.pool_is_whole()
