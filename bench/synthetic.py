@@ -57,13 +57,14 @@ def make_config(name: str) -> LlamaConfig:
 
 def save_word_tokenizer(out: Path, vocab_size: int) -> None:
     """A word-level tokenizer whose token ``i`` is the word ``w{i}`` (``w2`` is EOS,
-    ``w0`` unknown): every id of the vocabulary decodes, no download needed. The same
-    approach as the tests' tiny tokenizer."""
+    ``w0`` unknown, a one-line chat template): every id of the vocabulary decodes, no
+    download needed. The tests' tiny models use it too."""
     vocab = {f"w{i}": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", unk_token="w0")
+    fast.chat_template = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w3"
     fast.save_pretrained(out)
 
 

@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from bench.synthetic import save_word_tokenizer
 
 TINY_COMMON: dict[str, Any] = dict(
     vocab_size=512,
@@ -62,18 +62,6 @@ TINY_CONFIGS: dict[str, Any] = {
 }
 
 
-def save_tiny_tokenizer(out: Path, vocab_size: int = 512) -> None:
-    """A word-level tokenizer whose token ``i`` is the word ``w{i}`` (``w2`` is EOS),
-    so any id of the tiny vocabulary decodes, with no download and no GGUF."""
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", unk_token="w0")
-    fast.chat_template = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w3"
-    fast.save_pretrained(out)
-
-
 def save_tiny_model(name: str, out: Path, max_shard_size: str | None = None) -> Path:
     """Builds a seeded random model of ``TINY_CONFIGS[name]`` and saves it, with the
     tiny tokenizer, as an HF directory."""
@@ -82,7 +70,7 @@ def save_tiny_model(name: str, out: Path, max_shard_size: str | None = None) -> 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
-    save_tiny_tokenizer(out, config.vocab_size)
+    save_word_tokenizer(out, config.vocab_size)
     return out
 
 
