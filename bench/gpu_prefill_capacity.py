@@ -177,7 +177,7 @@ def run_w5(env: GPUEnv, cfg: W5Config) -> Result:
         engine.abort(rid)
     env.log(f"W5: stopped after {len(series)} steps ({reason}); peak {peak}")
     held = peak["blocks_allocated"] * plan.block_size
-    raw = {
+    raw: dict[str, Any] = {
         "num_blocks": plan.num_blocks,
         "block_size": plan.block_size,
         "kv_bytes_per_token": plan.bytes_per_token,
@@ -203,6 +203,10 @@ def run_w5(env: GPUEnv, cfg: W5Config) -> Result:
         "raw": raw,
         "ratios": {
             "admitted_over_planned": peak["running"] / planned if planned else float("nan"),
+            # The pool's capacity in practice: tokens held at once, in sessions, over the plan.
+            "stored_over_planned": raw["sessions_stored_at_peak"] / planned
+            if planned
+            else float("nan"),
             "kv_wasted_over_allocated": raw["wasted_fraction"],
         },
         "notes": {
