@@ -161,25 +161,18 @@ class TorchAttentionBackend:
         path when no window cuts in."""
         if window is not None and window < q.shape[0]:
             return self._attend(q, k, v, causal_mask(q.shape[0], q.shape[0], window, q.device))
-        o = F.scaled_dot_product_attention(
-            _heads_first(q),
-            _heads_first(k),
-            _heads_first(v),
-            is_causal=True,
-            scale=self.scale,
-            enable_gqa=True,
-        )
-        return o[0].transpose(0, 1)
+        return self._attend(q, k, v, None)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """q: [S, Hq, D], k/v: [L, Hk, D], mask: [S, L] -> [S, Hq, D]."""
+        """q: [S, Hq, D], k/v: [L, Hk, D], mask: [S, L] (None: causal, S == L) -> [S, Hq, D]."""
         o = F.scaled_dot_product_attention(
             _heads_first(q),
             _heads_first(k),
             _heads_first(v),
             attn_mask=mask,
+            is_causal=mask is None,
             scale=self.scale,
             enable_gqa=True,
         )
