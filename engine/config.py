@@ -80,6 +80,20 @@ class ModelConfig:
             hf_config=hf,
         )
 
+    def check_tensor_parallel(self, size: int) -> None:
+        """Raises ``ValueError`` unless ``size`` ranks can split this model: attention
+        heads and MLP width divide evenly; KV heads divide evenly, or ``size`` is a
+        multiple of them (each KV head is then replicated on ``size / kv_heads`` ranks)."""
+        problems = []
+        if self.num_heads % size:
+            problems.append(f"{self.num_heads} attention heads")
+        if self.intermediate_size % size:
+            problems.append(f"intermediate size {self.intermediate_size}")
+        if self.num_kv_heads % size and size % self.num_kv_heads:
+            problems.append(f"{self.num_kv_heads} KV heads (nor is {size} a multiple of them)")
+        if problems:
+            raise ValueError(f"tensor_parallel_size={size} does not divide {', '.join(problems)}")
+
     def kv_bytes_per_token(self, dtype_bytes: int, num_kv_heads: int | None = None) -> int:
         """layers × 2 (K and V) × kv_heads × head_dim × dtype bytes."""
         heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads

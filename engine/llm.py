@@ -29,6 +29,16 @@ class LLM:
             raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
 
+    def shutdown(self) -> None:
+        """Releases the worker group of a tensor-parallel engine (no-op at TP 1)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -20,11 +20,11 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from engine.block_pool import BlockPool
 from engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
+from engine.executor import Executor, make_executor
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import resolve_model
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.parallel import TPContext
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -54,7 +54,9 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None
     seed: int = 0
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks of the worker group (one per GPU, or CPU process)
+    distributed_executor_backend: str | None = None  # None: "local" at TP 1, "ray" above
+    distributed_timeout_s: float = 300.0  # a collective waiting longer than this fails
     attention_backend: str = "auto"  # "auto" (Triton on CUDA) | "torch" | "triton"
     load_format: str = "auto"  # "auto" | "dummy" (seeded random weights, for benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
@@ -101,14 +103,15 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs | None = None, tp: TPContext | None = None) -> None:
+    def __init__(self, args: EngineArgs | None = None) -> None:
         args = args or EngineArgs()
-        if args.tensor_parallel_size != 1 and tp is None:
-            raise ValueError("tensor_parallel_size > 1 needs the worker group (workers/)")
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {args.tensor_parallel_size}")
         self.args = args
         model_dir = resolve_model(args.model)
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.model_config = ModelConfig.from_hf(hf_config)
+        self.model_config.check_tensor_parallel(args.tensor_parallel_size)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self._detok_backend = backend_tokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids(model_dir)
@@ -131,17 +134,20 @@ class LLMEngine:
             kv_cache=args.kv_cache,
             kv_cache_dtype=args.kv_cache_dtype,
         )
-        self.runner = ModelRunner(
-            RunnerConfig(
-                model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
-                _dtype(args.dtype, device), args.attention_backend, args.load_format, args.seed,
-                args.enforce_eager, args.fused_ops, self._calibration_ids(args),
-            ),
-            tp,
+        runner_cfg = RunnerConfig(
+            model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
+            _dtype(args.dtype, device), args.attention_backend, args.load_format, args.seed,
+            args.enforce_eager, args.fused_ops, self._calibration_ids(args),
         )  # fmt: skip
+        # Runs the model on every rank; rank 0's runner lives in this process.
+        self.executor: Executor = make_executor(
+            args.distributed_executor_backend, runner_cfg, args.tensor_parallel_size,
+            args.distributed_timeout_s,
+        )  # fmt: skip
+        self.runner: ModelRunner = self.executor.runner
         self.kv: KVCacheManager | None = None
         if args.kv_cache:
-            pool = BlockPool(self.runner.num_blocks, args.enable_prefix_caching)
+            pool = BlockPool(self.executor.num_blocks, args.enable_prefix_caching)
             self.kv = KVCacheManager(pool, args.block_size, extra_key=str(model_dir).encode())
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.sampler = Sampler(args.seed)
@@ -260,12 +266,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        logits = self.runner.execute(out)
+        logits = self.executor.execute(out)
         self.scheduler.update_after_step(out)
         to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.needs_sample]
         touched: dict[str, _Group] = {}
         if to_sample:
             result = self.sampler.sample(logits, to_sample, self.eos_token_ids)
+            self.executor.check_health()  # a rank that died mid-step voids these tokens
             now = time.monotonic()
             for i, req in enumerate(to_sample):
                 group = self._sample_group[req.request_id]
@@ -337,6 +344,10 @@ class LLMEngine:
             num_cached_tokens=max(0, group.samples[0].num_cached_tokens),
             metrics=metrics,
         )
+
+    def shutdown(self) -> None:
+        """Releases the worker group (Ray actors, placement group); idempotent."""
+        self.executor.shutdown()
 
     # --- introspection ------------------------------------------------------------
     def kv_usage(self) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,15 @@ class ModelRunner:
         self.plan: KVCachePlan | None = None
         if cfg.cache.kv_cache:
             layers = self.model.attention_layers()
-            self.plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
+            plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
+            # Block ids must mean the same slots on every rank: all take the smallest count.
+            agreed = self.tp.min_int(plan.num_blocks, cfg.device)
+            if agreed != plan.num_blocks:
+                logger.info("rank %d: %d blocks agreed by the group (%d fit here)",
+                            self.tp.rank, agreed, plan.num_blocks)  # fmt: skip
+                plan = replace(plan, num_blocks=agreed,
+                               max_concurrent_seqs=agreed * plan.block_size / cfg.scheduler.max_model_len)  # fmt: skip
+            self.plan = plan
             self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cache_dtype(cfg))
             if cache_dtype(cfg) == torch.float8_e4m3fn and cfg.kv_calibration_ids:
                 self.calibrate_kv_scales(list(cfg.kv_calibration_ids))

@@ -3,6 +3,8 @@
 With ``size == 1`` every collective is the identity, so the same model code runs
 single-process. ``group`` is a ``torch.distributed`` process group (NCCL on GPU,
 gloo on CPU) created by the worker layer; the engine never creates one itself.
+Groups are plain ``ProcessGroup`` objects, not the global default group, so one
+process can hold several (a TP group, KV-transfer pairs) and rebuild them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class TPContext:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def min_int(self, value: int, device: torch.device) -> int:
+        """The smallest ``value`` over the ranks (every rank gets the same answer)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

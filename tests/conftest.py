@@ -59,3 +59,15 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "llama3", root / "llama3-sharded", max_shard_size="100KB"
     )
     return dirs
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Any:
+    """A real local Ray for the session (8 logical CPUs: a CPU rank takes one, so a
+    TP=4 group fits on the 2-core CI machine). Shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,4 +1,6 @@
-"""Ray actors, one per GPU rank: tensor-parallel worker groups and KV transfer.
+"""Ray actors, one per rank: tensor-parallel worker groups (and, later, KV transfer).
 
-Empty until the tensor-parallel issue; depends only on ``engine``.
+``RayExecutor`` (``workers.group``) is the engine's executor for
+``tensor_parallel_size > 1``; the engine finds it by name, never imports it itself.
+Depends only on ``engine``.
 """

@@ -1,0 +1,84 @@
+"""Executors: what runs a step's model forward on one or several ranks.
+
+The engine talks to one ``Executor``; it never knows how many processes hold the
+model. ``LocalExecutor`` runs rank 0 of 1 in this process. A tensor-parallel group
+is supplied by ``workers/`` (``workers.group.RayExecutor``) and looked up by name,
+as vLLM's ``distributed_executor_backend`` is, so ``engine`` never imports Ray.
+
+Contract of every executor:
+
+- ``runner`` is the ``ModelRunner`` of rank 0, in this process: its logits are the
+  ones the engine samples from.
+- ``num_blocks`` is the KV block count every rank agreed on (the minimum of what
+  each rank's memory allows); block ids mean the same slots on every rank.
+- ``execute(out)`` runs one step on every rank in lockstep and returns rank 0's
+  float32 logits of the sampling rows. A rank that fails or dies makes it raise
+  (``RuntimeError`` naming the rank) within seconds; it never hangs.
+- ``shutdown()`` releases every rank; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+from engine.model_runner import ModelRunner, RunnerConfig
+from engine.scheduler_output import SchedulerOutput
+
+# Executors by name; ``workers`` registers nothing, it is imported only when asked for.
+EXECUTORS = {
+    "local": "engine.executor:LocalExecutor",
+    "ray": "workers.group:RayExecutor",
+}
+
+
+class Executor(Protocol):
+    runner: ModelRunner
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor: ...
+
+    def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """Tensor-parallel size 1: the runner in this process, no Ray, no process group."""
+
+    def __init__(self, cfg: RunnerConfig, tensor_parallel_size: int = 1, **_: object) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError("the local executor runs tensor_parallel_size=1 only; use 'ray'")
+        self.runner = ModelRunner(cfg)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        return self.runner.execute(out)
+
+    def check_health(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None
+
+
+def make_executor(
+    name: str | None, cfg: RunnerConfig, tensor_parallel_size: int, timeout_s: float
+) -> Executor:
+    """``name`` None: "local" at size 1, "ray" above."""
+    name = name or ("local" if tensor_parallel_size == 1 else "ray")
+    if name not in EXECUTORS:
+        raise ValueError(
+            f"distributed_executor_backend must be one of {sorted(EXECUTORS)}, got {name!r}"
+        )
+    module, cls = EXECUTORS[name].split(":")
+    factory = getattr(importlib.import_module(module), cls)
+    executor: Executor = factory(cfg, tensor_parallel_size, timeout_s=timeout_s)
+    return executor

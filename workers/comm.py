@@ -1,0 +1,55 @@
+"""Process groups for one node: tensor-parallel groups made without a global world.
+
+Groups are plain ``ProcessGroup`` objects built from a ``FileStore`` (every rank of a
+tensor-parallel group shares one node, by the placement group's ``STRICT_PACK``), not
+``init_process_group``: a process may hold several groups and rebuild one after a
+failure. Gloo binds to loopback only; NCCL bootstraps through the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+
+def new_store_path() -> str:
+    """A fresh rendezvous file for one group (unique: a FileStore must start empty)."""
+    return os.path.join(tempfile.gettempdir(), f"kvserve-tp-{uuid.uuid4().hex}")
+
+
+def new_group(store_path: str, rank: int, size: int, backend: str, timeout_s: float) -> Any:
+    """Returns this rank's ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` (a c10d backend
+    object, usable as ``group=`` of the ``torch.distributed`` collectives).
+
+    Joins the group of ``size`` ranks that rendezvous at ``store_path``; blocks until
+    all have joined (or ``timeout_s`` passes). Any collective that waits longer than
+    ``timeout_s`` raises instead of hanging."""
+    store = dist.PrefixStore("tp", dist.FileStore(store_path, size))
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        gloo_opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        gloo_opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        gloo_opts._timeout = timeout
+        return dist.ProcessGroupGloo(store, rank, size, gloo_opts)
+    if backend == "nccl":
+        nccl_opts = dist.ProcessGroupNCCL.Options()
+        nccl_opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, nccl_opts)
+    raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
+
+
+def abort_group(group: object) -> None:
+    """Breaks every pending collective of ``group`` in this process (best effort)."""
+    for name in ("abort", "shutdown"):
+        fn = getattr(group, name, None)
+        if fn is not None:
+            try:
+                fn()
+                return
+            except RuntimeError:
+                continue

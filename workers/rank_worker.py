@@ -1,0 +1,64 @@
+"""One tensor-parallel rank in its own process: the body of a Ray actor.
+
+The driving process (rank 0) creates ranks 1..N-1 as actors, then every rank builds
+its ``ModelRunner`` with its shard of the weights and the KV cache of its head group.
+``execute`` runs the step the driver's scheduler described; its logits are dropped,
+since only rank 0 samples. Calls from the driver run in submission order, so ranks
+stay in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from engine.model_runner import ModelRunner, RunnerConfig
+from engine.parallel import TPContext
+from engine.scheduler_output import SchedulerOutput
+from workers.comm import new_group
+
+logger = logging.getLogger(__name__)
+
+
+class RankWorker:
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank = rank
+        self.size = size
+        self.runner: ModelRunner | None = None
+
+    def placement(self) -> dict[str, Any]:
+        """Where Ray put this rank: node, process, GPU ids (physical, as Ray numbers them)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "rank": self.rank,
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+        }
+
+    def init_runner(
+        self, cfg: RunnerConfig, store_path: str, backend: str, timeout_s: float, threads: int
+    ) -> int:
+        """Joins the group and builds this rank's runner; returns its agreed block count."""
+        if cfg.device.type == "cuda":
+            device = torch.device("cuda", 0)  # Ray shows this actor its one GPU
+            torch.cuda.set_device(device)
+            cfg = replace(cfg, device=device)
+        else:
+            torch.set_num_threads(threads)
+        group = new_group(store_path, self.rank, self.size, backend, timeout_s)
+        self.runner = ModelRunner(cfg, TPContext(self.rank, self.size, group))
+        return self.runner.num_blocks
+
+    def execute(self, out: SchedulerOutput) -> None:
+        assert self.runner is not None, "init_runner first"
+        self.runner.execute(out)
+
+    def ping(self) -> int:
+        return os.getpid()
