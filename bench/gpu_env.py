@@ -166,7 +166,8 @@ class GPUEnv:
         plan = llm.engine.runner.plan
         weights = llm.engine.runner.weight_bytes
         expected = self.shape.total_params * self.dtype.itemsize
-        if weights != expected:
+        tp = llm.engine.args.tensor_parallel_size
+        if tp == 1 and weights != expected:
             self.log(f"WARNING: our weights are {weights} bytes, the shape says {expected}")
         warm_ours(llm, self.vocab_size)
         blocks = f"{plan.num_blocks} blocks" if plan is not None else "no KV cache"

@@ -29,8 +29,18 @@ LLAMA3_8B: dict[str, Any] = dict(
     rope_theta=500000,
     max_position_embeddings=8192,
 )
+# BENCHMARKS.md's ``llama3-70b-shape`` (tensor-parallel runs).
+LLAMA3_70B: dict[str, Any] = {
+    **LLAMA3_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-8b-shape": LLAMA3_8B,
+    "llama3-70b-shape": LLAMA3_70B,
     # The smoke test's model: the 8B shape with 2 layers (1.5B parameters, most of
     # them embedding and LM head).
     "llama3-8b-shape-2l": {**LLAMA3_8B, "num_hidden_layers": 2},

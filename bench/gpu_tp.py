@@ -1,0 +1,208 @@
+"""W8 of BENCHMARKS.md: tensor parallelism on the GPUs of one machine.
+
+``python -m bench.gpu_tp [--parts overhead,w8,70b] [--tp 1,2] [--quick] [--out DIR]``
+
+- ``overhead``: a tiny model's batch-1 decode step in process (TP=1) and through the
+  worker group (TP=2): inter-token latency, and the driver's time submitting each
+  step to the rank actors (what the orchestration costs per step).
+- ``w8``: W2 (batch-1 ITL) and W1 (offline mix, throughput) of ``llama3-8b-shape`` at
+  each TP size; ratios TP=n over TP=1 and over the floor of n GPUs (each GPU reads
+  1/n of the weights and KV; the floor ignores the all-reduces).
+- ``70b``: W2 and W1 of ``llama3-70b-shape`` at TP=2 (and 4 where lent), against the
+  floor of those GPUs.
+
+Random bf16 weights (``load_format="dummy"``); a local Ray starts in this process.
+One record per part under ``bench/results/`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import RESULTS_DIR, environment, random_prompts, write_result
+from bench.drivers import greedy, ours_token_times, timed
+from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
+from bench.gpu_workloads import W1Config, W2Config, small_pool
+from bench.synthetic import make_config, w1_floor, write_model_dir
+from bench.workloads import _latency
+
+SUITE = "gpu-tp"
+
+
+def _env(model: str, ceilings: dict[str, Any], log: Logger, root: Path) -> GPUEnv:
+    config = make_config(model)
+    model_dir = write_model_dir(config, root / model)
+    return GPUEnv(torch.device("cuda", 0), torch.bfloat16, model_dir, config, ceilings, log)
+
+
+def _scaled(ceilings: dict[str, Any], n: int) -> dict[str, Any]:
+    """The ceilings of n GPUs working at once (n × one GPU's rates)."""
+    return {**ceilings, "copy_bytes_per_s": ceilings["copy_bytes_per_s"] * n,
+            "matmul_flop_per_s": ceilings["matmul_flop_per_s"] * n}  # fmt: skip
+
+
+def _close(env: GPUEnv, llm: Any) -> None:
+    llm.shutdown()
+    del llm
+    env.free()
+
+
+def w2(env: GPUEnv, tp: int, cfg: W2Config) -> dict[str, Any]:
+    (prompt,) = random_prompts(1, cfg.prompt_len, cfg.prompt_len, env.vocab_size, cfg.seed)
+    env.overrides = {"tensor_parallel_size": tp}
+    llm = env.ours(**small_pool(cfg.prompt_len + cfg.output_len + 64))
+    t0, times = ours_token_times(llm, prompt, greedy(cfg.output_len), env.device)
+    ex = llm.engine.executor
+    dispatch = getattr(ex, "dispatch_s", 0.0) / max(1, getattr(ex, "steps", 1))
+    _close(env, llm)
+    lat = _latency(t0, times)
+    rate = env.ceilings["copy_bytes_per_s"] * tp
+    floors = [
+        env.facts.decode_floor_s(cfg.prompt_len + k + 1, rate) for k in range(cfg.output_len - 1)
+    ]
+    floor = sum(floors) / len(floors)
+    lat.pop("itl_s")
+    env.log(f"W2 TP={tp}: ITL median {lat['itl']['median'] * 1e3:.2f} ms "
+            f"(floor {floor * 1e3:.2f} ms), dispatch {dispatch * 1e6:.0f} us/step")  # fmt: skip
+    return {**lat, "floor_itl_mean_s": floor, "dispatch_s_per_step": dispatch,
+            "itl_median_over_floor": lat["itl"]["median"] / floor}  # fmt: skip
+
+
+def w1(env: GPUEnv, tp: int, cfg: W1Config) -> dict[str, Any]:
+    prompts = random_prompts(cfg.num_requests, cfg.prompt_len_min, cfg.prompt_len_max,
+                             env.vocab_size, cfg.seed)  # fmt: skip
+    env.overrides = {"tensor_parallel_size": tp}
+    llm = env.ours(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
+    wall, outs = timed(env.device, lambda: llm.generate(prompts, greedy(cfg.output_len)))
+    blocks = llm.engine.executor.num_blocks
+    _close(env, llm)
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    prompt_tokens = sum(len(p) for p in prompts)
+    floor = w1_floor(env.shape, 2, [len(p) for p in prompts], cfg.output_len,
+                     _scaled(env.ceilings, tp))  # fmt: skip
+    env.log(f"W1 TP={tp}: {wall:.2f} s, {out_tokens / wall:.0f} output tok/s "
+            f"(floor {floor['floor_s']:.2f} s)")  # fmt: skip
+    return {"wall_s": wall, "output_tokens": out_tokens, "prompt_tokens": prompt_tokens,
+            "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + prompt_tokens) / wall,
+            "num_blocks": blocks, "floor_s": floor["floor_s"],
+            "wall_over_floor": wall / floor["floor_s"]}  # fmt: skip
+
+
+def part_overhead(ceilings: dict[str, Any], log: Logger, root: Path, quick: bool) -> dict[str, Any]:
+    env = _env("tiny", ceilings, log, root)
+    cfg = W2Config(prompt_len=32, output_len=64 if quick else 256)
+    raw = {f"tp{tp}": w2(env, tp, cfg) for tp in (1, 2)}
+    one, two = raw["tp1"], raw["tp2"]
+    return {
+        "config": {"model": "tiny", "prompt_len": cfg.prompt_len, "output_len": cfg.output_len},
+        "raw": raw,
+        "ratios": {
+            "itl_median_tp2_minus_tp1_us": (two["itl"]["median"] - one["itl"]["median"]) * 1e6,
+            "dispatch_us_per_step_tp2": two["dispatch_s_per_step"] * 1e6,
+            "itl_median_tp1_us": one["itl"]["median"] * 1e6,
+            "itl_median_tp2_us": two["itl"]["median"] * 1e6,
+        },
+        "notes": {
+            "itl_median_tp2_minus_tp1_us": "per decode step: what the group adds on a model "
+            "whose compute is negligible (dispatch to the actors + two all-reduces a layer)",
+            "dispatch_us_per_step_tp2": "driver time submitting execute() to the rank actors",
+        },
+    }
+
+
+def part_tp(model: str, tps: list[int], ceilings: dict[str, Any], log: Logger, root: Path,
+            quick: bool) -> dict[str, Any]:  # fmt: skip
+    env = _env(model, ceilings, log, root)
+    w2cfg = W2Config(prompt_len=32, output_len=32) if quick else W2Config()
+    w1cfg = (W1Config(num_requests=16, prompt_len_min=16, prompt_len_max=128, output_len=16)
+             if quick else W1Config())  # fmt: skip
+    raw: dict[str, Any] = {}
+    for tp in tps:
+        raw[f"tp{tp}"] = {"W2": w2(env, tp, w2cfg), "W1": w1(env, tp, w1cfg)}
+    ratios: dict[str, float] = {}
+    base = tps[0]
+    for tp in tps:
+        r = raw[f"tp{tp}"]
+        ratios[f"W2_itl_median_over_floor_tp{tp}"] = r["W2"]["itl_median_over_floor"]
+        ratios[f"W1_wall_over_floor_tp{tp}"] = r["W1"]["wall_over_floor"]
+        ratios[f"W1_output_tok_s_tp{tp}"] = r["W1"]["output_tok_s"]
+        if tp != base:
+            b = raw[f"tp{base}"]
+            ratios[f"W2_itl_tp{tp}_over_tp{base}"] = (
+                r["W2"]["itl"]["median"] / b["W2"]["itl"]["median"]
+            )
+            ratios[f"W1_tok_s_tp{tp}_over_tp{base}"] = (
+                r["W1"]["output_tok_s"] / b["W1"]["output_tok_s"]
+            )
+    return {
+        "config": {"model": model, "tp": tps, "W2": asdict(w2cfg), "W1": asdict(w1cfg)},
+        "raw": raw,
+        "ratios": ratios,
+        "notes": {
+            "floor": "n GPUs: each reads 1/n of the weights and KV at the measured copy rate "
+            "(W2), and W1's floor with n × the copy and matmul rates; all-reduces not counted",
+            "W2_itl_tpN_over_tp1": "median ITL at TP=N / at TP=1: goal <= 0.6 at N=2 (8B)",
+        },
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_tp", description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default="overhead,w8,70b")
+    p.add_argument("--tp", default=None, help="TP sizes for w8 (default 1,2[,4])")
+    p.add_argument("--tp70", default=None, help="TP sizes for 70b (default 2[,4])")
+    p.add_argument("--quick", action="store_true", help="smoke test: 2-layer 8B shape, tiny sizes")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", module="transformers")
+    import ray
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    log = Logger()
+    n_gpu = torch.cuda.device_count()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    device = torch.device("cuda", 0)
+    ceilings = gpu_ceilings(device, torch.bfloat16, 256 * 1024**2 if args.quick else 2 * 1024**3,
+                            4096 if args.quick else 8192)  # fmt: skip
+    log(f"{n_gpu} GPUs; copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"matmul {ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")  # fmt: skip
+    env_info = environment(device)
+    out_dir = args.out or RESULTS_DIR
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    tps = [int(x) for x in args.tp.split(",")] if args.tp else [t for t in (1, 2, 4) if t <= n_gpu]
+    tp70 = (
+        [int(x) for x in args.tp70.split(",")] if args.tp70 else [t for t in (2, 4) if t <= n_gpu]
+    )
+    root = Path(tempfile.mkdtemp(prefix="kvserve-tp-"))
+    model8 = "llama3-8b-shape-2l" if args.quick else "llama3-8b-shape"
+    model70 = "llama3-8b-shape-2l" if args.quick else "llama3-70b-shape"
+    jobs = {
+        "overhead": ("TP-overhead", lambda: part_overhead(ceilings, log, root, args.quick)),
+        "w8": ("W8", lambda: part_tp(model8, tps, ceilings, log, root, args.quick)),
+        "70b": ("W8-70B", lambda: part_tp(model70, tp70, ceilings, log, root, args.quick)),
+    }
+    for part in parts:
+        name, job = jobs[part]
+        t0 = time.perf_counter()
+        result = job()
+        if args.quick:
+            name += "-quick"
+        path = write_result(out_dir, SUITE, name, env_info, ceilings, result)
+        log(f"{name}: {result['ratios']} ({time.perf_counter() - t0:.0f} s) -> {path}")
+    ray.shutdown()
+    os._exit(0)  # Ray's and NCCL's threads can keep a clean exit waiting
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
