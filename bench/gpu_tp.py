@@ -18,8 +18,11 @@ One record per part under ``bench/results/`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -36,6 +39,7 @@ from bench.synthetic import make_config, w1_floor, write_model_dir
 from bench.workloads import _latency
 
 SUITE = "gpu-tp"
+HANG_S = float(os.environ.get("KVSERVE_HANG_DUMP_S", "150"))
 
 
 def _env(model: str, ceilings: dict[str, Any], log: Logger, root: Path) -> GPUEnv:
@@ -56,11 +60,32 @@ def _close(env: GPUEnv, llm: Any) -> None:
     env.free()
 
 
+def _arm_hang_dump(seconds: float) -> threading.Timer:
+    """After ``seconds``: print this process's stacks, make the rank actors print theirs
+    (SIGUSR1, see ``workers.rank_worker``), show the tail of their logs, exit 3."""
+
+    def dump() -> None:
+        print(f"--- no progress in {seconds:.0f} s: stacks ---", flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        subprocess.run("pkill -USR1 -f RankWorker", shell=True, check=False)
+        time.sleep(3)
+        subprocess.run("tail -n 60 /tmp/ray/session_latest/logs/worker-*.err", shell=True,
+                       check=False)  # fmt: skip
+        os._exit(3)
+
+    timer = threading.Timer(seconds, dump)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def w2(env: GPUEnv, tp: int, cfg: W2Config) -> dict[str, Any]:
     (prompt,) = random_prompts(1, cfg.prompt_len, cfg.prompt_len, env.vocab_size, cfg.seed)
     env.overrides = {"tensor_parallel_size": tp}
+    timer = _arm_hang_dump(HANG_S)
     llm = env.ours(**small_pool(cfg.prompt_len + cfg.output_len + 64))
     t0, times = ours_token_times(llm, prompt, greedy(cfg.output_len), env.device)
+    timer.cancel()
     ex = llm.engine.executor
     dispatch = getattr(ex, "dispatch_s", 0.0) / max(1, getattr(ex, "steps", 1))
     _close(env, llm)
@@ -81,8 +106,10 @@ def w1(env: GPUEnv, tp: int, cfg: W1Config) -> dict[str, Any]:
     prompts = random_prompts(cfg.num_requests, cfg.prompt_len_min, cfg.prompt_len_max,
                              env.vocab_size, cfg.seed)  # fmt: skip
     env.overrides = {"tensor_parallel_size": tp}
+    timer = _arm_hang_dump(HANG_S)
     llm = env.ours(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
     wall, outs = timed(env.device, lambda: llm.generate(prompts, greedy(cfg.output_len)))
+    timer.cancel()
     blocks = llm.engine.executor.num_blocks
     _close(env, llm)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)

@@ -9,8 +9,10 @@ stay in lockstep.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 class RankWorker:
     def __init__(self, rank: int, size: int) -> None:
+        # ``kill -USR1 <pid>`` prints every thread's stack to the actor's log.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.rank = rank
         self.size = size
         self.runner: ModelRunner | None = None
@@ -59,6 +63,10 @@ class RankWorker:
     def execute(self, out: SchedulerOutput) -> None:
         assert self.runner is not None, "init_runner first"
         self.runner.execute(out)
+        if self.runner.device.type == "cuda":
+            # Rank 0 ends each step by reading its sampled tokens; this rank has no such
+            # sync, and the next step must not overwrite staging buffers still in flight.
+            torch.cuda.current_stream().synchronize()
 
     def ping(self) -> int:
         return os.getpid()
