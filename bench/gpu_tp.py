@@ -73,7 +73,8 @@ def _arm_hang_dump(seconds: float) -> threading.Timer:
                        check=False)  # fmt: skip
         os._exit(3)
 
-    timer = threading.Timer(seconds, dump)
+    faulthandler.dump_traceback_later(seconds, exit=False)  # works with the GIL held
+    timer = threading.Timer(seconds + 5, dump)
     timer.daemon = True
     timer.start()
     return timer
@@ -86,6 +87,7 @@ def w2(env: GPUEnv, tp: int, cfg: W2Config) -> dict[str, Any]:
     llm = env.ours(**small_pool(cfg.prompt_len + cfg.output_len + 64))
     t0, times = ours_token_times(llm, prompt, greedy(cfg.output_len), env.device)
     timer.cancel()
+    faulthandler.cancel_dump_traceback_later()
     ex = llm.engine.executor
     dispatch = getattr(ex, "dispatch_s", 0.0) / max(1, getattr(ex, "steps", 1))
     _close(env, llm)
@@ -110,6 +112,7 @@ def w1(env: GPUEnv, tp: int, cfg: W1Config) -> dict[str, Any]:
     llm = env.ours(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
     wall, outs = timed(env.device, lambda: llm.generate(prompts, greedy(cfg.output_len)))
     timer.cancel()
+    faulthandler.cancel_dump_traceback_later()
     blocks = llm.engine.executor.num_blocks
     _close(env, llm)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
