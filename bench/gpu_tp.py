@@ -67,7 +67,7 @@ def _arm_hang_dump(seconds: float) -> threading.Timer:
     def dump() -> None:
         print(f"--- no progress in {seconds:.0f} s: stacks ---", flush=True)
         faulthandler.dump_traceback(all_threads=True)
-        subprocess.run("pkill -USR1 -f "^ray::RankWorker"", shell=True, check=False)
+        subprocess.run("pkill -USR1 -f '^ray::RankWorker'", shell=True, check=False)
         time.sleep(3)
         subprocess.run("tail -n 60 /tmp/ray/session_latest/logs/worker-*.err", shell=True,
                        check=False)  # fmt: skip
