@@ -86,11 +86,11 @@ def w2(env: GPUEnv, tp: int, cfg: W2Config) -> dict[str, Any]:
     timer = _arm_hang_dump(HANG_S)
     llm = env.ours(**small_pool(cfg.prompt_len + cfg.output_len + 64))
     t0, times = ours_token_times(llm, prompt, greedy(cfg.output_len), env.device)
-    timer.cancel()
-    faulthandler.cancel_dump_traceback_later()
     ex = llm.engine.executor
     dispatch = getattr(ex, "dispatch_s", 0.0) / max(1, getattr(ex, "steps", 1))
     _close(env, llm)
+    timer.cancel()
+    faulthandler.cancel_dump_traceback_later()
     lat = _latency(t0, times)
     rate = env.ceilings["copy_bytes_per_s"] * tp
     floors = [
@@ -111,10 +111,10 @@ def w1(env: GPUEnv, tp: int, cfg: W1Config) -> dict[str, Any]:
     timer = _arm_hang_dump(HANG_S)
     llm = env.ours(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
     wall, outs = timed(env.device, lambda: llm.generate(prompts, greedy(cfg.output_len)))
-    timer.cancel()
-    faulthandler.cancel_dump_traceback_later()
     blocks = llm.engine.executor.num_blocks
     _close(env, llm)
+    timer.cancel()
+    faulthandler.cancel_dump_traceback_later()
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p in prompts)
     floor = w1_floor(env.shape, 2, [len(p) for p in prompts], cfg.output_len,

@@ -37,10 +37,25 @@ def new_group(store_path: str, rank: int, size: int, backend: str, timeout_s: fl
         gloo_opts._timeout = timeout
         return dist.ProcessGroupGloo(store, rank, size, gloo_opts)
     if backend == "nccl":
+        # The heartbeat monitor thread makes a dropped group's destructor wait for its
+        # timeout (minutes); our watchdog (workers.group) does its job instead.
+        os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "0")
         nccl_opts = dist.ProcessGroupNCCL.Options()
         nccl_opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, size, nccl_opts)
     raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
+
+
+# Groups taken out of service. Kept referenced: destroying a ProcessGroupNCCL can block
+# (holding the GIL) while its threads wind down, so it must not happen inside a
+# garbage collection in the middle of serving. Small: one entry per rebuilt group.
+_RETIRED: list[object] = []
+
+
+def retire_group(group: object) -> None:
+    """Aborts ``group``'s pending collectives and keeps it from being destroyed."""
+    abort_group(group)
+    _RETIRED.append(group)
 
 
 def abort_group(group: object) -> None:

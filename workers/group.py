@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
-from workers.comm import abort_group, new_group, new_store_path
+from workers.comm import abort_group, new_group, new_store_path, retire_group
 from workers.rank_worker import RankWorker
 
 logger = logging.getLogger(__name__)
@@ -239,13 +239,13 @@ class RayExecutor:
             return
         self._closed = True
         self._watchdog.stop()
-        if self._group is not None:
-            abort_group(self._group)
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()
         else:
             _release(self._actors, self._owned_pg())
+        if self._group is not None:
+            retire_group(self._group)  # after the peers are gone
 
 
 def _release(actors: list[Any], pg: PlacementGroup | None) -> None:
