@@ -150,14 +150,16 @@ def part_overhead(ceilings: dict[str, Any], log: Logger, root: Path, quick: bool
 
 
 def part_tp(model: str, tps: list[int], ceilings: dict[str, Any], log: Logger, root: Path,
-            quick: bool) -> dict[str, Any]:  # fmt: skip
+            quick: bool, skip_w1: bool = False) -> dict[str, Any]:  # fmt: skip
     env = _env(model, ceilings, log, root)
     w2cfg = W2Config(prompt_len=32, output_len=32) if quick else W2Config()
     w1cfg = (W1Config(num_requests=16, prompt_len_min=16, prompt_len_max=128, output_len=16)
              if quick else W1Config())  # fmt: skip
     raw: dict[str, Any] = {}
     for tp in tps:
-        raw[f"tp{tp}"] = {"W2": w2(env, tp, w2cfg), "W1": w1(env, tp, w1cfg)}
+        raw[f"tp{tp}"] = {"W2": w2(env, tp, w2cfg)}
+        if not skip_w1:
+            raw[f"tp{tp}"]["W1"] = w1(env, tp, w1cfg)
     ratios: dict[str, float] = {}
     base = tps[0]
     for tp in tps:
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp70", default=None, help="TP sizes for 70b (default 2[,4])")
     p.add_argument("--quick", action="store_true", help="smoke test: 2-layer 8B shape, tiny sizes")
     p.add_argument("--out", type=Path)
+    p.add_argument("--skip-w1", action="store_true", help="W2 only (batch-1 latency)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", module="transformers")
     import ray
@@ -219,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     model70 = "llama3-8b-shape-2l" if args.quick else "llama3-70b-shape"
     jobs = {
         "overhead": ("TP-overhead", lambda: part_overhead(ceilings, log, root, args.quick)),
-        "w8": ("W8", lambda: part_tp(model8, tps, ceilings, log, root, args.quick)),
-        "70b": ("W8-70B", lambda: part_tp(model70, tp70, ceilings, log, root, args.quick)),
+        "w8": ("W8", lambda: part_tp(model8, tps, ceilings, log, root, args.quick, args.skip_w1)),
+        "70b": (
+            "W8-70B",
+            lambda: part_tp(model70, tp70, ceilings, log, root, args.quick, args.skip_w1),
+        ),
     }
     for part in parts:
         name, job = jobs[part]

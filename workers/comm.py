@@ -52,9 +52,13 @@ def new_group(store_path: str, rank: int, size: int, backend: str, timeout_s: fl
 _RETIRED: list[object] = []
 
 
-def retire_group(group: object) -> None:
-    """Aborts ``group``'s pending collectives and keeps it from being destroyed."""
-    abort_group(group)
+def retire_group(group: object, abort: bool) -> None:
+    """Keeps ``group`` from being destroyed; aborts its pending collectives first when
+    ``abort`` (gloo: closes its sockets). ``ProcessGroupNCCL.abort()`` was seen to
+    block for minutes on an H200 pair (torch 2.11), so NCCL groups are not aborted on
+    a clean shutdown."""
+    if abort:
+        abort_group(group)
     _RETIRED.append(group)
 
 

@@ -245,7 +245,7 @@ class RayExecutor:
         else:
             _release(self._actors, self._owned_pg())
         if self._group is not None:
-            retire_group(self._group)  # after the peers are gone
+            retire_group(self._group, abort=self.backend == "gloo")
 
 
 def _release(actors: list[Any], pg: PlacementGroup | None) -> None:
