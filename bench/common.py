@@ -44,11 +44,12 @@ def _run(cmd: list[str]) -> str | None:
 
 def git_commit() -> dict[str, Any]:
     """HEAD's hash and whether the working tree had uncommitted changes (None: unknown)."""
+    if os.environ.get("KVSERVE_COMMIT"):
+        # A copy of the tree (the GPU machines; its .git, if any, is not this tree's):
+        # the caller names the commit.
+        return {"sha": os.environ["KVSERVE_COMMIT"], "dirty": None, "source": "KVSERVE_COMMIT"}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     sha = _run(["git", "rev-parse", "HEAD"])
-    if sha is None and os.environ.get("KVSERVE_COMMIT"):
-        # A copy of the tree without .git (the GPU machines): the caller names the commit.
-        return {"sha": os.environ["KVSERVE_COMMIT"], "dirty": None, "source": "KVSERVE_COMMIT"}
     return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 

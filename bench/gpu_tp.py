@@ -165,16 +165,18 @@ def part_tp(model: str, tps: list[int], ceilings: dict[str, Any], log: Logger, r
     for tp in tps:
         r = raw[f"tp{tp}"]
         ratios[f"W2_itl_median_over_floor_tp{tp}"] = r["W2"]["itl_median_over_floor"]
-        ratios[f"W1_wall_over_floor_tp{tp}"] = r["W1"]["wall_over_floor"]
-        ratios[f"W1_output_tok_s_tp{tp}"] = r["W1"]["output_tok_s"]
+        if "W1" in r:
+            ratios[f"W1_wall_over_floor_tp{tp}"] = r["W1"]["wall_over_floor"]
+            ratios[f"W1_output_tok_s_tp{tp}"] = r["W1"]["output_tok_s"]
         if tp != base:
             b = raw[f"tp{base}"]
             ratios[f"W2_itl_tp{tp}_over_tp{base}"] = (
                 r["W2"]["itl"]["median"] / b["W2"]["itl"]["median"]
             )
-            ratios[f"W1_tok_s_tp{tp}_over_tp{base}"] = (
-                r["W1"]["output_tok_s"] / b["W1"]["output_tok_s"]
-            )
+            if "W1" in r:
+                ratios[f"W1_tok_s_tp{tp}_over_tp{base}"] = (
+                    r["W1"]["output_tok_s"] / b["W1"]["output_tok_s"]
+                )
     return {
         "config": {"model": model, "tp": tps, "W2": asdict(w2cfg), "W1": asdict(w1cfg)},
         "raw": raw,
