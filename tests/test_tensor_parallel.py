@@ -37,11 +37,18 @@ def llama3_ref(tiny_dirs: dict[str, Path]) -> Any:
     return prompts, tokens_and_logprobs(LLM(tiny_dirs["llama3"], device="cpu"), prompts)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize(("tp", "dispatch"), [(2, "calls"), (4, "calls"), (2, "compiled")])
 def test_tp_matches_tp1_tiny_llama(
-    ray_cluster: Any, tiny_dirs: dict[str, Path], llama3_ref: Any, tp: int
+    ray_cluster: Any,
+    tiny_dirs: dict[str, Path],
+    llama3_ref: Any,
+    tp: int,
+    dispatch: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Tiny Llama, 8 query and 4 KV heads: TP=2 (2 KV heads a rank), TP=4 (1 a rank)."""
+    """Tiny Llama, 8 query and 4 KV heads: TP=2 (2 KV heads a rank), TP=4 (1 a rank);
+    steps reach the actors as calls or through a Ray Compiled Graph."""
+    monkeypatch.setenv("KVSERVE_TP_DISPATCH", dispatch)
     prompts, (ref_tokens, ref_lps) = llama3_ref
     with LLM(tiny_dirs["llama3"], device="cpu", tensor_parallel_size=tp) as llm:
         tokens, lps = tokens_and_logprobs(llm, prompts)
@@ -50,6 +57,7 @@ def test_tp_matches_tp1_tiny_llama(
         layer = llm.engine.runner.model.attention_layers()[0]
         assert layer.num_kv_heads == 4 // tp
         assert len(llm.engine.executor.ping()) == tp - 1  # type: ignore[attr-defined]
+        assert llm.engine.executor.dispatch == dispatch  # type: ignore[attr-defined]
         assert llm.engine.pool_is_whole()
 
 
@@ -115,9 +123,11 @@ def _group_resources_free(want_cpus: float) -> bool:
     return False
 
 
+@pytest.mark.parametrize("dispatch", ["calls", "compiled"])
 def test_killed_rank_fails_promptly_and_group_rebuilds(
-    ray_cluster: Any, tiny_dirs: dict[str, Path]
+    ray_cluster: Any, tiny_dirs: dict[str, Path], dispatch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("KVSERVE_TP_DISPATCH", dispatch)
     total = ray.cluster_resources()["CPU"]
     prompts = random_prompts(8, 5, 40, 512, seed=5)
     long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)

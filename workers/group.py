@@ -38,6 +38,10 @@ from workers.rank_worker import RankWorker
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 60.0
+# How each step reaches ranks 1..N-1: an actor call each (``calls``), or one execution
+# of a Ray Compiled Graph over all of them (``compiled``: shared-memory channels that
+# the actors poll, a fraction of a call's delivery latency; see docs/workers.md).
+DISPATCH_MODES = ("calls", "compiled")
 
 
 class WorkerGroupError(RuntimeError):
@@ -58,8 +62,14 @@ class RayExecutor:
         tensor_parallel_size: int,
         timeout_s: float = 300.0,
         placement_group: PlacementGroup | None = None,
+        dispatch: str | None = None,
     ) -> None:
         self.size = tensor_parallel_size
+        self.dispatch = dispatch or os.environ.get("KVSERVE_TP_DISPATCH", "calls")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+        self._dag: Any = None  # the compiled graph (dispatch="compiled")
+        self._inflight: list[Any] = []  # its refs of the last step
         self.gpu = cfg.device.type == "cuda"
         self.backend = "nccl" if self.gpu else "gloo"
         self._actors: list[Any] = []
@@ -129,6 +139,19 @@ class RayExecutor:
                     [p["pid"] for p in placements])  # fmt: skip
         with contextlib.suppress(OSError):
             os.unlink(store)  # every rank has joined; the store is not read again
+        if self.dispatch == "compiled" and self._actors:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Builds the step graph, and leaves one never-returning ``block`` call pending on
+        every actor: it resolves (with an error) only when the actor dies (liveness)."""
+        from ray.dag import InputNode, MultiOutputNode
+
+        ray.get([a.set_exit_on_error.remote(True) for a in self._actors])
+        with InputNode() as step:
+            dag = MultiOutputNode([a.execute.bind(step) for a in self._actors])
+        self._dag = dag.experimental_compile()
+        self._watchdog.watch([(r, a.block.remote()) for r, a in enumerate(self._actors, start=1)])
 
     def _create_placement_group(self) -> PlacementGroup:
         need = "GPU" if self.gpu else "CPU"
@@ -178,14 +201,29 @@ class RayExecutor:
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         self.check_health()
         t0 = time.perf_counter()
-        refs = [a.execute.remote(out) for a in self._actors]
+        if self._dag is not None:
+            self._collect_inflight()
+            self._inflight = self._dag.execute(out)
+        else:
+            refs = [a.execute.remote(out) for a in self._actors]
+            self._watchdog.watch(list(enumerate(refs, start=1)))
         self.dispatch_s += time.perf_counter() - t0
         self.steps += 1
-        self._watchdog.watch(list(enumerate(refs, start=1)))
         try:
             return self.runner.execute(out)
         except Exception as e:
             raise self._failure_after(e) from e
+
+    def _collect_inflight(self) -> None:
+        """Reads the previous step's results from the compiled graph (done by now: the
+        collectives of that step finished on rank 0); a rank's error fails the group."""
+        for rank, ref in enumerate(self._inflight, start=1):
+            try:
+                ray.get(ref, timeout=30)
+            except Exception as e:
+                self._on_rank_failure(rank, e)
+                raise self._failure_after(e) from e
+        self._inflight = []
 
     def check_health(self) -> None:
         """Raises the group's failure, if one happened (cheap: reads a field)."""
@@ -195,8 +233,11 @@ class RayExecutor:
             raise WorkerGroupError("the worker group was shut down")
 
     def ping(self, timeout_s: float = 5.0) -> list[int]:
-        """Asks every actor for its pid; raises WorkerGroupError if one does not answer."""
+        """Asks every actor for its pid; raises WorkerGroupError if one does not answer.
+        Not with a compiled graph (its actors run only the graph's loop)."""
         self.check_health()
+        if self._dag is not None:
+            return [-1] * len(self._actors)
         try:
             return ray.get([a.ping.remote() for a in self._actors], timeout=timeout_s)
         except Exception as e:
@@ -239,6 +280,12 @@ class RayExecutor:
             return
         self._closed = True
         self._watchdog.stop()
+        if self._dag is not None:
+            # Actors first: their main thread sits in ``block``, so the graph's own
+            # cancel call would wait for its timeout; dead actors tear down at once.
+            _release(self._actors, None)
+            with contextlib.suppress(Exception):
+                self._dag.teardown(kill_actors=True)
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()

@@ -13,6 +13,7 @@ import faulthandler
 import logging
 import os
 import signal
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -33,6 +34,7 @@ class RankWorker:
         self.rank = rank
         self.size = size
         self.runner: ModelRunner | None = None
+        self.exit_on_error = False
 
     def placement(self) -> dict[str, Any]:
         """Where Ray put this rank: node, process, GPU ids (physical, as Ray numbers them)."""
@@ -61,12 +63,31 @@ class RankWorker:
         return self.runner.num_blocks
 
     def execute(self, out: SchedulerOutput) -> None:
+        """Runs one step. A failure leaves rank 0 waiting in a collective this rank never
+        joins: with actor calls the exception reaches the driver's watchdog, which stops
+        the group; under a compiled graph (``exit_on_error``) nobody reads it until the
+        next step, so the rank logs it and exits, and the watchdog sees a death."""
         assert self.runner is not None, "init_runner first"
-        self.runner.execute(out)
+        try:
+            self.runner.execute(out)
+        except BaseException:
+            if not self.exit_on_error:
+                raise
+            logger.exception("tensor-parallel rank %d failed a step; exiting", self.rank)
+            logging.shutdown()
+            os._exit(70)
         if self.runner.device.type == "cuda":
             # Rank 0 ends each step by reading its sampled tokens; this rank has no such
             # sync, and the next step must not overwrite staging buffers still in flight.
             torch.cuda.current_stream().synchronize()
+
+    def set_exit_on_error(self, value: bool) -> None:
+        self.exit_on_error = value
+
+    def block(self) -> None:
+        """Never returns: while a compiled graph runs the steps (on its own thread), the
+        driver keeps one of these pending per actor; it fails only when the actor dies."""
+        threading.Event().wait()
 
     def ping(self) -> int:
         return os.getpid()
