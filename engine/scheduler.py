@@ -29,6 +29,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up at first admission
+        self.prefix_cache_hits = 0  # of which found in the prefix cache
 
     # --- queue management ------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -119,6 +121,9 @@ class Scheduler:
             req.num_computed_tokens = num_computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
+                # First admission: counted like vLLM's prefix-cache queries / hits (tokens).
+                self.prefix_cache_queries += req.num_tokens
+                self.prefix_cache_hits += num_computed
             self._emit(req, num_new, out)
             budget -= num_new
         return budget

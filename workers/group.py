@@ -96,7 +96,13 @@ class RayExecutor:
     # --- start-up ---------------------------------------------------------------------
     def _start(self, cfg: RunnerConfig, timeout_s: float) -> None:
         if self._pg is None:
-            self._pg = self._create_placement_group()
+            # Inside a Serve replica with placement_group_bundles: bundle 0 is the
+            # replica (rank 0), ranks r >= 1 take bundle r.
+            current = ray.util.get_current_placement_group()
+            if current is not None and len(current.bundle_specs) >= self.size:
+                self._pg, self._own_pg = current, False
+            else:
+                self._pg = self._create_placement_group()
         cpu_threads = max(1, (os.cpu_count() or 1) // self.size)
         worker_cls = ray.remote(RankWorker)
         for rank in range(1, self.size):

@@ -1,0 +1,120 @@
+"""Builds and runs the Serve application from one config.
+
+    cfg = ServeConfig(model=None, device="cpu")           # the embedded default
+    handle = run(cfg)                                      # local Ray unless RAY_ADDRESS
+
+``ServeConfig.from_yaml(path)`` reads the same fields from a file (``engine:`` holds
+extra ``EngineArgs``). The application is a ``router`` ingress bound to an ``engine``
+deployment whose replicas are the pool's engine instances; each replica drives one
+engine over one worker group (at TP > 1 the replica holds bundle 0 of a STRICT_PACK
+placement group and its rank actors the others).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.replica import EngineDeployment
+from cluster.router import Router
+from engine.llm_engine import EngineArgs
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None  # HF directory or GGUF file; None: the embedded SmolLM2
+    model_name: str | None = None  # the name clients send; default from the model
+    device: str = "auto"
+    tensor_parallel_size: int = 1
+    num_replicas: int = 1
+    # Serve's autoscaling_config for the engine pool (replaces num_replicas when set).
+    autoscaling: dict[str, Any] | None = None
+    max_ongoing_requests: int = 256  # per engine replica, before Serve queues
+    engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 9000
+
+    def __post_init__(self) -> None:
+        known = {f.name for f in fields(EngineArgs)}
+        unknown = set(self.engine) - known
+        if unknown:
+            raise ValueError(f"unknown engine arguments: {sorted(unknown)}")
+        if self.tensor_parallel_size < 1 or self.num_replicas < 1:
+            raise ValueError("tensor_parallel_size and num_replicas must be >= 1")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ServeConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls(**data)
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model is None:
+            return DEFAULT_MODEL_NAME
+        return Path(str(self.model)).name.removesuffix(".gguf")
+
+    def engine_args(self) -> dict[str, Any]:
+        args = {**self.engine, "model": self.model, "device": self.device,
+                "tensor_parallel_size": self.tensor_parallel_size}  # fmt: skip
+        EngineArgs(**args)  # validates field names and types early
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _uses_gpu(cfg: ServeConfig) -> bool:
+    if cfg.device.startswith("cuda"):
+        return True
+    if cfg.device == "auto":
+        import ray
+
+        return bool(ray.cluster_resources().get("GPU", 0))
+    return False
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    gpu = _uses_gpu(cfg)
+    options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                               "health_check_period_s": 5, "health_check_timeout_s": 30}  # fmt: skip
+    if cfg.autoscaling:
+        options["autoscaling_config"] = cfg.autoscaling
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
+    if cfg.tensor_parallel_size > 1:
+        options["placement_group_bundles"] = [dict(bundle) for _ in range(cfg.tensor_parallel_size)]
+        options["placement_group_strategy"] = "STRICT_PACK"
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    else:
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    engine = EngineDeployment.options(**options).bind(cfg.engine_args(), cfg.served_name)
+    router: Any = Router
+    return router.options(num_replicas=1, max_ongoing_requests=4096).bind(engine, cfg.served_name)
+
+
+def start_serve(cfg: ServeConfig) -> None:
+    """Starts (or connects to) Ray, then Serve's HTTP proxy on ``cfg.host:cfg.http_port``."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address) if address else ray.init()
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+
+
+def run(cfg: ServeConfig, blocking: bool = False) -> Any:
+    start_serve(cfg)
+    return serve.run(build_app(cfg), name="kvserve", route_prefix="/", blocking=blocking)

@@ -1,0 +1,196 @@
+"""One engine instance behind asyncio: the step loop on its own thread.
+
+``LLMEngine`` is synchronous and not thread-safe, so one thread owns it: it takes
+commands (add, abort) from a queue, steps while any request is unfinished, and hands
+each request's outputs to the asyncio loop that asked for them. Callers see:
+
+- ``generate(...)``: an async iterator of cumulative ``RequestOutput``s, the last one
+  ``finished``. Bad input raises ``ValueError`` (naming the problem) before anything is
+  queued. Leaving the iteration early (client gone, ``aclose``, cancellation) aborts
+  the request, and its blocks return to the pool.
+- If a step raises (a worker group that died, say), the engine is dead: every open
+  stream raises ``EngineDeadError`` and new requests are refused with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.llm_engine import EngineArgs, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop failed; this instance serves nothing more."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.engine = LLMEngine(args)
+        self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._dead: EngineDeadError | None = None
+        self._stop = threading.Event()
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    # --- asyncio side ------------------------------------------------------------------
+    def new_request_id(self, prefix: str = "req") -> str:
+        with self._id_lock:
+            self._next_id += 1
+            return f"{prefix}-{self._next_id}"
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        rid = request_id or self.new_request_id()
+        stream = _Stream(loop, asyncio.Queue())
+        added: asyncio.Future[str] = loop.create_future()
+        self._cmds.put(("add", prompt, params, rid, stream, added))
+        await added  # ValueError for bad input: nothing was queued
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._cmds.put(("abort", rid))
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.put(("abort", request_id))
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    def check_health(self) -> None:
+        """Raises ``EngineDeadError`` if the step loop failed (or its worker group did)."""
+        if self._dead is not None:
+            raise self._dead
+        self.engine.executor.check_health()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._cmds.put(("wake",))
+        self._thread.join(timeout=10)
+        self.engine.shutdown()
+
+    # --- the engine thread --------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished_requests()
+                self._drain(block)
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:
+            self._die(e)
+
+    def _drain(self, block: bool) -> None:
+        """Applies every queued command; waits for one first when idle."""
+        while True:
+            try:
+                cmd = self._cmds.get(block=block, timeout=1.0 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            kind = cmd[0]
+            if kind == "add":
+                _, prompt, params, rid, stream, added = cmd
+                try:
+                    self.engine.add_request(prompt, params, rid)
+                except Exception as e:  # bad input: the caller gets it, nothing queued
+                    stream.loop.call_soon_threadsafe(_set_exception, added, e)
+                    continue
+                self._streams[rid] = stream
+                stream.loop.call_soon_threadsafe(_set_result, added, rid)
+            elif kind == "abort":
+                rid = cmd[1]
+                if self._streams.pop(rid, None) is not None:
+                    self.engine.abort(rid)
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        self.num_steps += 1
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _die(self, err: BaseException) -> None:
+        logger.exception("engine step loop failed; the instance is dead")
+        self._dead = EngineDeadError(f"engine failed: {type(err).__name__}: {err}")
+        for stream in self._streams.values():
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, self._dead)
+        self._streams.clear()
+        while True:  # refuse whatever was queued meanwhile
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                cmd[4].loop.call_soon_threadsafe(_set_exception, cmd[5], self._dead)
+
+    # --- figures ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for status tables and metrics (read without a lock: counters only)."""
+        eng = self.engine
+        sched = eng.scheduler
+        pool = eng.kv.pool if eng.kv is not None else None
+        return {
+            "time": time.time(),
+            "tp": eng.args.tensor_parallel_size,
+            "running": len(sched.running),
+            "waiting": len(sched.waiting),
+            "num_blocks": pool.num_blocks if pool is not None else 0,
+            "free_blocks": pool.num_free_blocks if pool is not None else 0,
+            "kv_usage": eng.kv_usage(),
+            "prefix_cache_queries": sched.prefix_cache_queries,
+            "prefix_cache_hits": sched.prefix_cache_hits,
+            "preemptions": sched.num_preemptions,
+            "steps": self.num_steps,
+            "dead": self._dead is not None,
+        }
+
+
+def _set_result(fut: asyncio.Future[str], value: str) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[str], err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)

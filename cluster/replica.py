@@ -1,0 +1,105 @@
+"""A pool replica: one engine instance (over one worker group) as a Serve deployment.
+
+The router calls ``generate`` through a streaming handle with a plain-dict request and
+gets plain-dict deltas back, one per engine step that advanced the request:
+
+    {"request_id", "prompt_tokens", "cached_tokens", "finished",
+     "choices": [{"index", "text", "token_ids", "logprobs", "finish_reason"}]}
+
+``text`` / ``token_ids`` / ``logprobs`` hold only what is new since the previous item.
+Bad input yields one ``{"error": message}`` item and ends. Cancelling the stream (the
+client went away) aborts the request in the engine, so its blocks return to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from cluster.async_engine import AsyncEngine
+from engine.llm_engine import EngineArgs
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineReplica:
+    def __init__(self, engine_args: dict[str, Any], model_name: str) -> None:
+        self.model_name = model_name
+        self.engine = AsyncEngine(EngineArgs(**engine_args))
+        self.tokenizer = self.engine.engine.tokenizer
+        self.max_model_len = self.engine.engine.scheduler_config.max_model_len
+
+    async def info(self) -> dict[str, Any]:
+        return {"model": self.model_name, "max_model_len": self.max_model_len}
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine (or worker group) fails it."""
+        self.engine.check_health()
+
+    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        params: SamplingParams = req["params"]
+        try:
+            if req.get("messages") is not None:
+                prompt: str | list[int] = self.engine.engine.apply_chat_template(req["messages"])
+            else:
+                prompt = req["prompt"]
+            stream = self.engine.generate(prompt, params, req.get("request_id"))
+            first = await anext(stream)
+        except ValueError as e:
+            yield {"error": str(e)}
+            return
+        sent: dict[int, tuple[int, int]] = {}
+        out: RequestOutput | None = first
+        while out is not None:
+            delta = self._delta(out, sent)
+            if delta["choices"] or out.finished:
+                yield delta
+            out = None if out.finished else await anext(stream, None)
+
+    def _delta(self, out: RequestOutput, sent: dict[int, tuple[int, int]]) -> dict[str, Any]:
+        choices = []
+        for c in out.outputs:
+            text_at, tok_at = sent.get(c.index, (0, 0))
+            text = c.text[text_at:]
+            tokens = c.token_ids[tok_at:]
+            if not text and not tokens and not c.finished:
+                continue
+            sent[c.index] = (len(c.text), len(c.token_ids))
+            choices.append({
+                "index": c.index, "text": text, "token_ids": tokens,
+                "logprobs": self._logprobs(c, tok_at), "finish_reason": c.finish_reason,
+            })  # fmt: skip
+        return {
+            "request_id": out.request_id,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "cached_tokens": out.num_cached_tokens,
+            "finished": out.finished,
+            "choices": choices,
+        }
+
+    def _logprobs(self, c: CompletionOutput, start: int) -> list[dict[str, Any]] | None:
+        """One entry per new token: its text, logprob and the top alternatives."""
+        if c.logprobs is None:
+            return None
+        entries = []
+        for tok, lps in zip(c.token_ids[start:], c.logprobs[start:], strict=True):
+            top = sorted(lps.items(), key=lambda kv: -kv[1])
+            entries.append({
+                "token": self._piece(tok), "logprob": lps.get(tok, float("-inf")),
+                "top": [(self._piece(t), lp) for t, lp in top],  # best first
+            })  # fmt: skip
+        return entries
+
+    def _piece(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+
+EngineDeployment: Any = serve.deployment(name="engine")(EngineReplica)

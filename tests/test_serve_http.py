@@ -1,0 +1,232 @@
+"""The Serve application on a real local Ray, through HTTP on loopback: the official
+``openai`` client (sync and streaming), raw HTTP for bad input, cancellation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine import LLM, SamplingParams
+
+MODEL = "SmolLM2-135M-Instruct"
+LONG_PROMPT = (
+    "Kvserve keeps the keys and values of every token in fixed-size blocks, shares them "
+    "between requests with a common prefix, and moves them between GPUs only when that "
+    "pays. Summarise this in one sentence:"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster: Any, smollm2_dir: Path) -> Any:
+    from ray import serve
+
+    from cluster.app import ServeConfig, run
+
+    port = _free_port()
+    cfg = ServeConfig(model=str(smollm2_dir), model_name=MODEL, device="cpu", http_port=port,
+                      engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2})  # fmt: skip
+    run(cfg)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield base
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _engine_stats() -> dict[str, Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("engine", app_name="kvserve")
+    return dict(handle.stats.remote().result())
+
+
+def _pool_whole(timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = _engine_stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["free_blocks"] == s["num_blocks"]:
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pool not whole: {s}")
+        time.sleep(0.2)
+
+
+def test_models(client: Any) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_matches_offline_engine(client: Any, smollm2_llm: LLM) -> None:
+    prompt = "The capital of France is"
+    ref = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0]
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert out.choices[0].text == ref.outputs[0].text
+    assert out.choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_chat_and_streaming_agree(client: Any, smollm2_llm: LLM) -> None:
+    messages = [{"role": "user", "content": "Name three colours."}]
+    ref = smollm2_llm.chat(messages, SamplingParams(temperature=0, max_tokens=32))[0]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32,
+                                         temperature=0)  # fmt: skip
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.outputs[0].text
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.outputs[0].text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == len(ref.outputs[0].token_ids)
+    stream = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=16,
+                                       temperature=0, stream=True)  # fmt: skip
+    streamed = "".join(c.choices[0].text for c in stream)
+    whole = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=16,
+                                      temperature=0)  # fmt: skip
+    assert streamed == whole.choices[0].text
+
+
+def test_n_seed_stop_and_logprobs(client: Any) -> None:
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, n=2, seed=7)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert len(a.choices) == 2
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert (
+        a.usage.completion_tokens == sum(1 for _ in range(2)) * 16
+        or a.usage.completion_tokens <= 32
+    )
+    greedy = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=24, temperature=0
+    )
+    cut = greedy.choices[0].text.strip().split(",")[2].strip()
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=24,
+                                        temperature=0, stop=[cut])  # fmt: skip
+    assert stopped.choices[0].finish_reason == "stop"
+    assert cut not in stopped.choices[0].text
+    lp = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=2
+    )
+    tokens = lp.choices[0].logprobs.tokens
+    assert len(tokens) == lp.usage.completion_tokens == 5
+    assert all(len(t) >= 1 for t in lp.choices[0].logprobs.top_logprobs)
+    assert "".join(tokens) == lp.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in content)
+
+
+def test_prefix_cache_hit_in_usage(client: Any) -> None:
+    first = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=4, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=4, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens >= 32
+    assert cached > 0 and cached % 16 == 0 and cached < again.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ("{not json", 400, None),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "temperature": 5}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+        ({"model": MODEL, "prompt": ""}, 400, None),
+        ({"model": MODEL, "prompt": "word " * 1500}, 400, "prompt"),
+        ({"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
+        ({"model": "gpt-17", "prompt": "hi"}, 404, "model"),
+        ({"prompt": "hi"}, 400, "model"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(
+    server: str, body: Any, status: int, param: str | None
+) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server}/v1/completions", content=content,
+                   headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_bad_chat_requests(server: str) -> None:
+    for body in ({"model": MODEL, "messages": []},
+                 {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+                 {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}):  # fmt: skip
+        r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"]
+
+
+def test_bad_input_does_not_disturb_a_stream(client: Any, server: str, smollm2_llm: LLM) -> None:
+    ref = smollm2_llm.generate(
+        ["A haiku about rivers:"], SamplingParams(temperature=0, max_tokens=48)
+    )
+    pieces: list[str] = []
+
+    def consume() -> None:
+        for c in client.completions.create(model=MODEL, prompt="A haiku about rivers:",
+                                           max_tokens=48, temperature=0, stream=True):  # fmt: skip
+            pieces.append(c.choices[0].text)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    for _ in range(5):
+        r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": 0},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 400
+    t.join(timeout=120)
+    assert "".join(pieces) == ref[0].outputs[0].text
+
+
+def test_cancel_mid_stream_returns_blocks(server: str) -> None:
+    body = {"model": MODEL, "prompt": LONG_PROMPT + " And again:", "max_tokens": 400,
+            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen += 1
+            if seen >= 3:
+                break  # leave: the connection closes
+    assert _engine_stats()["num_blocks"] > 0
+    _pool_whole()
+
+
+def test_health(server: str) -> None:
+    r = httpx.get(f"{server}/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
