@@ -14,12 +14,17 @@ client went away) aborts the request in the engine, so its blocks return to the 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from cluster.async_engine import AsyncEngine
+from cluster.ledger import get_ledger
+from cluster.metrics import EngineMetrics, RequestTimer
 from engine.llm_engine import EngineArgs
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -27,12 +32,46 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+REPORT_PERIOD_S = 1.0
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside Serve (a test building the class directly)
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
 class EngineReplica:
-    def __init__(self, engine_args: dict[str, Any], model_name: str) -> None:
+    def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both") -> None:
         self.model_name = model_name
+        self.role = role
+        self.replica_id = _replica_id()
         self.engine = AsyncEngine(EngineArgs(**engine_args))
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
+        self.metrics = EngineMetrics(model_name, self.replica_id)
+        self._stop = threading.Event()
+        self._reporter = threading.Thread(target=self._report_loop, name="kvserve-report",
+                                          daemon=True)  # fmt: skip
+        self._reporter.start()
+
+    def _report_loop(self) -> None:
+        """Every second: metrics gauges/counters and a ledger report."""
+        ledger = None
+        while not self._stop.wait(REPORT_PERIOD_S):
+            stats = self.engine.stats()
+            self.metrics.sample(stats)
+            try:
+                ledger = ledger or get_ledger()
+                ledger.report.remote(self.replica_id, {**stats, "role": self.role,
+                                                       "model": self.model_name})  # fmt: skip
+            except Exception as e:  # the ledger is advisory: serving goes on without it
+                logger.warning("ledger report failed: %s", e)
+                ledger = None
+
+    def __del__(self) -> None:
+        self._stop.set()
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_model_len}
@@ -46,6 +85,7 @@ class EngineReplica:
 
     async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         params: SamplingParams = req["params"]
+        arrival = time.monotonic()
         try:
             if req.get("messages") is not None:
                 prompt: str | list[int] = self.engine.engine.apply_chat_template(req["messages"])
@@ -57,9 +97,14 @@ class EngineReplica:
             yield {"error": str(e)}
             return
         sent: dict[int, tuple[int, int]] = {}
+        timer = RequestTimer(self.metrics, arrival)
         out: RequestOutput | None = first
         while out is not None:
             delta = self._delta(out, sent)
+            now = time.monotonic()
+            timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
+            if out.finished:
+                timer.finish(now, delta["prompt_tokens"])
             if delta["choices"] or out.finished:
                 yield delta
             out = None if out.finished else await anext(stream, None)

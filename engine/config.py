@@ -80,6 +80,18 @@ class ModelConfig:
             hf_config=hf,
         )
 
+    @property
+    def num_params(self) -> int:
+        """Parameters of the whole model (embeddings and LM head counted once if tied)."""
+        h, hd = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn += h if self.o_bias else 0
+        mlp = 3 * h * self.intermediate_size
+        layer = attn + mlp + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
     def check_tensor_parallel(self, size: int) -> None:
         """Raises ``ValueError`` unless ``size`` ranks can split this model: attention
         heads and MLP width divide evenly; KV heads divide evenly, or ``size`` is a

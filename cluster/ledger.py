@@ -1,0 +1,47 @@
+"""The instance ledger: one named Ray actor every engine instance reports to.
+
+Each pool replica reports its engine's figures (role, TP, blocks used/free, running,
+waiting, prefix-cache counters) about once a second; ``instances()`` returns the live
+ones, dropping an instance not heard from within ``stale_s``. ``kvserve status`` reads
+it. The global block manager of the disaggregated pools grows from this ledger: it is
+a record of what instances say, never an allocator of their blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+LEDGER_NAME = "kvserve-ledger"
+NAMESPACE = "kvserve"
+
+
+class InstanceLedger:
+    def __init__(self, stale_s: float = 10.0) -> None:
+        self.stale_s = stale_s
+        self._instances: dict[str, dict[str, Any]] = {}
+
+    def report(self, instance_id: str, info: dict[str, Any]) -> None:
+        self._instances[instance_id] = {**info, "instance_id": instance_id,
+                                        "reported_at": time.monotonic()}  # fmt: skip
+
+    def forget(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+
+    def instances(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        live = {k: v for k, v in self._instances.items() if now - v["reported_at"] < self.stale_s}
+        self._instances = live
+        return sorted(
+            ({**v, "age_s": now - v["reported_at"]} for v in live.values()),
+            key=lambda v: str(v["instance_id"]),
+        )
+
+
+def get_ledger() -> Any:
+    """The cluster's ledger actor, created on first use (detached: it outlives replicas)."""
+    cls: Any = ray.remote(num_cpus=0)(InstanceLedger)
+    return cls.options(name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached",
+                       get_if_exists=True).remote()  # fmt: skip

@@ -1,0 +1,106 @@
+"""Engine metrics through ``ray.util.metrics``, named after vLLM's (``vllm:`` becomes
+``kvserve_``) so existing dashboards map over. Ray exports them in Prometheus text at
+each node's metrics export port with its own ``ray_`` prefix:
+``ray_kvserve_time_to_first_token_seconds_bucket{model=...,replica=...}``.
+
+Per request (observed by the replica as tokens stream out): time to first token,
+inter-token latency, end-to-end latency, prompt and generation tokens. Per instance
+(sampled every second from the engine's counters): requests running and waiting, KV
+cache usage, prefix-cache queries and hits (tokens), preemptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.util import metrics
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]  # fmt: skip
+TAGS = ("model", "replica")
+
+
+class EngineMetrics:
+    def __init__(self, model: str, replica: str) -> None:
+        self.tags = {"model": model, "replica": replica}
+        self.ttft = metrics.Histogram(
+            "kvserve_time_to_first_token_seconds", "Time to first token",
+            boundaries=LATENCY_BUCKETS, tag_keys=TAGS,
+        )  # fmt: skip
+        self.itl = metrics.Histogram(
+            "kvserve_inter_token_latency_seconds", "Time between consecutive output tokens",
+            boundaries=LATENCY_BUCKETS, tag_keys=TAGS,
+        )  # fmt: skip
+        self.e2e = metrics.Histogram(
+            "kvserve_e2e_request_latency_seconds", "Arrival to last token",
+            boundaries=LATENCY_BUCKETS, tag_keys=TAGS,
+        )  # fmt: skip
+        self.prompt_tokens = metrics.Counter(
+            "kvserve_prompt_tokens", "Prompt tokens processed", tag_keys=TAGS
+        )
+        self.generation_tokens = metrics.Counter(
+            "kvserve_generation_tokens", "Tokens generated", tag_keys=TAGS
+        )
+        self.running = metrics.Gauge(
+            "kvserve_num_requests_running", "Requests running", tag_keys=TAGS
+        )
+        self.waiting = metrics.Gauge(
+            "kvserve_num_requests_waiting", "Requests waiting", tag_keys=TAGS
+        )
+        self.kv_usage = metrics.Gauge(
+            "kvserve_kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", tag_keys=TAGS
+        )
+        self.prefix_queries = metrics.Counter(
+            "kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+            tag_keys=TAGS,
+        )  # fmt: skip
+        self.prefix_hits = metrics.Counter(
+            "kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", tag_keys=TAGS
+        )
+        self.preemptions = metrics.Counter(
+            "kvserve_num_preemptions", "Requests preempted (recomputed later)", tag_keys=TAGS
+        )
+        for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
+                  self.running, self.waiting, self.kv_usage, self.prefix_queries,
+                  self.prefix_hits, self.preemptions):  # fmt: skip
+            m.set_default_tags(self.tags)
+        self._last: dict[str, float] = {}
+
+    def sample(self, stats: dict[str, Any]) -> None:
+        """Gauges from a stats snapshot; counters advance by what grew since the last."""
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+        for key, counter in (("prefix_cache_queries", self.prefix_queries),
+                             ("prefix_cache_hits", self.prefix_hits),
+                             ("preemptions", self.preemptions)):  # fmt: skip
+            grown = stats[key] - self._last.get(key, 0)
+            if grown > 0:
+                counter.inc(grown)
+            self._last[key] = stats[key]
+
+
+class RequestTimer:
+    """Times one request's tokens into ``EngineMetrics`` (monotonic clock)."""
+
+    def __init__(self, m: EngineMetrics, arrival: float) -> None:
+        self.m = m
+        self.arrival = arrival
+        self.last: float | None = None
+
+    def tokens(self, n: int, now: float) -> None:
+        if n <= 0:
+            return
+        self.m.generation_tokens.inc(n)
+        if self.last is None:
+            self.m.ttft.observe(now - self.arrival)
+            n -= 1
+        elif n > 0:
+            gap = (now - self.last) / n  # several tokens in one delta (n samples): spread
+            for _ in range(n):
+                self.m.itl.observe(gap)
+        self.last = now
+
+    def finish(self, now: float, prompt_tokens: int) -> None:
+        self.m.prompt_tokens.inc(prompt_tokens)
+        self.m.e2e.observe(now - self.arrival)
