@@ -1,15 +1,20 @@
 # The two first commands of the README:
-#   make run   set up, then generate with the default model (SmolLM2, CPU)
+#   make run   set up, then start the serving cluster on the embedded default (a local
+#              Ray, CPU, SmolLM2), answer one chat request through its OpenAI API, stop
 #   make test  set up, then lint, type-check and run the test suite
+# make serve keeps the cluster serving (Ctrl-C stops it).
 VENV := .venv/bin
 PROMPT ?= Explain what a KV cache is in one sentence.
 
-.PHONY: setup run test lint typecheck bench-cpu
+.PHONY: setup run serve test lint typecheck bench-cpu
 setup:
 	./scripts/setup.sh
 
 run: setup
-	$(VENV)/kvserve chat "$(PROMPT)" --max-tokens 64
+	$(VENV)/kvserve serve --device cpu --chat "$(PROMPT)" --exit
+
+serve: setup
+	$(VENV)/kvserve serve
 
 lint: setup
 	$(VENV)/ruff check .

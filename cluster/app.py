@@ -111,7 +111,7 @@ def start_serve(cfg: ServeConfig) -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init()
+        ray.init(address=address) if address else ray.init(_node_ip_address="127.0.0.1")
     serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
 
 

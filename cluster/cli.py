@@ -124,7 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.address:
         ctx = ray.init(address=args.address)
     else:
-        ctx = ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
+        # The embedded default: a local Ray on loopback only.
+        ctx = ray.init(dashboard_host="127.0.0.1", include_dashboard=True,
+                       _node_ip_address="127.0.0.1")  # fmt: skip
     serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
     serve.run(build_app(cfg), name="kvserve", route_prefix="/")
     base = f"http://{cfg.host}:{cfg.http_port}"
@@ -296,7 +298,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         from bench.synthetic import MODELS, make_config
     except ImportError:  # an installed kvserve without the bench folder
-        MODELS, make_config = {}, None  # noqa: N806
+        MODELS, make_config = {}, None
     if args.model in MODELS and make_config is not None:
         hf = make_config(args.model)
     else:

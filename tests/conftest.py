@@ -68,6 +68,7 @@ def ray_cluster() -> Any:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")  # fmt: skip
     yield ray
     ray.shutdown()

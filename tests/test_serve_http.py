@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -230,3 +231,41 @@ def test_cancel_mid_stream_returns_blocks(server: str) -> None:
 def test_health(server: str) -> None:
     r = httpx.get(f"{server}/health", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_status_and_metrics(server: str, client: Any, ray_cluster: Any) -> None:
+    """The ledger lists the instance (``kvserve status``) and the custom metrics reach
+    Prometheus text at the node's metrics export port."""
+    import subprocess
+    import sys
+
+    from cluster.ledger import get_ledger
+
+    client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)
+    deadline = time.monotonic() + 20
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not rows:
+        rows = ray_cluster.get(get_ledger().instances.remote())
+        time.sleep(0.5)
+    assert rows and rows[0]["model"] == MODEL and rows[0]["num_blocks"] > 0
+    address = ray_cluster.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", address],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "kvserve instances (1)" in out.stdout and MODEL[:10] in out.stdout
+    node = ray_cluster._private.worker.global_worker.node
+    url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    wanted = ["ray_kvserve_time_to_first_token_seconds_bucket", "ray_kvserve_generation_tokens",
+              "ray_kvserve_num_requests_running", "ray_kvserve_kv_cache_usage_perc",
+              "ray_kvserve_prefix_cache_queries", "ray_kvserve_e2e_request_latency_seconds",
+              "ray_kvserve_inter_token_latency_seconds"]  # fmt: skip
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"not exported: {missing}"

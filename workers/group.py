@@ -311,17 +311,18 @@ def _release(actors: list[Any], pg: PlacementGroup | None) -> None:
 
 
 def _ensure_ray(size: int, gpu: bool) -> None:
-    """Connects to ``RAY_ADDRESS`` or starts a local Ray (on CPU with at least one
-    logical CPU per rank, so a small machine can still run a CPU group)."""
+    """Connects to ``RAY_ADDRESS`` or starts a local Ray on loopback (on CPU with at least
+    one logical CPU per rank, so a small machine can still run a CPU group)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     elif gpu:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, size), include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, size), include_dashboard=False,
+                 _node_ip_address="127.0.0.1")  # fmt: skip
 
 
 class _Watchdog(threading.Thread):
