@@ -295,12 +295,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
 
-    try:
-        from bench.synthetic import MODELS, make_config
-    except ImportError:  # an installed kvserve without the bench folder
-        MODELS, make_config = {}, None
-    if args.model in MODELS and make_config is not None:
-        hf = make_config(args.model)
+    from bench.synthetic import MODELS, make_config
+
+    if args.model in MODELS:
+        hf: Any = make_config(args.model)
     else:
         from transformers import AutoConfig
 
