@@ -293,9 +293,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- plan -------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.config import ModelConfig
-
     from bench.synthetic import MODELS, make_config
+    from engine.config import ModelConfig
 
     if args.model in MODELS:
         hf: Any = make_config(args.model)
