@@ -105,6 +105,18 @@ def build_app(cfg: ServeConfig) -> Application:
     return router.options(num_replicas=1, max_ongoing_requests=4096).bind(engine, cfg.served_name)
 
 
+GRPC_SERVICERS = ["protos.kvserve_pb2_grpc.add_KVServeServicer_to_server"]
+
+
+def grpc_options(cfg: ServeConfig) -> Any:
+    """Serve's gRPC proxy on ``cfg.grpc_port`` with the KVServe service (0: no gRPC)."""
+    from ray.serve.config import gRPCOptions
+
+    if not cfg.grpc_port:
+        return None
+    return gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
+
+
 def start_serve(cfg: ServeConfig) -> None:
     """Starts (or connects to) Ray, then Serve's HTTP proxy on ``cfg.host:cfg.http_port``."""
     import ray
@@ -112,7 +124,8 @@ def start_serve(cfg: ServeConfig) -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address) if address else ray.init(_node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+                grpc_options=grpc_options(cfg))  # fmt: skip
 
 
 def run(cfg: ServeConfig, blocking: bool = False) -> Any:

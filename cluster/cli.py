@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, default=None, help="engine instances in the pool")
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
     s.add_argument("--address", default=None, help="join this Ray cluster (default: start one)")
     s.add_argument("--chat", default=None, metavar="MESSAGE",
                    help="once up, send MESSAGE through the API and print the answer")  # fmt: skip
@@ -107,12 +108,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import ServeConfig, build_app
+    from cluster.app import ServeConfig, build_app, grpc_options
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     for field, value in (("model", args.model), ("model_name", args.model_name),
                          ("tensor_parallel_size", args.tp), ("num_replicas", args.replicas),
-                         ("host", args.host), ("http_port", args.port)):  # fmt: skip
+                         ("host", args.host), ("http_port", args.port),
+                         ("grpc_port", args.grpc_port)):  # fmt: skip
         if value is not None:
             setattr(cfg, field, value)
     if args.device != "auto":
@@ -127,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The embedded default: a local Ray on loopback only.
         ctx = ray.init(dashboard_host="127.0.0.1", include_dashboard=True,
                        _node_ip_address="127.0.0.1")  # fmt: skip
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+                grpc_options=grpc_options(cfg))  # fmt: skip
     serve.run(build_app(cfg), name="kvserve", route_prefix="/")
     base = f"http://{cfg.host}:{cfg.http_port}"
     dashboard = getattr(ctx, "dashboard_url", None)
@@ -136,6 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"TP {cfg.tensor_parallel_size}")  # fmt: skip
     console.print(f"  OpenAI API     {base}/v1   (try: kvserve chat --url {base})")
     console.print(f"  health         {base}/health")
+    if cfg.grpc_port:
+        console.print(f"  gRPC           {cfg.host}:{cfg.grpc_port}   (kvserve.v1.KVServe)")
     if dashboard:
         console.print(f"  Ray dashboard  http://{dashboard}")
     if args.chat:

@@ -133,6 +133,30 @@ def _engine_error(e: BaseException) -> APIError:
                     code="engine_unavailable", headers={"Retry-After": "5"})  # fmt: skip
 
 
+# --- gRPC (through Serve's gRPC proxy) ----------------------------------------------------
+def _grpc_params(opts: Any) -> Any:
+    """SamplingParams from ``SamplingOptions`` (unset optional fields keep defaults)."""
+    from engine.sampling_params import SamplingParams
+
+    kw: dict[str, Any] = {}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                 "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "n"):  # fmt: skip
+        if opts.HasField(name):
+            kw[name] = getattr(opts, name)
+    kw.setdefault("max_tokens", 16)
+    return SamplingParams(stop=tuple(opts.stop), ignore_eos=opts.ignore_eos, **kw)
+
+
+def _grpc_choices(pb: Any, item: dict[str, Any]) -> list[Any]:
+    out = []
+    for c in item["choices"]:
+        lps = [pb.TokenLogprob(token=e["token"], logprob=e["logprob"], top=dict(e["top"]))
+               for e in c["logprobs"] or []]  # fmt: skip
+        out.append(pb.Choice(index=c["index"], text=c["text"], token_ids=c["token_ids"],
+                             finish_reason=c["finish_reason"] or "", logprobs=lps))  # fmt: skip
+    return out
+
+
 @serve.deployment(name="router")
 @serve.ingress(app)
 class Router:
@@ -288,3 +312,123 @@ class Router:
                       if body.logprobs is not None else None}  # fmt: skip
         return {"id": rid, "object": obj, "created": created, "model": self.model_name,
                 "choices": [choice]}  # fmt: skip
+
+    # --- gRPC ------------------------------------------------------------------------------
+    def _grpc_check(self, request: Any, context: Any) -> dict[str, Any] | None:
+        """The engine request for a ``GenerateRequest``, or None after setting
+        INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED on ``context``."""
+        import grpc
+
+        key = os.environ.get("KVSERVE_API_KEY")
+        if key and context is not None:
+            meta = dict(context.invocation_metadata())
+            if meta.get("authorization") != f"Bearer {key}":
+                context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+                context.set_details("missing or wrong API key (metadata authorization: Bearer ...)")
+                return None
+        problem, code = None, grpc.StatusCode.INVALID_ARGUMENT
+        req: dict[str, Any] = {}
+        if request.model and request.model != self.model_name:
+            problem, code = (
+                f"model {request.model!r} does not exist; this server has {self.model_name!r}",
+                grpc.StatusCode.NOT_FOUND,
+            )
+        else:
+            kind = request.WhichOneof("input")
+            if kind == "text":
+                req["prompt"] = request.text
+            elif kind == "token_ids":
+                req["prompt"] = list(request.token_ids.ids)
+            elif kind == "chat":
+                req["messages"] = [
+                    {"role": m.role, "content": m.content} for m in request.chat.messages
+                ]
+            else:
+                problem = "one of text, token_ids or chat is required"
+            try:
+                req["params"] = _grpc_params(request.sampling)
+            except (ValueError, TypeError) as e:
+                problem = str(e)
+        if problem is not None:
+            if context is not None:
+                context.set_code(code)
+                context.set_details(problem)
+            return None
+        req["request_id"] = f"grpc-{uuid.uuid4().hex}"
+        return req
+
+    async def _grpc_items(self, req: dict[str, Any], context: Any) -> AsyncIterator[dict[str, Any]]:
+        import grpc
+
+        gen: Any = self.engine.options(stream=True).generate.remote(req)
+        try:
+            async for item in gen:
+                if "error" in item:
+                    if context is not None:
+                        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                        context.set_details(item["error"])
+                    return
+                yield item
+        except Exception as e:
+            err = _engine_error(e)
+            if context is not None:
+                context.set_code(
+                    grpc.StatusCode.INVALID_ARGUMENT
+                    if err.status == 400
+                    else grpc.StatusCode.UNAVAILABLE
+                )
+                context.set_details(err.message)
+        finally:
+            gen.cancel()
+
+    async def Generate(self, request: Any, grpc_context: Any = None) -> Any:
+        from protos import kvserve_pb2 as pb
+
+        req = self._grpc_check(request, grpc_context)
+        if req is None:
+            return pb.GenerateResponse()
+        n = req["params"].n
+        texts, reasons = [""] * n, [""] * n
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[Any]] = [[] for _ in range(n)]
+        last: dict[str, Any] | None = None
+        async for item in self._grpc_items(req, grpc_context):
+            last = item
+            for c in _grpc_choices(pb, item):
+                texts[c.index] += c.text
+                tokens[c.index].extend(c.token_ids)
+                reasons[c.index] = c.finish_reason or reasons[c.index]
+                lps[c.index].extend(c.logprobs)
+        if last is None:
+            return pb.GenerateResponse()
+        choices = [pb.Choice(index=i, text=texts[i], token_ids=tokens[i], finish_reason=reasons[i],
+                             logprobs=lps[i]) for i in range(n)]  # fmt: skip
+        return self._grpc_response(pb, last, choices, sum(len(t) for t in tokens))
+
+    async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        from protos import kvserve_pb2 as pb
+
+        req = self._grpc_check(request, grpc_context)
+        if req is None:
+            return
+        total = 0
+        async for item in self._grpc_items(req, grpc_context):
+            choices = _grpc_choices(pb, item)
+            total += sum(len(c.token_ids) for c in choices)
+            yield self._grpc_response(pb, item, choices, total)
+
+    def _grpc_response(
+        self, pb: Any, item: dict[str, Any], choices: list[Any], completion: int
+    ) -> Any:
+        usage = pb.Usage(prompt_tokens=item["prompt_tokens"], completion_tokens=completion,
+                         cached_tokens=item["cached_tokens"])  # fmt: skip
+        kv = pb.KVAccounting(cached_tokens=item["cached_tokens"], instance=item.get("instance", ""))
+        return pb.GenerateResponse(request_id=item["request_id"], choices=choices,
+                                   finished=item["finished"], usage=usage, kv=kv)  # fmt: skip
+
+    async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
+        from protos import kvserve_pb2 as pb
+
+        info = await self.engine.info.remote()
+        return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.model_name,
+                                                          max_model_len=info["max_model_len"])])  # fmt: skip

@@ -31,6 +31,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
+def grpc_stub(server: str) -> Any:
+    import grpc
+
+    from protos import kvserve_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server_grpc_port[0]}")
+    yield kvserve_pb2_grpc.KVServeStub(channel)
+    channel.close()
+
+
+server_grpc_port: list[int] = []
+
+
+@pytest.fixture(scope="module")
 def server(ray_cluster: Any, smollm2_dir: Path) -> Any:
     from ray import serve
 
@@ -38,6 +52,7 @@ def server(ray_cluster: Any, smollm2_dir: Path) -> Any:
 
     port = _free_port()
     cfg = ServeConfig(model=str(smollm2_dir), model_name=MODEL, device="cpu", http_port=port,
+                      grpc_port=_free_port(),
                       engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2})  # fmt: skip
     run(cfg)
     base = f"http://127.0.0.1:{port}"
@@ -49,6 +64,7 @@ def server(ray_cluster: Any, smollm2_dir: Path) -> Any:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+    server_grpc_port[:] = [cfg.grpc_port]
     yield base
     serve.shutdown()
 
@@ -269,3 +285,48 @@ def test_status_and_metrics(server: str, client: Any, ray_cluster: Any) -> None:
         time.sleep(2)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"not exported: {missing}"
+
+
+def test_grpc_matches_http(grpc_stub: Any, client: Any) -> None:
+    from protos import kvserve_pb2 as pb
+
+    prompt = "The three primary colours are"
+    http = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    req = pb.GenerateRequest(model=MODEL, text=prompt,
+                             sampling=pb.SamplingOptions(max_tokens=20, temperature=0))  # fmt: skip
+    unary = grpc_stub.Generate(req, timeout=120)
+    assert unary.finished and unary.choices[0].text == http.choices[0].text
+    assert unary.usage.prompt_tokens == http.usage.prompt_tokens
+    assert unary.usage.completion_tokens == http.usage.completion_tokens
+    assert unary.choices[0].finish_reason == http.choices[0].finish_reason
+    parts = list(grpc_stub.GenerateStream(req, timeout=120))
+    assert parts[-1].finished and not any(p.finished for p in parts[:-1])
+    assert "".join(c.text for p in parts for c in p.choices) == http.choices[0].text
+    assert [t for p in parts for c in p.choices for t in c.token_ids] == list(
+        unary.choices[0].token_ids
+    )
+    chat = grpc_stub.Generate(pb.GenerateRequest(
+        chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="Say hi.")]),
+        sampling=pb.SamplingOptions(max_tokens=8, temperature=0)), timeout=120)  # fmt: skip
+    assert chat.choices[0].text and chat.usage.completion_tokens <= 8
+    models = grpc_stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    assert [m.id for m in models.models] == [MODEL] and models.models[0].max_model_len == 1024
+
+
+def test_grpc_bad_input(grpc_stub: Any) -> None:
+    import grpc
+
+    from protos import kvserve_pb2 as pb
+
+    cases = [
+        (pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(temperature=-1)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(sampling=pb.SamplingOptions(max_tokens=4)), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**9])), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(model="gpt-17", text="hi"), grpc.StatusCode.NOT_FOUND),
+    ]  # fmt: skip
+    for req, code in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_stub.Generate(req, timeout=60)
+        assert info.value.code() == code, info.value.details()
+        assert info.value.details()
