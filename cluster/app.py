@@ -90,7 +90,9 @@ def build_app(cfg: ServeConfig) -> Application:
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
                                "health_check_period_s": 5, "health_check_timeout_s": 30}  # fmt: skip
     if cfg.autoscaling:
-        options["autoscaling_config"] = cfg.autoscaling
+        from cluster.autoscale import POLICY
+
+        options["autoscaling_config"] = {"policy": {"policy_function": POLICY}, **cfg.autoscaling}
     else:
         options["num_replicas"] = cfg.num_replicas
     bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}

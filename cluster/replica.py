@@ -79,6 +79,12 @@ class EngineReplica:
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What ``cluster.autoscale.kv_aware_policy`` scales on (Serve collects it)."""
+        s = self.engine.stats()
+        return {"kv_usage": float(s["kv_usage"]), "waiting": float(s["waiting"]),
+                "running": float(s["running"])}  # fmt: skip
+
     async def check_health(self) -> None:
         """Serve's health check: a dead engine (or worker group) fails it."""
         self.engine.check_health()
