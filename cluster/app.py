@@ -107,7 +107,10 @@ def build_app(cfg: ServeConfig) -> Application:
     return router.options(num_replicas=1, max_ongoing_requests=4096).bind(engine, cfg.served_name)
 
 
-GRPC_SERVICERS = ["protos.kvserve_pb2_grpc.add_KVServeServicer_to_server"]
+GRPC_SERVICERS = [
+    "protos.kvserve_pb2_grpc.add_KVServeServicer_to_server",
+    "protos.health_pb2_grpc.add_HealthServicer_to_server",
+]
 
 
 def grpc_options(cfg: ServeConfig) -> Any:

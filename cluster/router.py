@@ -426,6 +426,33 @@ class Router:
         return pb.GenerateResponse(request_id=item["request_id"], choices=choices,
                                    finished=item["finished"], usage=usage, kv=kv)  # fmt: skip
 
+    async def _serving(self) -> bool:
+        try:
+            await self.engine.check_health.remote()
+        except Exception:
+            return False
+        return True
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        """grpc.health.v1: SERVING while the engine pool answers its health check."""
+        from protos import health_pb2 as hpb
+
+        ok = request.service in ("", "kvserve.v1.KVServe") and await self._serving()
+        status = hpb.HealthCheckResponse.SERVING if ok else hpb.HealthCheckResponse.NOT_SERVING
+        return hpb.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        """grpc.health.v1 Watch: the status now, then each change (polled every second)."""
+        import asyncio
+
+        last = None
+        while True:
+            resp = await self.Check(request, grpc_context)
+            if resp.status != last:
+                last = resp.status
+                yield resp
+            await asyncio.sleep(1.0)
+
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
         from protos import kvserve_pb2 as pb
 

@@ -1,5 +1,5 @@
-"""Regenerates ``kvserve_pb2.py``, ``kvserve_pb2.pyi`` and ``kvserve_pb2_grpc.py`` from
-``kvserve.proto`` with grpcio-tools (pinned to 1.84.0, the GPU image's grpcio, so the
+"""Regenerates ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` from ``kvserve.proto``
+and ``health.proto`` (the standard ``grpc.health.v1``) with grpcio-tools (pinned to 1.84.0, the GPU image's grpcio, so the
 stubs import there). ``python -m protos.generate [--out DIR]``; a test regenerates them
 into a temporary folder and compares. Generated files are never edited by hand."""
 
@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PROTOS = ("kvserve.proto", "health.proto")
+STUBS = tuple(f"{p.removesuffix('.proto')}{suffix}" for p in PROTOS
+              for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))  # fmt: skip
 
 
 def generate(out: Path) -> None:
@@ -21,7 +24,7 @@ def generate(out: Path) -> None:
     (out / "protos").mkdir(parents=True, exist_ok=True)
     root = HERE.parent
     args = ["protoc", f"-I{root}", f"--python_out={out}", f"--pyi_out={out}",
-            f"--grpc_python_out={out}", str(HERE / "kvserve.proto")]  # fmt: skip
+            f"--grpc_python_out={out}", *(str(HERE / p) for p in PROTOS)]  # fmt: skip
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
 

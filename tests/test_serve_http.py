@@ -330,3 +330,16 @@ def test_grpc_bad_input(grpc_stub: Any) -> None:
             grpc_stub.Generate(req, timeout=60)
         assert info.value.code() == code, info.value.details()
         assert info.value.details()
+
+
+def test_grpc_health(server: str) -> None:
+    import grpc
+
+    from protos import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server_grpc_port[0]}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        named = stub.Check(health_pb2.HealthCheckRequest(service="kvserve.v1.KVServe"), timeout=30)
+        assert named.status == health_pb2.HealthCheckResponse.SERVING
