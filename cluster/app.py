@@ -37,6 +37,7 @@ class ServeConfig:
     # Serve's autoscaling_config for the engine pool (replaces num_replicas when set).
     autoscaling: dict[str, Any] | None = None
     max_ongoing_requests: int = 256  # per engine replica, before Serve queues
+    max_queued_requests: int = 1024  # per router, beyond ongoing; more get HTTP 429
     engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -88,6 +89,7 @@ def _uses_gpu(cfg: ServeConfig) -> bool:
 def build_app(cfg: ServeConfig) -> Application:
     gpu = _uses_gpu(cfg)
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                               "max_queued_requests": cfg.max_queued_requests,
                                "health_check_period_s": 5, "health_check_timeout_s": 30}  # fmt: skip
     if cfg.autoscaling:
         from cluster.autoscale import POLICY

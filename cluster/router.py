@@ -126,8 +126,13 @@ def _completion_logprobs(entries: list[dict[str, Any]], body: Any) -> dict[str, 
 
 
 def _engine_error(e: BaseException) -> APIError:
+    from ray.serve.exceptions import BackPressureError
+
     if isinstance(e, ValueError):
         return bad_request(str(e))
+    if isinstance(e, BackPressureError):
+        return APIError(429, "the engine pool's queues are full; retry shortly",
+                        "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
     logger.warning("engine call failed: %s", e)
     return APIError(503, f"the engine is unavailable: {type(e).__name__}", "server_error",
                     code="engine_unavailable", headers={"Retry-After": "5"})  # fmt: skip
