@@ -73,6 +73,18 @@ def parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
 
+    b = sub.add_parser("bench", help="load a running server; TTFT/ITL percentiles and a plot")
+    b.add_argument("--url", default="http://127.0.0.1:8000")
+    b.add_argument("--model", default=None, help="default: the server's first model")
+    b.add_argument("--requests", type=int, default=128)
+    b.add_argument("--concurrency", type=int, default=16)
+    b.add_argument("--rate", type=float, default=None, help="requests/s (Poisson) instead")
+    b.add_argument("--prompt-words", type=int, default=200)
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--plot", default="kvserve-bench.png", help="PNG path ('' for none)")
+    b.add_argument("--json", default=None, help="write the summary here")
+    b.add_argument("--api-key", default=None)
+
     st = sub.add_parser("status", help="table of the cluster's engine instances")
     st.add_argument("--address", default="auto")
     st.add_argument("--json", action="store_true")
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     commands = {"serve": cmd_serve, "chat": cmd_chat, "generate": cmd_generate,
-                "status": cmd_status, "plan": cmd_plan}  # fmt: skip
+                "status": cmd_status, "plan": cmd_plan, "bench": cmd_bench}  # fmt: skip
     try:
         return int(commands[args.cmd](args))
     except ValueError as e:
@@ -267,6 +279,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     console.print(f"[dim]loaded in {load_s:.1f} s; {ntok} tokens in {gen_s:.2f} s "
                   f"({ntok / gen_s:.1f} tok/s)[/dim]")  # fmt: skip
     return 0
+
+
+# --- bench ------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from cluster import loadgen
+
+    ps = loadgen.prompts(args.requests, args.prompt_words)
+    records, wall = asyncio.run(loadgen.http_load(
+        args.url.rstrip("/"), args.model, ps, args.max_tokens,
+        None if args.rate else args.concurrency, args.rate, args.api_key,
+    ))  # fmt: skip
+    summary = loadgen.summarize(records, wall)
+    table = Table(title=f"{summary['ok']}/{summary['requests']} requests in {wall:.1f} s: "
+                        f"{summary['output_tok_s']:.0f} output tok/s")  # fmt: skip
+    table.add_column("latency")
+    for q in ("p50", "p90", "p99"):
+        table.add_column(q, justify="right")
+    for name in ("ttft_s", "itl_s", "e2e_s"):
+        table.add_row(
+            name.removesuffix("_s"),
+            *(f"{summary[name][q] * 1e3:.1f} ms" for q in ("p50", "p90", "p99")),
+        )
+    console.print(table)
+    for err in summary["errors"]:
+        console.print(f"[red]error:[/red] {err}")
+    if args.plot:
+        load = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}"
+        loadgen.plot(records, Path(args.plot), f"{args.url}: {load}")
+        console.print(f"[dim]plot: {args.plot}[/dim]")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] == summary["requests"] else 1
 
 
 # --- status -----------------------------------------------------------------------------

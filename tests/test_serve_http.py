@@ -343,3 +343,20 @@ def test_grpc_health(server: str) -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
         named = stub.Check(health_pb2.HealthCheckRequest(service="kvserve.v1.KVServe"), timeout=30)
         assert named.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_kvserve_bench_against_the_server(server: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    png, summary = tmp_path / "bench.png", tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "cluster.cli", "bench", "--url", server, "--requests", "8",
+           "--concurrency", "4", "--prompt-words", "20", "--max-tokens", "8", "--plot", str(png),
+           "--json", str(summary)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(summary.read_text())
+    assert result["ok"] == 8 and result["output_tokens"] == 64
+    assert 0 < result["ttft_s"]["p50"] <= result["e2e_s"]["p99"]
+    assert png.stat().st_size > 1000 and "ttft" in out.stdout

@@ -1,0 +1,173 @@
+"""Load against an OpenAI-compatible server (``kvserve bench``) or an in-process engine.
+
+Each request streams ``/v1/completions`` and records when it was sent, when each
+chunk arrived and how many tokens it carried. ``summarize`` turns the records into
+TTFT / ITL / end-to-end percentiles and throughput; ``plot`` draws them (PNG).
+Concurrency mode keeps ``concurrency`` requests in flight; rate mode sends a Poisson
+stream at ``rate`` requests per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Record:
+    sent: float
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens)
+    error: str | None = None
+    prompt_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunks[0][0] - self.sent if self.chunks else None
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+    def itls(self) -> list[float]:
+        out = []
+        for (t0, _), (t1, n) in zip(self.chunks, self.chunks[1:], strict=False):
+            out.extend([(t1 - t0) / max(n, 1)] * max(n, 1))
+        return out
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts of about ``length`` words (no shared prefix)."""
+    rng = random.Random(seed)
+    words = ["river", "stone", "cloud", "lamp", "orbit", "garden", "signal", "copper", "winter", "market", "lantern", "harbor", "violet", "engine", "meadow", "falcon", "quartz", "ember"]  # fmt: skip
+    return [f"{i}: " + " ".join(rng.choice(words) for _ in range(length)) for i in range(n)]
+
+
+async def _http_one(client: Any, url: str, model: str, prompt: str, max_tokens: int,
+                    headers: dict[str, str]) -> Record:  # fmt: skip
+    rec = Record(sent=time.perf_counter())
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return rec
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                for c in chunk.get("choices", []):
+                    if c.get("text"):
+                        rec.chunks.append((now, 1))
+    except Exception as e:  # recorded, the run goes on
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+async def run_load(one: Callable[[str], Awaitable[Record]], prompt_list: list[str],
+                   concurrency: int | None, rate: float | None, progress: bool = True,
+                   seed: int = 0) -> tuple[list[Record], float]:  # fmt: skip
+    """Sends every prompt through ``one``; returns the records and the wall time."""
+    from tqdm.asyncio import tqdm
+
+    bar = tqdm(total=len(prompt_list), disable=not progress, desc="requests")
+    records: list[Record] = []
+    t0 = time.perf_counter()
+
+    async def wrapped(p: str) -> None:
+        records.append(await one(p))
+        bar.update(1)
+
+    if rate:
+        rng = random.Random(seed)
+        tasks = []
+        for p in prompt_list:
+            tasks.append(asyncio.create_task(wrapped(p)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    else:
+        sem = asyncio.Semaphore(concurrency or 1)
+
+        async def limited(p: str) -> None:
+            async with sem:
+                await wrapped(p)
+
+        await asyncio.gather(*(limited(p) for p in prompt_list))
+    bar.close()
+    return records, time.perf_counter() - t0
+
+
+async def http_load(url: str, model: str | None, prompt_list: list[str], max_tokens: int,
+                    concurrency: int | None, rate: float | None, api_key: str | None = None,
+                    progress: bool = True) -> tuple[list[Record], float]:  # fmt: skip
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=(concurrency or 256) + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        if model is None:
+            model = (await client.get(f"{url}/v1/models", headers=headers)).json()["data"][0]["id"]
+        name = model
+        return await run_load(
+            lambda p: _http_one(client, url, name, p, max_tokens, headers), prompt_list,
+            concurrency, rate, progress,
+        )  # fmt: skip
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def summarize(records: list[Record], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in records if r.error is None and r.chunks]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    itl = [x for r in ok for x in r.itls()]
+    e2e = [r.chunks[-1][0] - r.sent for r in ok]
+    tokens = sum(r.tokens for r in ok)
+    out: dict[str, Any] = {"requests": len(records), "ok": len(ok),
+                           "errors": [r.error for r in records if r.error][:5],
+                           "wall_s": wall_s, "output_tokens": tokens,
+                           "output_tok_s": tokens / wall_s if wall_s else float("nan")}  # fmt: skip
+    for name, xs in (("ttft_s", ttft), ("itl_s", itl), ("e2e_s", e2e)):
+        out[name] = {"p50": _pct(xs, 50), "p90": _pct(xs, 90), "p99": _pct(xs, 99),
+                     "mean": statistics.fmean(xs) if xs else float("nan")}  # fmt: skip
+    return out
+
+
+def plot(records: list[Record], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.error is None and r.chunks]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.hist([r.ttft for r in ok], bins=30)
+    a.set_xlabel("time to first token (s)")
+    a.set_ylabel("requests")
+    itl = sorted(x * 1e3 for r in ok for x in r.itls())
+    if itl:
+        b.plot(itl, [i / len(itl) for i in range(len(itl))])
+    b.set_xlabel("inter-token latency (ms)")
+    b.set_ylabel("fraction of tokens")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def records_json(records: list[Record]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in records]
