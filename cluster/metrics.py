@@ -11,6 +11,7 @@ cache usage, prefix-cache queries and hits (tokens), preemptions.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from ray.util import metrics
@@ -64,6 +65,15 @@ class EngineMetrics:
                   self.running, self.waiting, self.kv_usage, self.prefix_queries,
                   self.prefix_hits, self.preemptions):  # fmt: skip
             m.set_default_tags(self.tags)
+        # Publish every counter at 0 from the start (Prometheus practice: a series that
+        # exists before its first event makes rate() and dashboards work). Ray's public
+        # inc() refuses 0, so this uses its recording call; skipped if that changes.
+        for c in (self.prompt_tokens, self.generation_tokens, self.prefix_queries,
+                  self.prefix_hits, self.preemptions):  # fmt: skip
+            record = getattr(c, "_record", None)
+            if record is not None:
+                with contextlib.suppress(Exception):  # newer Ray: appears at its first event
+                    record(0.0)
         self._last: dict[str, float] = {}
 
     def sample(self, stats: dict[str, Any]) -> None:

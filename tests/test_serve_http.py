@@ -285,6 +285,13 @@ def test_status_and_metrics(server: str, client: Any, ray_cluster: Any) -> None:
         time.sleep(2)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"not exported: {missing}"
+    # Every series the Grafana dashboard queries is one Ray exports.
+    import re
+
+    dashboard = (Path(__file__).parents[1] / "docs" / "grafana-kvserve.json").read_text()
+    used = set(re.findall(r"ray_kvserve_\w+", dashboard))
+    exported = set(re.findall(r"^(ray_kvserve_\w+)", text, re.M))
+    assert used and used <= exported, f"dashboard queries unknown series: {sorted(used - exported)}"
 
 
 def test_grpc_matches_http(grpc_stub: Any, client: Any) -> None:

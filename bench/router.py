@@ -1,0 +1,146 @@
+"""The router's own cost: the same streaming load through the Serve app's HTTP API and
+straight into an in-process ``AsyncEngine`` with the same engine arguments.
+
+``python -m bench.router [--device cpu|cuda] [--model M] [--concurrency 16]
+[--requests 64] [--prompt-words 64] [--max-tokens 32] [--out DIR]``
+
+``--model`` takes an HF directory / GGUF, or a bench shape name (random weights,
+``load_format=dummy``). The in-process run goes first, then a local Ray starts and the
+app serves the same engine in a replica. Ratios: TTFT added at the median and p90
+(served − in-process), and throughput served / in-process. One record under
+``bench/results/`` (suite ``router``); ``python -m bench.report`` renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import RESULTS_DIR, environment, write_result
+from cluster import loadgen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.synthetic import MODELS, make_config, write_model_dir
+
+    kw: dict[str, Any] = {"device": args.device, "max_model_len": args.max_model_len,
+                          "max_num_seqs": max(64, args.concurrency)}  # fmt: skip
+    if args.model in MODELS:
+        import tempfile
+
+        kw["model"] = str(
+            write_model_dir(make_config(args.model), Path(tempfile.mkdtemp()) / args.model)
+        )
+        kw["load_format"] = "dummy"
+    else:
+        kw["model"] = args.model
+    return kw
+
+
+async def in_process(
+    kw: dict[str, Any], ps: list[str], args: argparse.Namespace
+) -> tuple[Any, float]:
+    from cluster.async_engine import AsyncEngine
+    from engine.llm_engine import EngineArgs
+    from engine.sampling_params import SamplingParams
+
+    engine = AsyncEngine(EngineArgs(**kw))
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+
+    async def one(prompt: str) -> loadgen.Record:
+        rec = loadgen.Record(sent=time.perf_counter())
+        seen = 0
+        async for out in engine.generate(prompt, params):
+            n = len(out.outputs[0].token_ids)
+            if n > seen:
+                rec.chunks.append((time.perf_counter(), n - seen))
+                seen = n
+        return rec
+
+    await loadgen.run_load(one, loadgen.prompts(4, 16, seed=99), args.concurrency, None, False)
+    result = await loadgen.run_load(one, ps, args.concurrency, None)
+    engine.shutdown()
+    return result
+
+
+def served(kw: dict[str, Any], ps: list[str], args: argparse.Namespace) -> tuple[Any, float]:
+    import ray
+    from ray import serve
+
+    from cluster.app import ServeConfig, run
+
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    port = _free_port()
+    model = kw.pop("model")
+    cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
+                      grpc_port=0, engine=kw)  # fmt: skip
+    run(cfg)
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
+                                  args.concurrency, None, progress=False))  # fmt: skip
+    result = asyncio.run(
+        loadgen.http_load(url, "bench", ps, args.max_tokens, args.concurrency, None)
+    )
+    serve.shutdown()
+    ray.shutdown()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.router", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    kw = engine_args(args)
+    ps = loadgen.prompts(args.requests, args.prompt_words)
+    local_records, local_wall = asyncio.run(in_process(dict(kw), ps, args))
+    gc.collect()
+    http_records, http_wall = served(dict(kw), ps, args)
+    local = loadgen.summarize(local_records, local_wall)
+    http = loadgen.summarize(http_records, http_wall)
+    ratios = {
+        "ttft_p50_added_ms": (http["ttft_s"]["p50"] - local["ttft_s"]["p50"]) * 1e3,
+        "ttft_p90_added_ms": (http["ttft_s"]["p90"] - local["ttft_s"]["p90"]) * 1e3,
+        "itl_p50_added_ms": (http["itl_s"]["p50"] - local["itl_s"]["p50"]) * 1e3,
+        "throughput_served_over_in_process": http["output_tok_s"] / local["output_tok_s"],
+    }
+    device = torch.device(args.device if args.device != "auto" else "cpu")
+    result = {
+        "peer": "the same engine in process (AsyncEngine, no HTTP, no Serve)",
+        "config": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"model": args.model or "SmolLM2-135M-Instruct"},
+        "raw": {"in_process": local, "served": http},
+        "ratios": ratios,
+        "notes": {
+            "*_added_ms": "served − in-process at that percentile (what the router, Serve's "
+            "proxy and the handle add); goal on GPU: <= 3 ms at the median, 64 streams",
+            "throughput_served_over_in_process": "output tokens/s through HTTP over in process; "
+            "goal on GPU: >= 0.9 at 64 concurrent streams",
+        },
+    }
+    path = write_result(args.out, "router", "ROUTER", environment(device), {}, result)
+    print(ratios, "->", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
