@@ -86,7 +86,7 @@ def served(kw: dict[str, Any], ps: list[str], args: argparse.Namespace) -> tuple
     port = _free_port()
     model = kw.pop("model")
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
-                      grpc_port=0, engine=kw)  # fmt: skip
+                      grpc_port=0, engine=kw, stream_interval_s=args.stream_interval)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--stream-interval", type=float, default=0.0,
+                   help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     kw = engine_args(args)

@@ -38,6 +38,7 @@ class ServeConfig:
     autoscaling: dict[str, Any] | None = None
     max_ongoing_requests: int = 256  # per engine replica, before Serve queues
     max_queued_requests: int = 1024  # per router, beyond ongoing; more get HTTP 429
+    stream_interval_s: float = 0.0  # least gap between a stream's messages (0: every step)
     engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -104,7 +105,9 @@ def build_app(cfg: ServeConfig) -> Application:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
     else:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
-    engine = EngineDeployment.options(**options).bind(cfg.engine_args(), cfg.served_name)
+    engine = EngineDeployment.options(**options).bind(
+        cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s
+    )
     router: Any = Router
     return router.options(num_replicas=1, max_ongoing_requests=4096).bind(engine, cfg.served_name)
 

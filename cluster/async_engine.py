@@ -5,7 +5,7 @@ commands (add, abort) from a queue, steps while any request is unfinished, and h
 each request's outputs to the asyncio loop that asked for them. Callers see:
 
 - ``generate(...)``: an async iterator of cumulative ``RequestOutput``s, the last one
-  ``finished``. Bad input raises ``ValueError`` (naming the problem) before anything is
+  ``finished``; a consumer slower than the steps skips to the newest output. Bad input raises ``ValueError`` (naming the problem) before anything is
   queued. Leaving the iteration early (client gone, ``aclose``, cancellation) aborts
   the request, and its blocks return to the pool.
 - If a step raises (a worker group that died, say), the engine is dead: every open
@@ -74,6 +74,13 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                # Outputs are cumulative: a consumer that fell behind gets the newest one
+                # only (one message for several steps, no added latency when it keeps up).
+                while not isinstance(item, BaseException) and not item.finished:
+                    try:
+                        item = stream.queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

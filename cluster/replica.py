@@ -13,6 +13,7 @@ client went away) aborts the request in the engine, so its blocks return to the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -43,8 +44,12 @@ def _replica_id() -> str:
 
 
 class EngineReplica:
-    def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both") -> None:
+    def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both",
+                 stream_interval_s: float = 0.0) -> None:  # fmt: skip
         self.model_name = model_name
+        # Least time between two messages of one stream after the first token: fewer,
+        # larger messages through Serve when many streams run (0: one per step).
+        self.stream_interval_s = stream_interval_s
         self.role = role
         self.replica_id = _replica_id()
         self.engine = AsyncEngine(EngineArgs(**engine_args))
@@ -113,7 +118,11 @@ class EngineReplica:
                 timer.finish(now, delta["prompt_tokens"])
             if delta["choices"] or out.finished:
                 yield delta
-            out = None if out.finished else await anext(stream, None)
+            if out.finished:
+                break
+            if self.stream_interval_s and timer.last is not None:
+                await asyncio.sleep(self.stream_interval_s)  # outputs pile up; newest wins
+            out = await anext(stream, None)
 
     def _delta(self, out: RequestOutput, sent: dict[int, tuple[int, int]]) -> dict[str, Any]:
         choices = []
