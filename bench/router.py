@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--tag", default="", help="suffix of the workload name (ROUTER-TAG)")
     args = p.parse_args(argv)
     kw = engine_args(args)
     ps = loadgen.prompts(args.requests, args.prompt_words)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if args.device != "auto" else "cpu")
     result = {
         "peer": "the same engine in process (AsyncEngine, no HTTP, no Serve)",
-        "config": {k: v for k, v in vars(args).items() if k != "out"}
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag")}
         | {"model": args.model or "SmolLM2-135M-Instruct"},
         "raw": {"in_process": local, "served": http},
         "ratios": ratios,
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             "goal on GPU: >= 0.9 at 64 concurrent streams",
         },
     }
-    path = write_result(args.out, "router", "ROUTER", environment(device), {}, result)
+    name = f"ROUTER-{args.tag}" if args.tag else "ROUTER"
+    path = write_result(args.out, "router", name, environment(device), {}, result)
     print(ratios, "->", path)
     return 0
 
