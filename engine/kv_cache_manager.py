@@ -77,6 +77,22 @@ class KVCacheManager:
         self._cache_full_blocks(request, table, total, already=len(cached_blocks))
         return True
 
+    def allocate_for_transfer(self, request: Request, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` of K/V that will arrive from another instance:
+        allocated but not hashed into the prefix cache (nobody may hit them before the
+        data lands; ``commit_transfer`` hashes them). None when the pool has no room."""
+        assert request.request_id not in self._tables
+        n = self.num_blocks_for(num_tokens)
+        if n > self.pool.num_free_blocks:
+            return None
+        table = self.pool.allocate(n)
+        self._tables[request.request_id] = table
+        return list(table)
+
+    def commit_transfer(self, request: Request, num_tokens: int) -> None:
+        """The transferred K/V of ``num_tokens`` tokens is in place: hash its full blocks."""
+        self._cache_full_blocks(request, self._tables[request.request_id], num_tokens, already=0)
+
     def _cache_full_blocks(
         self, request: Request, table: list[int], num_tokens: int, already: int
     ) -> None:

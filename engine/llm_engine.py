@@ -7,6 +7,7 @@ for offline use. Synchronous and deterministic given its inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -199,7 +200,15 @@ class LLMEngine:
         Raises ``ValueError`` naming the problem (empty prompt, too long, token ids
         outside the vocabulary, duplicate id); nothing is queued then.
         """
-        params = params or SamplingParams()
+        group = self._new_group(prompt, params or SamplingParams(), request_id)
+        for sample in group.samples:
+            self.scheduler.add_request(sample)
+        return group.request_id
+
+    def _new_group(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None
+    ) -> _Group:
+        """Validates a request and registers its group (not yet with the scheduler)."""
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
@@ -224,10 +233,61 @@ class LLMEngine:
         ]
         group = _Group(request_id, text, ids, samples, detoks)
         self._groups[request_id] = group
-        for s in samples:
-            self._sample_group[s.request_id] = group
-            self.scheduler.add_request(s)
-        return request_id
+        for sample in samples:
+            self._sample_group[sample.request_id] = group
+        return group
+
+    # --- disaggregated prefill / decode ------------------------------------------------
+    def add_prefill_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:  # fmt: skip
+        """Prefill-only: computes the prompt and samples the first token; the request
+        then finishes (``finish_reason`` "length" unless it stopped) but keeps its blocks,
+        listed in its output's ``kv_block_ids``, until ``release_kv``."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("a disaggregated request has n=1")
+        group = self._new_group(prompt, dataclasses.replace(params, max_tokens=1, min_tokens=0),
+                                request_id)  # fmt: skip
+        sample = group.samples[0]
+        sample.hold_kv = True
+        self.scheduler.add_request(sample)
+        return group.request_id
+
+    def release_kv(self, request_id: str) -> bool:
+        """Frees the blocks a prefill-only request kept (its transfer is done or given
+        up); they stay in the prefix cache. False if it held none."""
+        return self.scheduler.release_held(request_id)
+
+    def add_transferred_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> list[int] | None:  # fmt: skip
+        """Decode side: registers a request whose prompt K/V comes from a prefill
+        instance and returns the block ids to receive it into (None: no room now,
+        nothing registered). Call ``finish_transfer`` once the blocks are written."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("a disaggregated request has n=1")
+        group = self._new_group(prompt, params, request_id)
+        blocks = self.scheduler.add_transferred(group.samples[0])
+        if blocks is None:
+            del self._groups[group.request_id]
+            self._sample_group.pop(group.samples[0].request_id, None)
+        return blocks
+
+    def finish_transfer(self, request_id: str, first_token: int) -> RequestOutput:
+        """The prompt's K/V is in the blocks ``add_transferred_request`` gave: the request
+        takes the prefill side's first token and decodes from here. Returns the output
+        carrying that token (finished if it already ends the request)."""
+        group = self._groups[request_id]
+        sample = group.samples[0]
+        self.scheduler.transfer_done(sample)
+        group.first_token_time = time.monotonic()
+        self._append_token(sample, group, first_token)
+        done = self._finish_group_if_done(group)
+        return done if done is not None else self._output(group)
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -332,6 +392,7 @@ class LLMEngine:
                 )
             )
         finished = all(o.finished for o in outs)
+        held = group.samples[0].hold_kv and finished and self.kv is not None
         metrics = {"arrival": group.arrival}
         if group.first_token_time is not None:
             metrics["ttft_s"] = group.first_token_time - group.arrival
@@ -343,6 +404,7 @@ class LLMEngine:
             finished=finished,
             num_cached_tokens=max(0, group.samples[0].num_cached_tokens),
             metrics=metrics,
+            kv_block_ids=list(self.kv.block_table(group.request_id)) if held and self.kv else None,
         )
 
     def shutdown(self) -> None:
@@ -363,4 +425,8 @@ class LLMEngine:
         if self.kv is None:
             return True
         self.kv.pool.check()
-        return self.kv.pool.num_free_blocks == self.kv.pool.num_blocks and self.kv.num_requests == 0
+        return (
+            self.kv.pool.num_free_blocks == self.kv.pool.num_blocks
+            and self.kv.num_requests == 0
+            and not self.scheduler.held
+        )

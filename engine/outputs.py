@@ -33,3 +33,6 @@ class RequestOutput:
     # Prompt tokens whose K/V came from the prefix cache (first admission).
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Prefill-only requests (disaggregated): the blocks holding the prompt's K/V, kept
+    # until ``LLMEngine.release_kv``.
+    kv_block_ids: list[int] | None = None

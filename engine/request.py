@@ -9,6 +9,7 @@ from engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks allocated, K/V coming from a prefill instance
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -46,6 +47,7 @@ class Request:
         "all_token_ids",
         "block_hashes",
         "cumulative_logprob",
+        "hold_kv",
         "logprobs",
         "max_tokens",
         "num_cached_tokens",
@@ -91,6 +93,8 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
+        # Prefill-only (disaggregated): on finishing, keep the blocks until released.
+        self.hold_kv = False
 
     @property
     def prompt_token_ids(self) -> list[int]:

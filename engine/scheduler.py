@@ -29,6 +29,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.held: dict[str, Request] = {}  # finished prefill-only requests keeping blocks
         self.prefix_cache_queries = 0  # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0  # of which found in the prefix cache
 
@@ -47,9 +48,45 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        if self.kv is not None:
-            self.kv.free(request)
         del self.requests[request.request_id]
+        if self.kv is None:
+            return
+        if request.hold_kv and status != RequestStatus.FINISHED_ABORTED:
+            self.held[request.request_id] = request  # its K/V is being sent elsewhere
+        else:
+            self.kv.free(request)
+
+    def release_held(self, request_id: str) -> bool:
+        """Frees the blocks of a finished prefill-only request (transfer done or given
+        up); its full blocks stay in the prefix cache. False if none was held."""
+        request = self.held.pop(request_id, None)
+        if request is None or self.kv is None:
+            return False
+        self.kv.free(request)
+        return True
+
+    def add_transferred(self, request: Request) -> list[int] | None:
+        """Registers a request whose prompt K/V will arrive from another instance; returns
+        the block ids to receive into (None: no room now). It is not scheduled until
+        ``transfer_done``."""
+        assert self.kv is not None, "a transfer needs the KV cache"
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        blocks = self.kv.allocate_for_transfer(request, request.num_prompt_tokens)
+        if blocks is None:
+            return None
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        return blocks
+
+    def transfer_done(self, request: Request) -> None:
+        """The prompt's K/V is in place: the request decodes from here."""
+        assert self.kv is not None and request.status == RequestStatus.WAITING_FOR_KV
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_cached_tokens = 0
+        self.kv.commit_transfer(request, request.num_prompt_tokens)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def abort(self, request_id: str) -> Request | None:
         """Aborts a request at any point; returns it, or None if unknown/finished."""

@@ -1,0 +1,74 @@
+"""The engine's side of disaggregation, in one process: a prefill instance computes
+prompts and keeps their blocks; a decode instance receives the blocks into ids it
+allocated and continues. Greedy tokens equal the colocated engine's; pools end whole;
+a transferred prompt's blocks become prefix cache on the decode side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.llm_engine import EngineArgs
+from tests.factories import random_prompts
+from workers.kv_transfer import pack_blocks, unpack_blocks
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def _run(engine: LLMEngine, done: dict[str, list[int]]) -> None:
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+
+
+def test_prefill_to_decode_handoff_matches_colocated(tiny_dirs: dict[str, Path]) -> None:
+    model = tiny_dirs["llama3"]
+    prompts = random_prompts(6, 5, 60, 512, seed=21)
+    ref = [o.outputs[0].token_ids for o in LLM(model, device="cpu").generate(prompts, GREEDY)]
+    prefill = LLMEngine(EngineArgs(model=model, device="cpu", num_blocks=64))
+    decode = LLMEngine(EngineArgs(model=model, device="cpu", num_blocks=48, max_model_len=256))
+    # The decode instance is busy with a colocated request of its own meanwhile.
+    decode.add_request(prompts[0], GREEDY, "local")
+    for _ in range(3):
+        decode.step()
+    for i, p in enumerate(prompts):
+        prefill.add_prefill_request(p, GREEDY, f"r{i}")
+    firsts: dict[str, tuple[int, list[int]]] = {}
+    while prefill.has_unfinished_requests():
+        for out in prefill.step():
+            assert out.finished and out.kv_block_ids
+            firsts[out.request_id] = (out.outputs[0].token_ids[0], out.kv_block_ids)
+    done: dict[str, list[int]] = {}
+    for i in reversed(range(len(prompts))):  # a different order than the prefills
+        rid = f"r{i}"
+        first, src = firsts[rid]
+        dst = decode.add_transferred_request(prompts[i], GREEDY, rid)
+        assert dst is not None and len(dst) == len(src)
+        unpack_blocks(decode.runner.kv_caches, dst, pack_blocks(prefill.runner.kv_caches, src))
+        assert prefill.release_kv(rid)
+        out = decode.finish_transfer(rid, first)
+        assert out.outputs[0].token_ids == [first]
+        decode.step()  # interleave admissions with decode steps
+    _run(decode, done)
+    assert [done[f"r{i}"] for i in range(len(prompts))] == ref
+    assert done["local"] == ref[0]
+    assert prefill.pool_is_whole() and decode.pool_is_whole()
+    # The transferred prompt is now prefix cache on the decode side.
+    decode.add_request(prompts[3], GREEDY, "again")
+    outs: list = []
+    while decode.has_unfinished_requests():
+        outs.extend(decode.step())
+    assert outs[-1].num_cached_tokens >= 16 * ((len(prompts[3]) - 1) // 16)
+    assert outs[-1].outputs[0].token_ids == ref[3]
+
+
+def test_no_room_on_the_decode_side_registers_nothing(tiny_dirs: dict[str, Path]) -> None:
+    decode = LLMEngine(EngineArgs(model=tiny_dirs["llama3"], device="cpu", num_blocks=8,
+                                  max_model_len=128))  # fmt: skip
+    first = decode.add_transferred_request(list(range(3, 103)), GREEDY, "first")
+    assert first is not None and len(first) == 7
+    assert decode.add_transferred_request(list(range(3, 43)), GREEDY, "more") is None
+    assert decode.num_unfinished_requests == 1  # nothing registered for "more"
+    decode.abort("first")  # aborted while waiting for its K/V: the blocks come back
+    assert decode.pool_is_whole() and not decode.has_unfinished_requests()
