@@ -72,3 +72,72 @@ def test_no_room_on_the_decode_side_registers_nothing(tiny_dirs: dict[str, Path]
     assert decode.num_unfinished_requests == 1  # nothing registered for "more"
     decode.abort("first")  # aborted while waiting for its K/V: the blocks come back
     assert decode.pool_is_whole() and not decode.has_unfinished_requests()
+
+
+class _EngineActor:
+    """An engine instance in its own process with one KV channel end."""
+
+    def __init__(self, model: str, num_blocks: int) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.engine = LLMEngine(EngineArgs(model=model, device="cpu", num_blocks=num_blocks))
+        self.channel = None
+
+    def connect(self, store: str, role: int) -> None:
+        from workers.kv_transfer import KVChannel
+
+        self.channel = KVChannel(store, role, "gloo", timeout_s=60)
+
+    def prefill(self, rid: str, prompt: list[int]) -> tuple[int, int]:
+        """Runs the prompt; returns (first token, number of blocks to send)."""
+        self.engine.add_prefill_request(prompt, GREEDY, rid)
+        while True:
+            for out in self.engine.step():
+                if out.request_id == rid and out.finished:
+                    assert out.kv_block_ids is not None
+                    self._held = out.kv_block_ids
+                    return out.outputs[0].token_ids[0], len(out.kv_block_ids)
+
+    def send(self, rid: str) -> int:
+        assert self.channel is not None
+        n = self.channel.send(self.engine.runner.kv_caches, self._held)
+        self.engine.release_kv(rid)
+        return n
+
+    def receive_and_decode(self, rid: str, prompt: list[int], first: int) -> list[int]:
+        assert self.channel is not None
+        dst = self.engine.add_transferred_request(prompt, GREEDY, rid)
+        assert dst is not None
+        self.channel.recv(self.engine.runner.kv_caches, dst)
+        self.engine.finish_transfer(rid, first)
+        done: dict[str, list[int]] = {}
+        _run(self.engine, done)
+        return done[rid]
+
+    def whole(self) -> bool:
+        return self.engine.pool_is_whole()
+
+
+def test_handoff_between_actors_over_gloo(ray_cluster, tiny_dirs: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    from workers.comm import new_store_path
+    from workers.kv_transfer import RECEIVER, SENDER
+
+    model = str(tiny_dirs["llama3"])
+    prompts = random_prompts(3, 10, 50, 512, seed=4)
+    ref = [o.outputs[0].token_ids for o in LLM(model, device="cpu").generate(prompts, GREEDY)]
+    Actor = ray.remote(num_cpus=0)(_EngineActor)
+    p, d = Actor.remote(model, 64), Actor.remote(model, 40)
+    store = new_store_path()
+    ray.get([p.connect.remote(store, SENDER), d.connect.remote(store, RECEIVER)])
+    for i, prompt in enumerate(prompts):
+        first, _ = ray.get(p.prefill.remote(f"r{i}", prompt))
+        sent, tokens = ray.get(
+            [p.send.remote(f"r{i}"), d.receive_and_decode.remote(f"r{i}", prompt, first)]
+        )
+        assert sent > 0 and tokens == ref[i]
+    assert ray.get(p.whole.remote()) and ray.get(d.whole.remote())
+    for a in (p, d):
+        ray.kill(a)
