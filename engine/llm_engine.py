@@ -284,6 +284,7 @@ class LLMEngine:
         group = self._groups[request_id]
         sample = group.samples[0]
         self.scheduler.transfer_done(sample)
+        self.sampler.skip_draws(sample, self.model_config.vocab_size, self.runner.device)
         group.first_token_time = time.monotonic()
         self._append_token(sample, group, first_token)
         done = self._finish_group_if_done(group)

@@ -47,6 +47,18 @@ class Sampler:
             self._gens[req.request_id] = gen
         return gen
 
+    def skip_draws(self, req: Request, vocab_size: int, device: torch.device, n: int = 1) -> None:
+        """Advances a seeded request's generator past ``n`` draws made elsewhere (the
+        prefill instance sampled its first token), so the next token is the one the
+        colocated engine would draw. A draw over ``vocab_size`` probabilities consumes
+        the same random numbers whatever the probabilities are."""
+        if req.sampling_params.greedy or req.sampling_params.seed is None:
+            return
+        gen = self._generator(req, device)
+        flat = torch.full((vocab_size,), 1.0 / vocab_size, device=device)
+        for _ in range(n):
+            torch.multinomial(flat, 1, generator=gen)
+
     def sample(
         self, logits: torch.Tensor, requests: list[Request], eos_ids: tuple[int, ...]
     ) -> SampleResult:

@@ -63,6 +63,28 @@ def test_prefill_to_decode_handoff_matches_colocated(tiny_dirs: dict[str, Path])
     assert outs[-1].outputs[0].token_ids == ref[3]
 
 
+def test_seeded_sampling_continues_where_the_prefill_left_off(tiny_dirs: dict[str, Path]) -> None:
+    model = tiny_dirs["llama3"]
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True)
+    prompt = list(range(20, 45))
+    ref = LLM(model, device="cpu").generate([prompt], sp)[0].outputs[0].token_ids
+    prefill = LLMEngine(EngineArgs(model=model, device="cpu", num_blocks=32))
+    decode = LLMEngine(EngineArgs(model=model, device="cpu", num_blocks=32))
+    prefill.add_prefill_request(prompt, sp, "s")
+    out = next(o for o in prefill.step() if o.finished)
+    assert out.kv_block_ids is not None
+    dst = decode.add_transferred_request(prompt, sp, "s")
+    assert dst is not None
+    unpack_blocks(
+        decode.runner.kv_caches, dst, pack_blocks(prefill.runner.kv_caches, out.kv_block_ids)
+    )
+    prefill.release_kv("s")
+    decode.finish_transfer("s", out.outputs[0].token_ids[0])
+    done: dict[str, list[int]] = {}
+    _run(decode, done)
+    assert done["s"] == ref
+
+
 def test_no_room_on_the_decode_side_registers_nothing(tiny_dirs: dict[str, Path]) -> None:
     decode = LLMEngine(EngineArgs(model=tiny_dirs["llama3"], device="cpu", num_blocks=8,
                                   max_model_len=128))  # fmt: skip
