@@ -72,6 +72,11 @@ class Scheduler:
         assert self.kv is not None, "a transfer needs the KV cache"
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        incoming = sum(
+            1 for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_KV
+        )
+        if len(self.running) + incoming >= self.config.max_num_seqs:
+            return None  # the batch is full: a transferred request would not be scheduled
         blocks = self.kv.allocate_for_transfer(request, request.num_prompt_tokens)
         if blocks is None:
             return None

@@ -94,6 +94,11 @@ def test_no_room_on_the_decode_side_registers_nothing(tiny_dirs: dict[str, Path]
     assert decode.num_unfinished_requests == 1  # nothing registered for "more"
     decode.abort("first")  # aborted while waiting for its K/V: the blocks come back
     assert decode.pool_is_whole() and not decode.has_unfinished_requests()
+    narrow = LLMEngine(EngineArgs(model=tiny_dirs["llama3"], device="cpu", num_blocks=16,
+                                  max_model_len=64, max_num_seqs=2))  # fmt: skip
+    assert narrow.add_transferred_request([5, 6, 7], GREEDY, "a") is not None
+    assert narrow.add_transferred_request([5, 6, 8], GREEDY, "b") is not None
+    assert narrow.add_transferred_request([5, 6, 9], GREEDY, "c") is None  # batch slots full
 
 
 class _EngineActor:
