@@ -39,6 +39,9 @@ class ServeConfig:
     max_ongoing_requests: int = 256  # per engine replica, before Serve queues
     max_queued_requests: int = 1024  # per router, beyond ongoing; more get HTTP 429
     stream_interval_s: float = 0.0  # least gap between a stream's messages (0: every step)
+    api_key: str | None = (
+        None  # required of clients (HTTP Bearer, gRPC metadata); or KVSERVE_API_KEY
+    )
     engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -109,7 +112,12 @@ def build_app(cfg: ServeConfig) -> Application:
         cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s
     )
     router: Any = Router
-    return router.options(num_replicas=1, max_ongoing_requests=4096).bind(engine, cfg.served_name)
+    router_options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 4096}
+    if cfg.api_key:
+        router_options["ray_actor_options"] = {
+            "runtime_env": {"env_vars": {"KVSERVE_API_KEY": cfg.api_key}}
+        }
+    return router.options(**router_options).bind(engine, cfg.served_name)
 
 
 GRPC_SERVICERS = [

@@ -35,6 +35,12 @@ MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 102
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
 
 
+def _api_key() -> str | None:
+    """The key clients must present: ``KVSERVE_API_KEY`` of this router process
+    (``ServeConfig.api_key`` reaches it through the deployment's runtime_env)."""
+    return os.environ.get("KVSERVE_API_KEY") or None
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
@@ -75,7 +81,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 @app.middleware("http")
 async def _guard(request: Request, call_next: Any) -> Any:
     """API key (all but /health) and body size, before the body is parsed."""
-    key = os.environ.get("KVSERVE_API_KEY")
+    key = _api_key()
     wrong_key = key and request.headers.get("authorization", "") != f"Bearer {key}"
     if wrong_key and request.url.path != "/health":
         return APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
@@ -324,7 +330,7 @@ class Router:
         INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED on ``context``."""
         import grpc
 
-        key = os.environ.get("KVSERVE_API_KEY")
+        key = _api_key()
         if key and context is not None:
             meta = dict(context.invocation_metadata())
             if meta.get("authorization") != f"Bearer {key}":

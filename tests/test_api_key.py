@@ -1,0 +1,60 @@
+"""With an API key configured, HTTP needs the Bearer token and gRPC the metadata, on
+everything but health."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+KEY = "sk-test-kvserve"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:
+    import grpc
+    from ray import serve
+
+    from cluster.app import ServeConfig, run
+    from protos import health_pb2, health_pb2_grpc, kvserve_pb2, kvserve_pb2_grpc
+
+    port, gport = _free_port(), _free_port()
+    cfg = ServeConfig(model=str(tiny_dirs["llama3"]), model_name="tiny", device="cpu",
+                      http_port=port, grpc_port=gport, api_key=KEY,
+                      engine={"max_model_len": 256})  # fmt: skip
+    run(cfg)
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4}
+    try:
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        wrong = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401
+        ok = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
+                        headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        with grpc.insecure_channel(f"127.0.0.1:{gport}") as channel:
+            stub = kvserve_pb2_grpc.KVServeStub(channel)
+            req = kvserve_pb2.GenerateRequest(token_ids=kvserve_pb2.TokenIds(ids=[5, 6, 7]),
+                                              sampling=kvserve_pb2.SamplingOptions(max_tokens=4))  # fmt: skip
+            try:
+                stub.Generate(req, timeout=60)
+                raise AssertionError("no key was accepted")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+            resp = stub.Generate(req, timeout=60, metadata=(("authorization", f"Bearer {KEY}"),))
+            assert resp.usage.completion_tokens == 4
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        serve.shutdown()
