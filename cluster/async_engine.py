@@ -180,6 +180,7 @@ class AsyncEngine:
         return {
             "time": time.time(),
             "tp": eng.args.tensor_parallel_size,
+            "block_size": eng.args.block_size,
             "running": len(sched.running),
             "waiting": len(sched.waiting),
             "num_blocks": pool.num_blocks if pool is not None else 0,

@@ -14,6 +14,8 @@ from typing import Any
 
 import ray
 
+from cluster.block_manager import GlobalBlockManager
+
 LEDGER_NAME = "kvserve-ledger"
 NAMESPACE = "kvserve"
 
@@ -22,17 +24,37 @@ class InstanceLedger:
     def __init__(self, stale_s: float = 10.0) -> None:
         self.stale_s = stale_s
         self._instances: dict[str, dict[str, Any]] = {}
+        # The block ledger the placements of the disaggregated pools will use.
+        self.blocks = GlobalBlockManager()
 
     def report(self, instance_id: str, info: dict[str, Any]) -> None:
-        self._instances[instance_id] = {**info, "instance_id": instance_id,
-                                        "reported_at": time.monotonic()}  # fmt: skip
+        now = time.monotonic()
+        self._instances[instance_id] = {**info, "instance_id": instance_id, "reported_at": now}
+        known = self.blocks.instances.get(instance_id)
+        capacity = int(info.get("num_blocks", 0))
+        if known is None or known.capacity != capacity:
+            self.blocks.register(instance_id, str(info.get("role", "both")), int(info.get("tp", 1)),
+                                 int(info.get("block_size", 16)), capacity, now=now)  # fmt: skip
+        used = capacity - int(info.get("free_blocks", capacity))
+        self.blocks.report(instance_id, used, int(info.get("running", 0)),
+                           int(info.get("waiting", 0)), now=now)  # fmt: skip
 
     def forget(self, instance_id: str) -> None:
         self._instances.pop(instance_id, None)
+        if instance_id in self.blocks.instances:
+            self.blocks.remove_instance(instance_id)
+
+    def totals(self) -> dict[str, int]:
+        """Capacity, used and reserved blocks over the live instances (the ledger's view)."""
+        self.instances()
+        return self.blocks.totals()
 
     def instances(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         live = {k: v for k, v in self._instances.items() if now - v["reported_at"] < self.stale_s}
+        for gone in set(self._instances) - set(live):
+            if gone in self.blocks.instances:
+                self.blocks.remove_instance(gone)  # a silent instance's reservations vanish
         self._instances = live
         return sorted(
             ({**v, "age_s": now - v["reported_at"]} for v in live.values()),
