@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -40,6 +41,13 @@ def _run(cmd: list[str]) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers a run or a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def git_commit() -> dict[str, Any]:

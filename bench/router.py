@@ -16,21 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import RESULTS_DIR, environment, write_result
+from bench.common import RESULTS_DIR, environment, free_port, write_result
 from cluster import loadgen
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +76,7 @@ def served(kw: dict[str, Any], ps: list[str], args: argparse.Namespace) -> tuple
     from cluster.app import ServeConfig, run
 
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     model = kw.pop("model")
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
                       grpc_port=0, engine=kw, stream_interval_s=args.stream_interval)  # fmt: skip

@@ -135,17 +135,30 @@ def grpc_options(cfg: ServeConfig) -> Any:
     return gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
 
 
-def start_serve(cfg: ServeConfig) -> None:
-    """Starts (or connects to) Ray, then Serve's HTTP proxy on ``cfg.host:cfg.http_port``."""
+def start_serve(
+    cfg: ServeConfig, address: str | None = None, dashboard: bool = False
+) -> str | None:
+    """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray on loopback, unless
+    Ray is up already; then Serve's proxies (HTTP on ``cfg.host:cfg.http_port``, gRPC on
+    ``cfg.grpc_port``). Returns the Ray dashboard's address when it started one."""
     import ray
 
+    url = None
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(_node_ip_address="127.0.0.1")
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ctx = ray.init(address=address)
+        else:
+            ctx = ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1")  # fmt: skip
+        url = getattr(ctx, "dashboard_url", None) or None
     serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
                 grpc_options=grpc_options(cfg))  # fmt: skip
+    return url
 
 
-def run(cfg: ServeConfig, blocking: bool = False) -> Any:
-    start_serve(cfg)
-    return serve.run(build_app(cfg), name="kvserve", route_prefix="/", blocking=blocking)
+def run(cfg: ServeConfig, address: str | None = None, dashboard: bool = False) -> str | None:
+    """Deploys the application as ``kvserve`` (see ``start_serve``); returns at once."""
+    url = start_serve(cfg, address, dashboard)
+    serve.run(build_app(cfg), name="kvserve", route_prefix="/")
+    return url

@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- serve ------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
     from ray import serve
 
-    from cluster.app import ServeConfig, build_app, grpc_options
+    from cluster.app import ServeConfig, run
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     for field, value in (("model", args.model), ("model_name", args.model_name),
@@ -135,17 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.engine = {**cfg.engine, "max_model_len": args.max_model_len}
     ServeConfig(**cfg.to_dict())  # validate
     t0 = time.perf_counter()
-    if args.address:
-        ctx = ray.init(address=args.address)
-    else:
-        # The embedded default: a local Ray on loopback only.
-        ctx = ray.init(dashboard_host="127.0.0.1", include_dashboard=True,
-                       _node_ip_address="127.0.0.1")  # fmt: skip
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
-                grpc_options=grpc_options(cfg))  # fmt: skip
-    serve.run(build_app(cfg), name="kvserve", route_prefix="/")
+    dashboard = run(cfg, args.address, dashboard=True)
     base = f"http://{cfg.host}:{cfg.http_port}"
-    dashboard = getattr(ctx, "dashboard_url", None)
     console.print(f"[bold green]kvserve is up[/bold green] in {time.perf_counter() - t0:.0f} s: "
                   f"model [bold]{cfg.served_name}[/bold], {cfg.num_replicas} instance(s), "
                   f"TP {cfg.tensor_parallel_size}")  # fmt: skip

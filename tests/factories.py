@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from bench.common import free_port
 from bench.synthetic import save_word_tokenizer
 
 TINY_COMMON: dict[str, Any] = dict(
@@ -96,3 +99,19 @@ def random_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+@contextmanager
+def serving(**config: Any) -> Iterator[Any]:
+    """The kvserve Serve application on loopback (free HTTP port, gRPC off unless
+    ``grpc_port`` is given) for the body of the ``with``; yields its ``ServeConfig``."""
+    from ray import serve
+
+    from cluster.app import ServeConfig, run
+
+    cfg = ServeConfig(**{"device": "cpu", "http_port": free_port(), "grpc_port": 0, **config})
+    run(cfg)
+    try:
+        yield cfg
+    finally:
+        serve.shutdown()

@@ -3,36 +3,25 @@ everything but health."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.factories import free_port, serving
+
 KEY = "sk-test-kvserve"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:
     import grpc
-    from ray import serve
 
-    from cluster.app import ServeConfig, run
     from protos import health_pb2, health_pb2_grpc, kvserve_pb2, kvserve_pb2_grpc
 
-    port, gport = _free_port(), _free_port()
-    cfg = ServeConfig(model=str(tiny_dirs["llama3"]), model_name="tiny", device="cpu",
-                      http_port=port, grpc_port=gport, api_key=KEY,
-                      engine={"max_model_len": 256})  # fmt: skip
-    run(cfg)
-    base = f"http://127.0.0.1:{port}"
-    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4}
-    try:
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", grpc_port=free_port(),
+                 api_key=KEY, engine={"max_model_len": 256}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4}
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -41,7 +30,7 @@ def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path]) 
         ok = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
                         headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
-        with grpc.insecure_channel(f"127.0.0.1:{gport}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as channel:
             stub = kvserve_pb2_grpc.KVServeStub(channel)
             req = kvserve_pb2.GenerateRequest(token_ids=kvserve_pb2.TokenIds(ids=[5, 6, 7]),
                                               sampling=kvserve_pb2.SamplingOptions(max_tokens=4))  # fmt: skip
@@ -56,5 +45,3 @@ def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path]) 
                 health_pb2.HealthCheckRequest(), timeout=30
             )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        serve.shutdown()

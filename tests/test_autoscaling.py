@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,11 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.factories import serving
 
 
 def _engine_replicas() -> int:
@@ -30,22 +25,12 @@ def _engine_replicas() -> int:
 def test_pool_scales_up_under_load_and_back_down(
     ray_cluster: Any, tiny_dirs: dict[str, Path]
 ) -> None:
-    from ray import serve
-
-    from cluster.app import ServeConfig, run
-
-    port = _free_port()
-    cfg = ServeConfig(
-        model=str(tiny_dirs["llama3"]), model_name="tiny", device="cpu", http_port=port,
-        grpc_port=0,
-        autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
-                     "metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1,
-                     "downscale_delay_s": 4},
-        engine={"max_num_seqs": 4, "max_model_len": 512},
-    )  # fmt: skip
-    run(cfg)
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    try:
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                   "metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1,
+                   "downscale_delay_s": 4}  # fmt: skip
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", autoscaling=autoscaling,
+                 engine={"max_num_seqs": 4, "max_model_len": 512}) as cfg:  # fmt: skip
+        url = f"http://127.0.0.1:{cfg.http_port}/v1/completions"
         assert _engine_replicas() == 1
         stop = threading.Event()
         errors: list[str] = []
@@ -74,8 +59,6 @@ def test_pool_scales_up_under_load_and_back_down(
         while _engine_replicas() > 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _engine_replicas() == 1
-    finally:
-        serve.shutdown()
 
 
 class _Config:

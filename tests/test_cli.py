@@ -4,25 +4,20 @@ SmolLM2, answers a chat request through its HTTP API, and stops."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.factories import free_port
 
 
 @pytest.mark.slow
 def test_kvserve_serve_answers_a_chat(smollm2_dir: Path) -> None:
     env = {**os.environ, "RAY_ADDRESS": ""}
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--device", "cpu", "--max-model-len",
-           "1024", "--port", str(_free_port()), "--chat", "What is the capital of France?",
+           "1024", "--port", str(free_port()), "--chat", "What is the capital of France?",
            "--exit"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
+from tests.factories import free_port, serving
 
 MODEL = "SmolLM2-135M-Instruct"
 LONG_PROMPT = (
@@ -24,49 +24,44 @@ LONG_PROMPT = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(scope="module")
+def app(ray_cluster: Any, smollm2_dir: Path) -> Any:
+    """The application's ServeConfig, once /health answers."""
+    with serving(model=str(smollm2_dir), model_name=MODEL, grpc_port=free_port(),
+                 engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2}) as cfg:  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    httpx.get(f"http://127.0.0.1:{cfg.http_port}/health", timeout=5).status_code
+                    == 200
+                ):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield cfg
 
 
 @pytest.fixture(scope="module")
-def grpc_stub(server: str) -> Any:
+def server(app: Any) -> str:
+    return f"http://127.0.0.1:{app.http_port}"
+
+
+@pytest.fixture(scope="module")
+def grpc_target(app: Any) -> str:
+    return f"127.0.0.1:{app.grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(grpc_target: str) -> Any:
     import grpc
 
     from protos import kvserve_pb2_grpc
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{server_grpc_port[0]}")
+    channel = grpc.insecure_channel(grpc_target)
     yield kvserve_pb2_grpc.KVServeStub(channel)
     channel.close()
-
-
-server_grpc_port: list[int] = []
-
-
-@pytest.fixture(scope="module")
-def server(ray_cluster: Any, smollm2_dir: Path) -> Any:
-    from ray import serve
-
-    from cluster.app import ServeConfig, run
-
-    port = _free_port()
-    cfg = ServeConfig(model=str(smollm2_dir), model_name=MODEL, device="cpu", http_port=port,
-                      grpc_port=_free_port(),
-                      engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2})  # fmt: skip
-    run(cfg)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server_grpc_port[:] = [cfg.grpc_port]
-    yield base
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -357,12 +352,12 @@ def test_grpc_bad_input(grpc_stub: Any) -> None:
         assert info.value.details()
 
 
-def test_grpc_health(server: str) -> None:
+def test_grpc_health(grpc_target: str) -> None:
     import grpc
 
     from protos import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{server_grpc_port[0]}") as channel:
+    with grpc.insecure_channel(grpc_target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING

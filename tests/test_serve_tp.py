@@ -3,26 +3,18 @@ of its placement group, its rank actor bundle 1; output equals the TP=1 engine's
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from engine import LLM, SamplingParams
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.factories import serving
 
 
 def test_tp2_replica_serves_the_tp1_tokens(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:
     from ray import serve
     from ray.util import placement_group_table
-
-    from cluster.app import ServeConfig, run
 
     prompt = [7, 8, 9, 10, 11]
     ref = (
@@ -30,13 +22,9 @@ def test_tp2_replica_serves_the_tp1_tokens(ray_cluster: Any, tiny_dirs: dict[str
         .generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
         .outputs[0]
     )
-    port = _free_port()
-    cfg = ServeConfig(model=str(tiny_dirs["llama3"]), model_name="tiny", device="cpu",
-                      http_port=port, grpc_port=0, tensor_parallel_size=2,
-                      engine={"max_model_len": 256})  # fmt: skip
-    run(cfg)
-    try:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", tensor_parallel_size=2,
+                 engine={"max_model_len": 256}) as cfg:  # fmt: skip
+        r = httpx.post(f"http://127.0.0.1:{cfg.http_port}/v1/completions", timeout=120,
                        json={"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0,
                              "ignore_eos": True, "logprobs": 0})  # fmt: skip
         assert r.status_code == 200, r.text
@@ -48,5 +36,3 @@ def test_tp2_replica_serves_the_tp1_tokens(ray_cluster: Any, tiny_dirs: dict[str
         assert groups, placement_group_table()
         stats = serve.get_deployment_handle("engine", app_name="kvserve").stats.remote().result()
         assert stats["tp"] == 2
-    finally:
-        serve.shutdown()
