@@ -55,11 +55,13 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.int32, device=dev)
-        # Pinned host staging: filled on the CPU, copied without blocking. Reusing them is
-        # safe because every step ends by reading its sampled tokens (a sync).
+        # Pinned host staging: filled on the CPU, copied without blocking. Before refilling
+        # them, ``run`` waits for the previous step's copies (``_staged``): free when the
+        # caller synced since (rank 0 reads its sampled tokens), needed on ranks that do not.
         self._host_long = torch.zeros(3, n, dtype=torch.long, pin_memory=True)
         self._host_lens = torch.zeros(n, dtype=torch.int32, pin_memory=True)
         self._host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
+        self._staged: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # One output buffer for every bucket (a graph's own output would stay alive per bucket).
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=dev)
@@ -124,6 +126,8 @@ class DecodeGraphs:
             lens.append(p + 1)
             width = max(width, len(s.block_ids))
         tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in out.scheduled]
+        if self._staged is not None:
+            self._staged.synchronize()  # the last step's copies have left the staging buffers
         host = self._host_long[:, :n]
         host.copy_(torch.tensor([ids, pos, slots], dtype=torch.long))
         self._host_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32))
@@ -133,6 +137,8 @@ class DecodeGraphs:
         self.slots[:n].copy_(host[2], non_blocking=True)
         self.seq_lens[:n].copy_(self._host_lens[:n], non_blocking=True)
         self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
         if b > n:
             self.slots[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(0)

@@ -76,10 +76,6 @@ class RankWorker:
             logger.exception("tensor-parallel rank %d failed a step; exiting", self.rank)
             logging.shutdown()
             os._exit(70)
-        if self.runner.device.type == "cuda":
-            # Rank 0 ends each step by reading its sampled tokens; this rank has no such
-            # sync, and the next step must not overwrite staging buffers still in flight.
-            torch.cuda.current_stream().synchronize()
 
     def set_exit_on_error(self, value: bool) -> None:
         self.exit_on_error = value
