@@ -43,6 +43,15 @@ def _run(cmd: list[str]) -> str | None:
     return out.stdout.strip()
 
 
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """Workload configs and ceiling sizes of one mode of a suite (full, quick)."""
+
+    configs: dict[str, Any]
+    copy_bytes: int
+    matmul_n: int
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for servers a run or a test starts)."""
     with socket.socket() as s:

@@ -13,7 +13,6 @@ import argparse
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import report
-from bench.common import RESULTS_DIR, ModelFacts, environment, measure_ceilings, write_result
+from bench.common import (
+    RESULTS_DIR,
+    ModelFacts,
+    Sizes,
+    environment,
+    measure_ceilings,
+    write_result,
+)
 from bench.report import fmt
 from bench.workloads import WORKLOADS, Context, W1Config, W2Config, W3Config, warm_up
 from engine import LLM
@@ -31,15 +37,6 @@ from engine.loader import resolve_model
 SUITE = "cpu"
 DEVICE = torch.device("cpu")
 DTYPE = torch.float32
-
-
-@dataclass(frozen=True, slots=True)
-class Sizes:
-    """Workload configs and ceiling sizes of one mode."""
-
-    configs: dict[str, Any]
-    copy_bytes: int
-    matmul_n: int
 
 
 FULL = Sizes(

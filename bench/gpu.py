@@ -20,14 +20,14 @@ import sys
 import tempfile
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import report
-from bench.common import RESULTS_DIR, environment, write_result
+from bench.common import RESULTS_DIR, Sizes, environment, write_result
 from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
 from bench.gpu_prefill_capacity import W4Config, W5Config, run_w4, run_w5
 from bench.gpu_workloads import W1Config, W2Config, W3Config, run_w1, run_w2, run_w3
@@ -39,13 +39,6 @@ FULL_MODEL = "llama3-8b-shape"
 QUICK_MODEL = "llama3-8b-shape-2l"
 RUNNERS: dict[str, Any] = {"W1": run_w1, "W2": run_w2, "W3": run_w3, "W4": run_w4, "W5": run_w5}
 PEERLESS = {"W5"}
-
-
-@dataclass(frozen=True, slots=True)
-class Sizes:
-    configs: dict[str, Any]
-    copy_bytes: int
-    matmul_n: int
 
 
 FULL = Sizes(

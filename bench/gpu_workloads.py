@@ -17,7 +17,7 @@ from bench.common import random_prompts
 from bench.drivers import TimingStreamer, greedy, hf_generate, ours_token_times, timed
 from bench.gpu_env import GPUEnv, build_peer, hf_generate_batch
 from bench.synthetic import w1_floor
-from bench.workloads import _latency
+from bench.workloads import W2Config, _latency
 
 Result = dict[str, Any]
 
@@ -127,14 +127,7 @@ def run_w1(env: GPUEnv, cfg: W1Config) -> Result:
     }
 
 
-# --- W2 batch-1 latency ------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class W2Config:
-    prompt_len: int = 128
-    output_len: int = 256
-    seed: int = 1
-
-
+# --- W2 batch-1 latency (its config is the CPU suite's W2Config) ----------------------
 def small_pool(max_model_len: int, block_size: int = 16) -> dict[str, Any]:
     """Engine arguments for a one-request workload: a pool of two sequences' blocks and
     ``max_num_seqs=4`` (few decode CUDA graphs to capture; batch 1 uses the first)."""
