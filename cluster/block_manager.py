@@ -154,10 +154,8 @@ class GlobalBlockManager:
         are counted from the instance's next report (``used``)."""
         res = self._check(reservation_id, token)
         self._end(res)
-        self.instances[res.instance_id].used = min(
-            self.instances[res.instance_id].capacity,
-            self.instances[res.instance_id].used + res.blocks,
-        )
+        inst = self.instances[res.instance_id]
+        inst.used = min(inst.capacity, inst.used + res.blocks)
 
     def release(self, reservation_id: str, token: int) -> None:
         """The request will not use the blocks (failed prefill, cancel): given back."""
