@@ -69,6 +69,8 @@ class RayExecutor:
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
         self._dag: Any = None  # the compiled graph (dispatch="compiled")
+        self._liveness: list[Any] = []  # its never-returning block() calls, one per actor
+        self._pids: list[int] = []
         self._inflight: list[Any] = []  # its refs of the last step
         self.gpu = cfg.device.type == "cuda"
         self.backend = "nccl" if self.gpu else "gloo"
@@ -113,6 +115,7 @@ class RayExecutor:
             ).remote(rank, self.size)  # fmt: skip
             self._actors.append(actor)
         placements = ray.get([a.placement.remote() for a in self._actors], timeout=timeout_s)
+        self._pids = [int(p["pid"]) for p in placements]
         device = self._driver_device(cfg, placements)
         if self.gpu:
             torch.cuda.set_device(device)
@@ -157,7 +160,8 @@ class RayExecutor:
         with InputNode() as step:
             dag = MultiOutputNode([a.execute.bind(step) for a in self._actors])
         self._dag = dag.experimental_compile()
-        self._watchdog.watch([(r, a.block.remote()) for r, a in enumerate(self._actors, start=1)])
+        self._liveness = [a.block.remote() for a in self._actors]
+        self._watchdog.watch(list(enumerate(self._liveness, start=1)))
 
     def _create_placement_group(self) -> PlacementGroup:
         need = "GPU" if self.gpu else "CPU"
@@ -239,11 +243,15 @@ class RayExecutor:
             raise WorkerGroupError("the worker group was shut down")
 
     def ping(self, timeout_s: float = 5.0) -> list[int]:
-        """Asks every actor for its pid; raises WorkerGroupError if one does not answer.
-        Not with a compiled graph (its actors run only the graph's loop)."""
+        """Every actor's pid; raises WorkerGroupError if one does not answer. Under a
+        compiled graph the actors take no calls: a rank is alive while its pending
+        ``block`` call is (it resolves only when the actor dies)."""
         self.check_health()
         if self._dag is not None:
-            return [-1] * len(self._actors)
+            ready, _ = ray.wait(self._liveness, num_returns=len(self._liveness), timeout=0)
+            if ready:
+                raise WorkerGroupError(f"{len(ready)} rank(s) of {self.size} are gone")
+            return list(self._pids)
         try:
             return ray.get([a.ping.remote() for a in self._actors], timeout=timeout_s)
         except Exception as e:
