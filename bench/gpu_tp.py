@@ -80,15 +80,68 @@ def _arm_hang_dump(seconds: float) -> threading.Timer:
     return timer
 
 
-def w2(env: GPUEnv, tp: int, cfg: W2Config) -> dict[str, Any]:
+def _with_dispatch(dispatch: str | None) -> None:
+    """Sets the TP dispatch mode of the next group (``workers.group`` reads the env)."""
+    if dispatch:
+        os.environ["KVSERVE_TP_DISPATCH"] = dispatch
+    else:
+        os.environ.pop("KVSERVE_TP_DISPATCH", None)
+
+
+def profile_decode(llm: Any, prompt: list[int], steps: int, device: torch.device) -> dict[str, Any]:
+    """GPU time of ``steps`` decode steps on rank 0 by kernel family (torch profiler):
+    the all-reduces (NCCL) against everything else, and the wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    engine.add_request(prompt, greedy(steps + 1))
+    engine.step()  # the prefill, outside the profile
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    nccl = other = 0.0
+    top: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = float(getattr(e, "device_time_total", 0.0) or 0.0) / 1e6  # us -> s
+        if t <= 0 or e.key.startswith(("cudaGraphLaunch", "ProfilerStep")):
+            continue
+        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
+        if "nccl" in e.key.lower():
+            nccl += t
+        else:
+            other += t
+        top[e.key[:60]] = t
+    head = dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])
+    return {"steps": steps, "wall_per_step_s": wall / steps, "nccl_per_step_s": nccl / steps,
+            "other_kernels_per_step_s": other / steps,
+            "top_kernels_per_step_s": {k: v / steps for k, v in head.items()}}  # fmt: skip
+
+
+def w2(env: GPUEnv, tp: int, cfg: W2Config, dispatch: str | None = None,
+       profile_steps: int = 0) -> dict[str, Any]:  # fmt: skip
     (prompt,) = random_prompts(1, cfg.prompt_len, cfg.prompt_len, env.vocab_size, cfg.seed)
     env.overrides = {"tensor_parallel_size": tp}
+    _with_dispatch(dispatch)
     timer = _arm_hang_dump(HANG_S)
     llm = env.ours(**small_pool(cfg.prompt_len + cfg.output_len + 64))
     t0, times = ours_token_times(llm, prompt, greedy(cfg.output_len), env.device)
     ex = llm.engine.executor
-    dispatch = getattr(ex, "dispatch_s", 0.0) / max(1, getattr(ex, "steps", 1))
+    dispatch_s = getattr(ex, "dispatch_s", 0.0) / max(1, getattr(ex, "steps", 1))
+    mode = getattr(ex, "dispatch", "in-process")
+    prof: dict[str, Any] = {}
+    if profile_steps:
+        try:
+            prof = profile_decode(llm, prompt, profile_steps, env.device)
+            env.log(f"W2 TP={tp} profile: {prof}")
+        except Exception as e:  # the profile is extra: never lose the timing to it
+            env.log(f"W2 TP={tp} profile failed: {e!r}")
     _close(env, llm)
+    _with_dispatch(None)
     timer.cancel()
     faulthandler.cancel_dump_traceback_later()
     lat = _latency(t0, times)
@@ -98,10 +151,11 @@ def w2(env: GPUEnv, tp: int, cfg: W2Config) -> dict[str, Any]:
     ]
     floor = sum(floors) / len(floors)
     lat.pop("itl_s")
-    env.log(f"W2 TP={tp}: ITL median {lat['itl']['median'] * 1e3:.2f} ms "
-            f"(floor {floor * 1e3:.2f} ms), dispatch {dispatch * 1e6:.0f} us/step")  # fmt: skip
-    return {**lat, "floor_itl_mean_s": floor, "dispatch_s_per_step": dispatch,
-            "itl_median_over_floor": lat["itl"]["median"] / floor}  # fmt: skip
+    env.log(f"W2 TP={tp} ({mode}): ITL median {lat['itl']['median'] * 1e3:.2f} ms "
+            f"(floor {floor * 1e3:.2f} ms), dispatch {dispatch_s * 1e6:.0f} us/step")  # fmt: skip
+    return {**lat, "floor_itl_mean_s": floor, "dispatch_s_per_step": dispatch_s,
+            "dispatch": mode, "itl_median_over_floor": lat["itl"]["median"] / floor,
+            **({"profile": prof} if prof else {})}  # fmt: skip
 
 
 def w1(env: GPUEnv, tp: int, cfg: W1Config) -> dict[str, Any]:
@@ -130,8 +184,9 @@ def w1(env: GPUEnv, tp: int, cfg: W1Config) -> dict[str, Any]:
 def part_overhead(ceilings: dict[str, Any], log: Logger, root: Path, quick: bool) -> dict[str, Any]:
     env = _env("tiny", ceilings, log, root)
     cfg = W2Config(prompt_len=32, output_len=64 if quick else 256)
-    raw = {f"tp{tp}": w2(env, tp, cfg) for tp in (1, 2)}
-    one, two = raw["tp1"], raw["tp2"]
+    raw = {"tp1": w2(env, 1, cfg), "tp2": w2(env, 2, cfg, "calls"),
+           "tp2_compiled": w2(env, 2, cfg, "compiled")}  # fmt: skip
+    one, two, dag = raw["tp1"], raw["tp2"], raw["tp2_compiled"]
     return {
         "config": {"model": "tiny", "prompt_len": cfg.prompt_len, "output_len": cfg.output_len},
         "raw": raw,
@@ -140,26 +195,36 @@ def part_overhead(ceilings: dict[str, Any], log: Logger, root: Path, quick: bool
             "dispatch_us_per_step_tp2": two["dispatch_s_per_step"] * 1e6,
             "itl_median_tp1_us": one["itl"]["median"] * 1e6,
             "itl_median_tp2_us": two["itl"]["median"] * 1e6,
+            "itl_median_tp2_compiled_minus_tp1_us": (dag["itl"]["median"] - one["itl"]["median"])
+            * 1e6,
+            "dispatch_us_per_step_tp2_compiled": dag["dispatch_s_per_step"] * 1e6,
         },
         "notes": {
             "itl_median_tp2_minus_tp1_us": "per decode step: what the group adds on a model "
             "whose compute is negligible (dispatch to the actors + two all-reduces a layer)",
             "dispatch_us_per_step_tp2": "driver time submitting execute() to the rank actors",
+            "tp2 / tp2_compiled": "steps sent as Ray actor calls / through a Ray Compiled Graph",
         },
     }
 
 
 def part_tp(model: str, tps: list[int], ceilings: dict[str, Any], log: Logger, root: Path,
-            quick: bool, skip_w1: bool = False) -> dict[str, Any]:  # fmt: skip
+            quick: bool, skip_w1: bool = False, profile_steps: int = 0,
+            dispatches: tuple[str, ...] = ("calls",)) -> dict[str, Any]:  # fmt: skip
     env = _env(model, ceilings, log, root)
     w2cfg = W2Config(prompt_len=32, output_len=32) if quick else W2Config()
     w1cfg = (W1Config(num_requests=16, prompt_len_min=16, prompt_len_max=128, output_len=16)
              if quick else W1Config())  # fmt: skip
     raw: dict[str, Any] = {}
     for tp in tps:
-        raw[f"tp{tp}"] = {"W2": w2(env, tp, w2cfg)}
+        modes = dispatches if tp > 1 else (None,)
+        raw[f"tp{tp}"] = {"W2": w2(env, tp, w2cfg, modes[0], profile_steps)}
+        for extra in modes[1:]:
+            raw[f"tp{tp}"][f"W2_{extra}"] = w2(env, tp, w2cfg, extra)
         if not skip_w1:
+            _with_dispatch(modes[0])
             raw[f"tp{tp}"]["W1"] = w1(env, tp, w1cfg)
+            _with_dispatch(None)
     ratios: dict[str, float] = {}
     base = tps[0]
     for tp in tps:
@@ -170,9 +235,10 @@ def part_tp(model: str, tps: list[int], ceilings: dict[str, Any], log: Logger, r
             ratios[f"W1_output_tok_s_tp{tp}"] = r["W1"]["output_tok_s"]
         if tp != base:
             b = raw[f"tp{base}"]
-            ratios[f"W2_itl_tp{tp}_over_tp{base}"] = (
-                r["W2"]["itl"]["median"] / b["W2"]["itl"]["median"]
-            )
+            for key in [k for k in r if k.startswith("W2")]:
+                ratios[f"{key}_itl_tp{tp}_over_tp{base}"] = (
+                    r[key]["itl"]["median"] / b["W2"]["itl"]["median"]
+                )
             if "W1" in r:
                 ratios[f"W1_tok_s_tp{tp}_over_tp{base}"] = (
                     r["W1"]["output_tok_s"] / b["W1"]["output_tok_s"]
@@ -197,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: 2-layer 8B shape, tiny sizes")
     p.add_argument("--out", type=Path)
     p.add_argument("--skip-w1", action="store_true", help="W2 only (batch-1 latency)")
+    p.add_argument("--dispatch", default="calls",
+                   help="TP>1 step dispatch modes for W2, comma-separated (the first also "
+                   "runs W1): calls, compiled")  # fmt: skip
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many decode steps of W2 (rank 0's kernels by family)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", module="transformers")
     import ray
@@ -222,12 +297,36 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="kvserve-tp-"))
     model8 = "llama3-8b-shape-2l" if args.quick else "llama3-8b-shape"
     model70 = "llama3-8b-shape-2l" if args.quick else "llama3-70b-shape"
+    modes = tuple(x.strip() for x in args.dispatch.split(",") if x.strip())
     jobs = {
         "overhead": ("TP-overhead", lambda: part_overhead(ceilings, log, root, args.quick)),
-        "w8": ("W8", lambda: part_tp(model8, tps, ceilings, log, root, args.quick, args.skip_w1)),
+        "w8": (
+            "W8",
+            lambda: part_tp(
+                model8,
+                tps,
+                ceilings,
+                log,
+                root,
+                args.quick,
+                args.skip_w1,
+                args.profile_steps,
+                modes,
+            ),
+        ),
         "70b": (
             "W8-70B",
-            lambda: part_tp(model70, tp70, ceilings, log, root, args.quick, args.skip_w1),
+            lambda: part_tp(
+                model70,
+                tp70,
+                ceilings,
+                log,
+                root,
+                args.quick,
+                args.skip_w1,
+                args.profile_steps,
+                modes,
+            ),
         ),
     }
     for part in parts:
