@@ -38,6 +38,10 @@ from workers.rank_worker import RankWorker
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 60.0
+# A rank died and rank 0's GPU may sit in an NCCL kernel waiting for it: aborting the
+# communicator is the only way out, and if even that does not return in this time the
+# process exits (a C-level timer: works while the GIL is held) rather than hang.
+NCCL_ABORT_DEADLINE_S = float(os.environ.get("KVSERVE_NCCL_ABORT_DEADLINE_S", "30"))
 # How each step reaches ranks 1..N-1: an actor call each (``calls``), or one execution
 # of a Ray Compiled Graph over all of them (``compiled``: shared-memory channels that
 # the actors poll, a fraction of a call's delivery latency; see docs/workers.md).
@@ -286,7 +290,7 @@ class RayExecutor:
         for a in self._actors:
             ray.kill(a, no_restart=True)
         if self._group is not None and self.backend == "nccl":
-            abort_group(self._group)
+            _abort_nccl_or_exit(self._group, str(self._failure))
 
     # --- teardown ---------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -307,6 +311,25 @@ class RayExecutor:
             _release(self._actors, self._owned_pg())
         if self._group is not None:
             retire_group(self._group, abort=self.backend == "gloo")
+
+
+def _abort_nccl_or_exit(group: Any, why: str) -> None:
+    """Aborts ``group``'s NCCL communicator (wakes rank 0's pending collectives); if the
+    abort has not returned within ``NCCL_ABORT_DEADLINE_S`` the process prints every
+    thread's stack and exits with status 1: a rank's death must never hang the engine
+    (a Serve replica is then replaced by Serve; an offline caller sees the exit)."""
+    import faulthandler
+    import sys
+
+    logger.error("aborting the NCCL group (%s); if the abort does not return within %.0f s "
+                 "this process exits", why, NCCL_ABORT_DEADLINE_S)  # fmt: skip
+    print(f"kvserve: {why}; aborting NCCL (process exits if that takes over "
+          f"{NCCL_ABORT_DEADLINE_S:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    faulthandler.dump_traceback_later(NCCL_ABORT_DEADLINE_S, exit=True)
+    try:
+        abort_group(group)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _release(actors: list[Any], pg: PlacementGroup | None) -> None:
