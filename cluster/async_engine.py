@@ -45,6 +45,7 @@ class AsyncEngine:
         self.engine = LLMEngine(args)
         self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
+        self._streams_pending: dict[str, _Stream] = {}  # reserved, K/V not yet in
         self._dead: EngineDeadError | None = None
         self._stop = threading.Event()
         self._next_id = 0
@@ -70,6 +71,11 @@ class AsyncEngine:
         added: asyncio.Future[str] = loop.create_future()
         self._cmds.put(("add", prompt, params, rid, stream, added))
         await added  # ValueError for bad input: nothing was queued
+        async for item in self._consume(rid, stream):
+            yield item
+
+    async def _consume(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        """The outputs of a registered request until it finishes; leaving early aborts it."""
         finished = False
         try:
             while True:
@@ -93,6 +99,65 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
+
+    # --- disaggregated handoff (see docs/disaggregation.md) ------------------------------
+    async def prefill(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> RequestOutput:
+        """Prefill-only: the finished output with the first token and ``kv_block_ids``;
+        the blocks stay held until ``release_kv``. ValueError for bad input."""
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        added: asyncio.Future[Any] = loop.create_future()
+        self._cmds.put(("add_prefill", prompt, params, request_id, stream, added))
+        await added
+        last: RequestOutput | None = None
+        async for out in self._consume(request_id, stream):
+            last = out
+        assert last is not None and last.finished
+        return last
+
+    async def release_kv(self, request_id: str) -> None:
+        """Frees the blocks a prefill-only request kept (they stay as prefix cache)."""
+        await self._call(lambda: self.engine.release_kv(request_id))
+
+    async def reserve(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> list[int] | None:
+        """Decode side: registers a request whose prompt K/V will arrive and returns the
+        block ids to write it into, or None (no room: nothing registered). Follow with
+        ``transferred`` (the blocks are written) or ``abort``."""
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        added: asyncio.Future[Any] = loop.create_future()
+        self._cmds.put(("reserve", prompt, params, request_id, stream, added))
+        blocks: list[int] | None = await added
+        return blocks
+
+    async def transferred(self, request_id: str, first_token: int) -> AsyncIterator[RequestOutput]:
+        """The reserved request's blocks hold its prompt's K/V: it decodes from the prefill
+        side's ``first_token``; yields its outputs like ``generate``."""
+        stream = self._streams_pending.pop(request_id, None)
+        if stream is None:
+            raise self._dead or RuntimeError(f"request {request_id} is not waiting for its K/V")
+        self._cmds.put(("transferred", request_id, first_token, stream))
+        async for item in self._consume(request_id, stream):
+            yield item
+
+    def kv_caches(self) -> list[Any]:
+        """This instance's (rank 0's) per-layer KV cache tensors, for the transfer."""
+        return list(self.engine.runner.kv_caches)
+
+    async def _call(self, fn: Any) -> Any:
+        """Runs ``fn()`` on the engine thread and returns its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._cmds.put(("call", fn, loop, fut))
+        return await fut
 
     @property
     def is_dead(self) -> bool:
@@ -141,14 +206,46 @@ class AsyncEngine:
                     continue
                 self._streams[rid] = stream
                 stream.loop.call_soon_threadsafe(_set_result, added, rid)
+            elif kind in ("add_prefill", "reserve"):
+                _, prompt, params, rid, stream, added = cmd
+                try:
+                    if kind == "add_prefill":
+                        result: Any = self.engine.add_prefill_request(prompt, params, rid)
+                    else:
+                        result = self.engine.add_transferred_request(prompt, params, rid)
+                except Exception as e:
+                    stream.loop.call_soon_threadsafe(_set_exception, added, e)
+                    continue
+                if kind == "add_prefill":
+                    self._streams[rid] = stream
+                elif result is not None:
+                    self._streams_pending[rid] = stream
+                stream.loop.call_soon_threadsafe(_set_result, added, result)
+            elif kind == "transferred":
+                _, rid, token, stream = cmd
+                self._streams[rid] = stream
+                out = self.engine.finish_transfer(rid, token)
+                self._publish([out])
+            elif kind == "call":
+                _, fn, loop, fut = cmd
+                try:
+                    value = fn()
+                except Exception as e:
+                    loop.call_soon_threadsafe(_set_exception, fut, e)
+                else:
+                    loop.call_soon_threadsafe(_set_result, fut, value)
             elif kind == "abort":
                 rid = cmd[1]
-                if self._streams.pop(rid, None) is not None:
+                pending = self._streams_pending.pop(rid, None)
+                if self._streams.pop(rid, None) is not None or pending is not None:
                     self.engine.abort(rid)
 
     def _step(self) -> None:
         outputs = self.engine.step()
         self.num_steps += 1
+        self._publish(outputs)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -160,16 +257,19 @@ class AsyncEngine:
     def _die(self, err: BaseException) -> None:
         logger.exception("engine step loop failed; the instance is dead")
         self._dead = EngineDeadError(f"engine failed: {type(err).__name__}: {err}")
-        for stream in self._streams.values():
+        for stream in [*self._streams.values(), *self._streams_pending.values()]:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, self._dead)
         self._streams.clear()
+        self._streams_pending.clear()
         while True:  # refuse whatever was queued meanwhile
             try:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 break
-            if cmd[0] == "add":
+            if cmd[0] in ("add", "add_prefill", "reserve"):
                 cmd[4].loop.call_soon_threadsafe(_set_exception, cmd[5], self._dead)
+            elif cmd[0] == "call":
+                cmd[2].call_soon_threadsafe(_set_exception, cmd[3], self._dead)
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -194,11 +294,11 @@ class AsyncEngine:
         }
 
 
-def _set_result(fut: asyncio.Future[str], value: str) -> None:
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
 
 
-def _set_exception(fut: asyncio.Future[str], err: BaseException) -> None:
+def _set_exception(fut: asyncio.Future[Any], err: BaseException) -> None:
     if not fut.done():
         fut.set_exception(err)

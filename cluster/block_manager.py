@@ -149,6 +149,22 @@ class GlobalBlockManager:
         decode.reserved += res.blocks
         return Placement(request_id, prefill.instance_id, decode.instance_id, res, cached)
 
+    def reserve_on(self, instance_id: str, request_id: str, num_blocks: int,
+                   now: float = 0.0) -> Reservation | None:  # fmt: skip
+        """Records a reservation of ``num_blocks`` on a decode instance that was chosen
+        elsewhere (Serve's replica choice): None when the ledger sees no room there."""
+        if num_blocks < 1:
+            raise LedgerError("num_blocks must be >= 1")
+        self.expire(now)
+        inst = self._instance(instance_id)
+        if not inst.serves("decode") or num_blocks > inst.free:
+            return None
+        res = Reservation(f"res-{request_id}-{next(self._tokens)}", request_id, instance_id,
+                          num_blocks, next(self._tokens), now + self.lease_s)  # fmt: skip
+        self.reservations[res.reservation_id] = res
+        inst.reserved += res.blocks
+        return res
+
     def confirm(self, reservation_id: str, token: int) -> None:
         """The decode instance allocated the blocks: the reservation ends, and the blocks
         are counted from the instance's next report (``used``)."""

@@ -39,6 +39,28 @@ class InstanceLedger:
         self.blocks.report(instance_id, used, int(info.get("running", 0)),
                            int(info.get("waiting", 0)), now=now)  # fmt: skip
 
+    def reserve(self, instance_id: str, request_id: str, num_blocks: int) -> tuple[str, int] | None:
+        """A decode instance took ``num_blocks`` for a transfer: (reservation id, fencing
+        token), or None if the instance is unknown to the ledger or full in its view."""
+        if instance_id not in self.blocks.instances:
+            return None
+        res = self.blocks.reserve_on(instance_id, request_id, num_blocks, time.monotonic())
+        return None if res is None else (res.reservation_id, res.token)
+
+    def settle(self, reservation_id: str, token: int, used: bool) -> bool:
+        """Ends a reservation: the K/V landed (``used``: confirm) or not (release).
+        False when it was gone already (lease ran out, instance forgotten)."""
+        from cluster.block_manager import LedgerError
+
+        try:
+            if used:
+                self.blocks.confirm(reservation_id, token)
+            else:
+                self.blocks.release(reservation_id, token)
+        except LedgerError:
+            return False
+        return True
+
     def forget(self, instance_id: str) -> None:
         self._instances.pop(instance_id, None)
         if instance_id in self.blocks.instances:

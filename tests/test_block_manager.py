@@ -122,6 +122,24 @@ class LedgerMachine(RuleBasedStateMachine):
         self.last_token = p.reservation.token
         self.held.append((p.reservation.reservation_id, p.reservation.token))
 
+    @rule(i=st.sampled_from(IDS), blocks=st.integers(1, 20))
+    def reserve_on(self, i: str, blocks: int) -> None:
+        """A reservation on an instance Serve chose: granted only on a decode-capable
+        instance with room in the ledger's view."""
+        inst = self.g.instances.get(i)
+        if inst is None:
+            return
+        self.n += 1
+        res = self.g.reserve_on(i, f"r{self.n}", blocks, now=self.now)
+        if res is None:
+            assert not inst.serves("decode") or blocks > self.g.instances[i].free
+            return
+        assert inst.serves("decode")
+        assert inst.used + inst.reserved <= inst.capacity
+        assert res.token > self.last_token
+        self.last_token = res.token
+        self.held.append((res.reservation_id, res.token))
+
     @precondition(lambda self: self.held)
     @rule(k=st.integers(0, 100), how=st.sampled_from(["confirm", "release", "stale"]))
     def settle(self, k: int, how: str) -> None:

@@ -22,14 +22,23 @@ def new_store_path() -> str:
     return os.path.join(tempfile.gettempdir(), f"kvserve-tp-{uuid.uuid4().hex}")
 
 
-def new_group(store_path: str, rank: int, size: int, backend: str, timeout_s: float) -> Any:
+def tcp_store(host: str, port: int, is_master: bool, world_size: int, timeout_s: float) -> Any:
+    """A ``TCPStore`` for a rendezvous across nodes: the master binds ``host:port``
+    (port 0: any free one, read back from ``.port``), the others connect to it."""
+    return dist.TCPStore(host, port, world_size, is_master, timedelta(seconds=timeout_s),
+                         wait_for_workers=False)  # fmt: skip
+
+
+def new_group(store: str | Any, rank: int, size: int, backend: str, timeout_s: float) -> Any:
     """Returns this rank's ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` (a c10d backend
     object, usable as ``group=`` of the ``torch.distributed`` collectives).
 
-    Joins the group of ``size`` ranks that rendezvous at ``store_path``; blocks until
-    all have joined (or ``timeout_s`` passes). Any collective that waits longer than
-    ``timeout_s`` raises instead of hanging."""
-    store = dist.PrefixStore("tp", dist.FileStore(store_path, size))
+    Joins the group of ``size`` ranks that rendezvous at ``store`` (a ``FileStore`` path
+    on one node, or a store object such as ``tcp_store``); blocks until all have joined
+    (or ``timeout_s`` passes). Any collective that waits longer than ``timeout_s``
+    raises instead of hanging."""
+    base = dist.FileStore(store, size) if isinstance(store, str) else store
+    store = dist.PrefixStore("tp", base)
     timeout = timedelta(seconds=timeout_s)
     if backend == "gloo":
         gloo_opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]

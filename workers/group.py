@@ -41,7 +41,7 @@ PLACEMENT_TIMEOUT_S = 60.0
 # A rank died and rank 0's GPU may sit in an NCCL kernel waiting for it: aborting the
 # communicator is the only way out, and if even that does not return in this time the
 # process exits (a C-level timer: works while the GIL is held) rather than hang.
-NCCL_ABORT_DEADLINE_S = float(os.environ.get("KVSERVE_NCCL_ABORT_DEADLINE_S", "30"))
+NCCL_ABORT_DEADLINE_S = float(os.environ.get("KVSERVE_NCCL_ABORT_DEADLINE_S", "15"))
 # How each step reaches ranks 1..N-1: an actor call each (``calls``), or one execution
 # of a Ray Compiled Graph over all of them (``compiled``: shared-memory channels that
 # the actors poll, a fraction of a call's delivery latency; see docs/workers.md).
@@ -69,7 +69,7 @@ class RayExecutor:
         dispatch: str | None = None,
     ) -> None:
         self.size = tensor_parallel_size
-        self.dispatch = dispatch or os.environ.get("KVSERVE_TP_DISPATCH", "calls")
+        self.dispatch = dispatch or os.environ.get("KVSERVE_TP_DISPATCH", "compiled")
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
         self._dag: Any = None  # the compiled graph (dispatch="compiled")

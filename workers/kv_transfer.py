@@ -13,9 +13,11 @@ same order (the ledger's), concurrent transfers cannot deadlock.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from workers.comm import new_group
+from workers.comm import new_group, retire_group
 
 SENDER, RECEIVER = 0, 1
 
@@ -41,11 +43,12 @@ def unpack_blocks(
 class KVChannel:
     """The sending or receiving end of one sender → receiver pair."""
 
-    def __init__(self, store_path: str, role: int, backend: str = "gloo",
+    def __init__(self, store: str | Any, role: int, backend: str = "gloo",
                  timeout_s: float = 60.0) -> None:  # fmt: skip
         if role not in (SENDER, RECEIVER):
             raise ValueError("role must be SENDER (0) or RECEIVER (1)")
         self.role = role
+        self.backend = backend
         self.group = new_group(store_path, role, 2, backend, timeout_s)
         self.bytes_moved = 0
         self.transfers = 0
@@ -74,6 +77,11 @@ class KVChannel:
         self.group.recv([packed], SENDER, 1).wait()
         unpack_blocks(kv_caches, block_ids, packed)
         return self._count(packed)
+
+    def close(self) -> None:
+        """The channel is done: gloo's pending sends/receives break (sockets close); an
+        NCCL group is only retired (see ``workers.comm.retire_group``)."""
+        retire_group(self.group, abort=self.backend == "gloo")
 
     def _count(self, packed: torch.Tensor) -> int:
         nbytes = packed.numel() * packed.element_size()
