@@ -8,6 +8,11 @@ extra ``EngineArgs``). The application is a ``router`` ingress bound to an ``eng
 deployment whose replicas are the pool's engine instances; each replica drives one
 engine over one worker group (at TP > 1 the replica holds bundle 0 of a STRICT_PACK
 placement group and its rank actors the others).
+
+``mode="disaggregated"`` deploys two pools instead: ``prefill`` replicas compute
+prompts and send their K/V, ``decode`` replicas (which the router calls) reserve
+blocks, receive the K/V and decode (see docs/disaggregation.md). Each pool has its
+own replica count or autoscaling config.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from cluster.router import Router
 from engine.llm_engine import EngineArgs
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MODES = ("colocated", "disaggregated")
 
 
 @dataclass
@@ -43,6 +49,14 @@ class ServeConfig:
         None  # required of clients (HTTP Bearer, gRPC metadata); or KVSERVE_API_KEY
     )
     engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
+    # "colocated": one pool does prefill and decode; "disaggregated": two pools.
+    mode: str = "colocated"
+    prefill_replicas: int = 1
+    decode_replicas: int = 1
+    prefill_autoscaling: dict[str, Any] | None = None
+    decode_autoscaling: dict[str, Any] | None = None
+    # Environment variables of the prefill replicas (NCCL settings, fault injection).
+    prefill_env: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -54,6 +68,13 @@ class ServeConfig:
             raise ValueError(f"unknown engine arguments: {sorted(unknown)}")
         if self.tensor_parallel_size < 1 or self.num_replicas < 1:
             raise ValueError("tensor_parallel_size and num_replicas must be >= 1")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "disaggregated":
+            if self.prefill_replicas < 1 or self.decode_replicas < 1:
+                raise ValueError("prefill_replicas and decode_replicas must be >= 1")
+            if self.tensor_parallel_size != 1:
+                raise ValueError("disaggregated pools run tensor_parallel_size=1 for now")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> ServeConfig:
@@ -90,17 +111,17 @@ def _uses_gpu(cfg: ServeConfig) -> bool:
     return False
 
 
-def build_app(cfg: ServeConfig) -> Application:
-    gpu = _uses_gpu(cfg)
+def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int,
+                  autoscaling: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
                                "max_queued_requests": cfg.max_queued_requests,
                                "health_check_period_s": 5, "health_check_timeout_s": 30}  # fmt: skip
-    if cfg.autoscaling:
+    if autoscaling:
         from cluster.autoscale import POLICY
 
-        options["autoscaling_config"] = {"policy": {"policy_function": POLICY}, **cfg.autoscaling}
+        options["autoscaling_config"] = {"policy": {"policy_function": POLICY}, **autoscaling}
     else:
-        options["num_replicas"] = cfg.num_replicas
+        options["num_replicas"] = replicas
     bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
     if cfg.tensor_parallel_size > 1:
         options["placement_group_bundles"] = [dict(bundle) for _ in range(cfg.tensor_parallel_size)]
@@ -108,9 +129,27 @@ def build_app(cfg: ServeConfig) -> Application:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
     else:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
-    engine = EngineDeployment.options(**options).bind(
-        cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s
-    )
+    return options
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    gpu = _uses_gpu(cfg)
+    if cfg.mode == "disaggregated":
+        p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling)
+        if cfg.prefill_env:
+            p_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.prefill_env)}
+        prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
+            cfg.engine_args(), cfg.served_name, "prefill", cfg.stream_interval_s
+        )
+        d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling)
+        engine = EngineDeployment.options(name="decode", **d_opts).bind(
+            cfg.engine_args(), cfg.served_name, "decode", cfg.stream_interval_s, prefill
+        )
+    else:
+        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling)
+        engine = EngineDeployment.options(**options).bind(
+            cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s
+        )
     router: Any = Router
     router_options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 4096}
     if cfg.api_key:

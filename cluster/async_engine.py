@@ -119,9 +119,9 @@ class AsyncEngine:
         assert last is not None and last.finished
         return last
 
-    async def release_kv(self, request_id: str) -> None:
+    def release_kv_nowait(self, request_id: str) -> None:
         """Frees the blocks a prefill-only request kept (they stay as prefix cache)."""
-        await self._call(lambda: self.engine.release_kv(request_id))
+        self._cmds.put(("release_kv", request_id))
 
     async def reserve(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -151,13 +151,6 @@ class AsyncEngine:
     def kv_caches(self) -> list[Any]:
         """This instance's (rank 0's) per-layer KV cache tensors, for the transfer."""
         return list(self.engine.runner.kv_caches)
-
-    async def _call(self, fn: Any) -> Any:
-        """Runs ``fn()`` on the engine thread and returns its result."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._cmds.put(("call", fn, loop, fut))
-        return await fut
 
     @property
     def is_dead(self) -> bool:
@@ -226,14 +219,8 @@ class AsyncEngine:
                 self._streams[rid] = stream
                 out = self.engine.finish_transfer(rid, token)
                 self._publish([out])
-            elif kind == "call":
-                _, fn, loop, fut = cmd
-                try:
-                    value = fn()
-                except Exception as e:
-                    loop.call_soon_threadsafe(_set_exception, fut, e)
-                else:
-                    loop.call_soon_threadsafe(_set_result, fut, value)
+            elif kind == "release_kv":
+                self.engine.release_kv(cmd[1])
             elif kind == "abort":
                 rid = cmd[1]
                 pending = self._streams_pending.pop(rid, None)
@@ -268,8 +255,6 @@ class AsyncEngine:
                 break
             if cmd[0] in ("add", "add_prefill", "reserve"):
                 cmd[4].loop.call_soon_threadsafe(_set_exception, cmd[5], self._dead)
-            elif cmd[0] == "call":
-                cmd[2].call_soon_threadsafe(_set_exception, cmd[3], self._dead)
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size per instance")
     s.add_argument("--replicas", type=int, default=None, help="engine instances in the pool")
+    s.add_argument("--mode", choices=["colocated", "disaggregated"], default=None,
+                   help="one pool, or separate prefill and decode pools (default colocated)")
+    s.add_argument("--prefill-replicas", type=int, default=None,
+                   help="disaggregated: prefill instances")
+    s.add_argument("--decode-replicas", type=int, default=None,
+                   help="disaggregated: decode instances")
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
@@ -116,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- serve ------------------------------------------------------------------------------
+def _pools(cfg: Any) -> str:
+    if cfg.mode == "disaggregated":
+        return f"{cfg.prefill_replicas} prefill + {cfg.decode_replicas} decode instance(s)"
+    return f"{cfg.num_replicas} instance(s)"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -125,7 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for field, value in (("model", args.model), ("model_name", args.model_name),
                          ("tensor_parallel_size", args.tp), ("num_replicas", args.replicas),
                          ("host", args.host), ("http_port", args.port),
-                         ("grpc_port", args.grpc_port)):  # fmt: skip
+                         ("grpc_port", args.grpc_port), ("mode", args.mode),
+                         ("prefill_replicas", args.prefill_replicas),
+                         ("decode_replicas", args.decode_replicas)):  # fmt: skip
         if value is not None:
             setattr(cfg, field, value)
     if args.device != "auto":
@@ -137,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dashboard = run(cfg, args.address, dashboard=True)
     base = f"http://{cfg.host}:{cfg.http_port}"
     console.print(f"[bold green]kvserve is up[/bold green] in {time.perf_counter() - t0:.0f} s: "
-                  f"model [bold]{cfg.served_name}[/bold], {cfg.num_replicas} instance(s), "
+                  f"model [bold]{cfg.served_name}[/bold], {_pools(cfg)}, "
                   f"TP {cfg.tensor_parallel_size}")  # fmt: skip
     console.print(f"  OpenAI API     {base}/v1   (try: kvserve chat --url {base})")
     console.print(f"  health         {base}/health")

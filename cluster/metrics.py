@@ -61,15 +61,31 @@ class EngineMetrics:
         self.preemptions = metrics.Counter(
             "kvserve_num_preemptions", "Requests preempted (recomputed later)", tag_keys=TAGS
         )
+        # Disaggregated pools: K/V moved prefill -> decode, counted by the decode side.
+        self.kv_transfer_bytes = metrics.Counter(
+            "kvserve_kv_transfer_bytes_total", "K/V bytes received from prefill instances",
+            tag_keys=TAGS,
+        )  # fmt: skip
+        self.kv_transfer_seconds = metrics.Histogram(
+            "kvserve_kv_transfer_seconds", "Time of one request's K/V transfer (receive side)",
+            boundaries=LATENCY_BUCKETS, tag_keys=TAGS,
+        )  # fmt: skip
+        self.kv_transfer_failures = metrics.Counter(
+            "kvserve_kv_transfer_failures_total",
+            "Disaggregated requests whose prefill or transfer failed (recomputed locally)",
+            tag_keys=TAGS,
+        )  # fmt: skip
         for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
                   self.running, self.waiting, self.kv_usage, self.prefix_queries,
-                  self.prefix_hits, self.preemptions):  # fmt: skip
+                  self.prefix_hits, self.preemptions, self.kv_transfer_bytes,
+                  self.kv_transfer_seconds, self.kv_transfer_failures):  # fmt: skip
             m.set_default_tags(self.tags)
         # Publish every counter at 0 from the start (Prometheus practice: a series that
         # exists before its first event makes rate() and dashboards work). Ray's public
         # inc() refuses 0, so this uses its recording call; skipped if that changes.
         for c in (self.prompt_tokens, self.generation_tokens, self.prefix_queries,
-                  self.prefix_hits, self.preemptions):  # fmt: skip
+                  self.prefix_hits, self.preemptions, self.kv_transfer_bytes,
+                  self.kv_transfer_failures):  # fmt: skip
             record = getattr(c, "_record", None)
             if record is not None:
                 with contextlib.suppress(Exception):  # newer Ray: appears at its first event

@@ -14,7 +14,9 @@ client went away) aborts the request in the engine, so its blocks return to the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from typing import Any
 from ray import serve
 
 from cluster.async_engine import AsyncEngine
+from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger
 from cluster.metrics import EngineMetrics, RequestTimer
 from engine.llm_engine import EngineArgs
@@ -34,6 +37,15 @@ logger = logging.getLogger(__name__)
 
 
 REPORT_PERIOD_S = 1.0
+# Fault injection (tests): a prefill replica waits this long between announcing a
+# transfer and sending it, so that a test can kill it mid-transfer.
+FAULT_SEND_DELAY_S = float(os.environ.get("KVSERVE_FAULT_SEND_DELAY_S", "0"))
+
+
+def _node_ip() -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address())
 
 
 def _replica_id() -> str:
@@ -45,8 +57,15 @@ def _replica_id() -> str:
 
 class EngineReplica:
     def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both",
-                 stream_interval_s: float = 0.0) -> None:  # fmt: skip
+                 stream_interval_s: float = 0.0, prefill: Any = None) -> None:  # fmt: skip
+        """``role``: "both" (colocated), "prefill" or "decode" (disaggregated pools; a
+        decode replica gets the prefill pool's handle as ``prefill``)."""
+        if role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, got {role!r}")
+        if role == "decode" and prefill is None:
+            raise ValueError("a decode replica needs the prefill pool's handle")
         self.model_name = model_name
+        self.prefill_pool = prefill
         # Least time between two messages of one stream after the first token: fewer,
         # larger messages through Serve when many streams run (0: one per step).
         self.stream_interval_s = stream_interval_s
@@ -56,6 +75,13 @@ class EngineReplica:
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
         self.metrics = EngineMetrics(model_name, self.replica_id)
+        self.links: KVLinks | None = None
+        if role != "both":
+            if self.engine.engine.args.tensor_parallel_size != 1:
+                raise ValueError("disaggregated pools run tensor_parallel_size=1 for now "
+                                 "(each rank would need its own link)")  # fmt: skip
+            backend = "nccl" if self.engine.engine.runner.device.type == "cuda" else "gloo"
+            self.links = KVLinks(self.replica_id, _node_ip(), backend)
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="kvserve-report",
                                           daemon=True)  # fmt: skip
@@ -82,7 +108,11 @@ class EngineReplica:
         return {"model": self.model_name, "max_model_len": self.max_model_len}
 
     async def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        links = self.links
+        extra = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
+                                          "kv_bytes_received": links.bytes_received,
+                                          "kv_link_failures": links.failures}  # fmt: skip
+        return {**self.engine.stats(), "instance": self.replica_id, "role": self.role, **extra}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What ``cluster.autoscale.kv_aware_policy`` scales on (Serve collects it)."""
@@ -102,7 +132,12 @@ class EngineReplica:
                 prompt: str | list[int] = self.engine.engine.apply_chat_template(req["messages"])
             else:
                 prompt = req["prompt"]
-            stream = self.engine.generate(prompt, params, req.get("request_id"))
+            kv: dict[str, Any] = {"instance": self.replica_id}
+            rid = req.get("request_id") or self.engine.new_request_id()
+            if self.role == "decode":
+                stream = self._disaggregated(prompt, params, rid, kv)
+            else:
+                stream = self.engine.generate(prompt, params, rid)
             first = await anext(stream)
         except ValueError as e:
             yield {"error": str(e)}
@@ -112,6 +147,7 @@ class EngineReplica:
         out: RequestOutput | None = first
         while out is not None:
             delta = self._delta(out, sent)
+            delta["kv"] = kv
             now = time.monotonic()
             timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
             if out.finished:
@@ -123,6 +159,134 @@ class EngineReplica:
             if self.stream_interval_s and timer.last is not None:
                 await asyncio.sleep(self.stream_interval_s)  # outputs pile up; newest wins
             out = await anext(stream, None)
+
+    # --- disaggregated pools --------------------------------------------------------------
+    async def prefill(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Prefill side of a disaggregated request (called by a decode replica).
+
+        ``req``: ``prompt`` (token ids), ``params``, ``request_id``, ``decode`` (the
+        decode replica's id) and ``num_blocks`` (what it reserved). Yields, in order:
+        ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
+        "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
+        or ``{"error": message}``. The blocks are released (kept as prefix cache) once
+        the send is over, whether or not the caller still listens."""
+        assert self.links is not None, "not a prefill replica"
+        rid = f"{req['request_id']}-prefill"
+        peer = str(req["decode"])
+        yield {"link": self.links.offer(peer)}
+        try:
+            out = await self.engine.prefill(req["prompt"], req["params"], rid)
+        except Exception as e:  # bad input or a dead engine: the decode side recomputes
+            yield {"error": f"prefill failed: {e}"}
+            return
+        blocks = out.kv_block_ids or []
+        if len(blocks) != int(req["num_blocks"]):
+            self.engine.release_kv_nowait(rid)
+            yield {"error": f"prefill holds {len(blocks)} blocks, the decode side reserved "
+                            f"{req['num_blocks']}"}  # fmt: skip
+            return
+        header: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def announce(seq: int) -> None:
+            await header.put({"seq": seq, "first_token": out.outputs[0].token_ids[0],
+                              "cached_tokens": out.num_cached_tokens,
+                              "num_blocks": len(blocks)})  # fmt: skip
+            if FAULT_SEND_DELAY_S:  # fault injection: the receiver waits in its receive
+                await asyncio.sleep(FAULT_SEND_DELAY_S)
+
+        send = asyncio.ensure_future(
+            self.links.send(peer, self.engine.kv_caches(), blocks, announce)
+        )
+        send.add_done_callback(lambda _: self.engine.release_kv_nowait(rid))
+        got = asyncio.ensure_future(header.get())
+        await asyncio.wait([send, got], return_when=asyncio.FIRST_COMPLETED)
+        if got.done():
+            yield got.result()
+        else:
+            got.cancel()
+            yield {"error": f"transfer failed before it started: {send.exception()!r}"}
+            return
+        with contextlib.suppress(Exception):  # failures were logged; the link is broken
+            await asyncio.shield(send)
+
+    async def _disaggregated(self, prompt: str | list[int], params: SamplingParams, rid: str,
+                             kv: dict[str, Any]) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """Decode side: reserve blocks, have a prefill replica compute the prompt and send
+        its K/V into them, then decode here. Any failure of the prefill or the transfer
+        releases the reservation and recomputes the prompt here (the client sees a
+        normal response; ``kv["mode"]`` says "recomputed"). No room, or n > 1: the
+        request runs here from the start ("local")."""
+        ids = self.engine.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        blocks = await self.engine.reserve(ids, params, rid) if params.n == 1 else None
+        if blocks is None:
+            kv["mode"] = "local"
+            async for out in self.engine.generate(ids, params, rid):
+                yield out
+            return
+        ledger_res = await self._ledger_reserve(rid, len(blocks))
+        fetch = asyncio.ensure_future(self._fetch_kv(ids, params, rid, blocks, kv))
+        try:
+            first = await asyncio.shield(fetch)
+        except asyncio.CancelledError:  # the client left: the transfer still completes
+            fetch.add_done_callback(lambda _: self.engine.abort(rid))
+            self._ledger_settle(ledger_res, False)
+            raise
+        except Exception as e:
+            logger.warning("request %s: prefill/transfer failed (%s); recomputing here", rid, e)
+            self.metrics.kv_transfer_failures.inc()
+            self._ledger_settle(ledger_res, False)
+            self.engine.abort(rid)
+            kv.update({"mode": "recomputed", "error": str(e)[:300]})
+            async for out in self.engine.generate(ids, params, rid):
+                yield out
+            return
+        self._ledger_settle(ledger_res, True)
+        kv["mode"] = "transferred"
+        self.metrics.kv_transfer_bytes.inc(max(1, kv["transferred_bytes"]))
+        self.metrics.kv_transfer_seconds.observe(kv["transfer_seconds"])
+        async for out in self.engine.transferred(rid, first):
+            yield out
+
+    async def _fetch_kv(self, ids: list[int], params: SamplingParams, rid: str,
+                        blocks: list[int], kv: dict[str, Any]) -> int:  # fmt: skip
+        """Runs one prefill call and receives its K/V into ``blocks``; the first token."""
+        assert self.links is not None and self.prefill_pool is not None
+        req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
+               "num_blocks": len(blocks)}  # fmt: skip
+        gen = self.prefill_pool.options(stream=True).prefill.remote(req)
+        key: tuple[str, int] | None = None
+        try:
+            async for item in gen:
+                if "error" in item:
+                    raise RuntimeError(item["error"])
+                if "link" in item:
+                    key = self.links.accept(item["link"])
+                    kv["prefill_instance"] = key[0]
+                elif "seq" in item:
+                    assert key is not None, "the prefill side sent no link"
+                    nbytes, secs = await self.links.recv(key, int(item["seq"]),
+                                                         self.engine.kv_caches(), blocks)  # fmt: skip
+                    kv.update({"transferred_bytes": nbytes, "transfer_seconds": secs,
+                               "prefill_cached_tokens": int(item["cached_tokens"])})  # fmt: skip
+                    return int(item["first_token"])
+        except Exception as e:
+            if key is not None and not isinstance(e, RuntimeError):
+                self.links.break_link(key, e)  # the prefill replica is gone: so is the link
+            raise
+        raise RuntimeError("the prefill stream ended without a transfer")
+
+    async def _ledger_reserve(self, rid: str, n: int) -> tuple[str, int] | None:
+        try:
+            res: tuple[str, int] | None = await get_ledger().reserve.remote(self.replica_id, rid, n)
+            return res
+        except Exception as e:  # advisory: the blocks are held here either way
+            logger.warning("ledger reservation failed: %s", e)
+            return None
+
+    def _ledger_settle(self, res: tuple[str, int] | None, used: bool) -> None:
+        if res is not None:
+            with contextlib.suppress(Exception):
+                get_ledger().settle.remote(res[0], res[1], used)
 
     def _delta(self, out: RequestOutput, sent: dict[int, tuple[int, int]]) -> dict[str, Any]:
         choices = []

@@ -107,6 +107,18 @@ def _usage(item: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
+    """kvserve's per-request KV accounting (an extension field of the response): the
+    decode (or only) instance, prompt tokens found in its prefix cache, and for a
+    disaggregated request the prefill instance and the bytes and seconds of the
+    transfer; ``mode`` is colocated, transferred, recomputed (prefill or transfer
+    failed) or local (no room to reserve)."""
+    acct = dict(item.get("kv") or {})
+    acct.setdefault("mode", "colocated")
+    acct["cached_tokens"] = int(item.get("cached_tokens", 0))
+    return acct
+
+
 def _chat_logprobs(entries: list[dict[str, Any]], body: Any) -> dict[str, Any]:
     k = body.top_logprobs or 0
     return {"content": [
@@ -270,12 +282,14 @@ class Router:
                         "logprobs": _chat_logprobs(lps[i], body) if body.logprobs else None,
                         "finish_reason": reasons[i]} for i in range(n)]  # fmt: skip
             return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                    "model": self.model_name, "choices": choices, "usage": usage}  # fmt: skip
+                    "model": self.model_name, "choices": choices, "usage": usage,
+                    "kvserve": _kv_extension(item)}  # fmt: skip
         choices = [{"index": i, "text": texts[i],
                     "logprobs": _completion_logprobs(lps[i], body) if body.logprobs is not None else None,
                     "finish_reason": reasons[i]} for i in range(n)]  # fmt: skip
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices, "usage": usage}  # fmt: skip
+                "model": self.model_name, "choices": choices, "usage": usage,
+                "kvserve": _kv_extension(item)}  # fmt: skip
 
     async def _sse(self, gen: Any, first: dict[str, Any], rid: str, body: Any,
                    chat: bool) -> AsyncIterator[str]:  # fmt: skip
@@ -295,7 +309,7 @@ class Router:
             if body.include_usage:
                 yield _event({"id": rid, "object": obj, "created": created,
                               "model": self.model_name, "choices": [],
-                              "usage": _usage(item, total)})  # fmt: skip
+                              "usage": _usage(item, total), "kvserve": _kv_extension(item)})  # fmt: skip
             yield "data: [DONE]\n\n"
         except StopAsyncIteration:
             yield "data: [DONE]\n\n"
@@ -433,7 +447,12 @@ class Router:
     ) -> Any:
         usage = pb.Usage(prompt_tokens=item["prompt_tokens"], completion_tokens=completion,
                          cached_tokens=item["cached_tokens"])  # fmt: skip
-        kv = pb.KVAccounting(cached_tokens=item["cached_tokens"], instance=item.get("instance", ""))
+        acct = item.get("kv") or {}
+        kv = pb.KVAccounting(cached_tokens=item["cached_tokens"], instance=acct.get("instance", ""),
+                             transferred_bytes=int(acct.get("transferred_bytes", 0)),
+                             transfer_seconds=float(acct.get("transfer_seconds", 0.0)),
+                             prefill_instance=acct.get("prefill_instance", ""),
+                             mode=acct.get("mode", "colocated"))  # fmt: skip
         return pb.GenerateResponse(request_id=item["request_id"], choices=choices,
                                    finished=item["finished"], usage=usage, kv=kv)  # fmt: skip
 

@@ -49,7 +49,7 @@ class KVChannel:
             raise ValueError("role must be SENDER (0) or RECEIVER (1)")
         self.role = role
         self.backend = backend
-        self.group = new_group(store_path, role, 2, backend, timeout_s)
+        self.group = new_group(store, role, 2, backend, timeout_s)
         self.bytes_moved = 0
         self.transfers = 0
 

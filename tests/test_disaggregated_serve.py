@@ -1,0 +1,169 @@
+"""Disaggregated prefill and decode pools through the HTTP API (CPU, real Ray, gloo).
+
+One prefill replica and one decode replica of SmolLM2: every request's prompt is
+computed by the prefill replica, its K/V moves over a gloo link into blocks the decode
+replica reserved, and the decode replica continues. The text must equal the offline
+engine's greedy text; nothing may leak (blocks, reservations); a prefill replica killed
+mid-transfer must not lose the request (the decode side recomputes)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine import SamplingParams
+from tests.factories import serving
+
+MODEL = "smol-disagg"
+MAX_TOKENS = 16
+BASE = "The history of the printing press begins in the fifteenth century, when "
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    BASE * 3,
+    BASE * 9 + "In summary,",
+    "1, 2, 3, 4, 5,",
+    BASE * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_llm: Any) -> list[str]:
+    outs = smollm2_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    return [o.outputs[0].text for o in outs]
+
+
+def _complete(base: str, prompt: str, stream: bool = False) -> dict[str, Any]:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+    if not stream:
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    text, usage_chunk = "", {}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            import json
+
+            chunk = json.loads(line[6:])
+            text += "".join(c["text"] for c in chunk["choices"])
+            if chunk.get("usage"):
+                usage_chunk = chunk
+    return {"choices": [{"text": text}], "kvserve": usage_chunk["kvserve"]}
+
+
+def _stats(name: str) -> dict[str, Any]:
+    from ray import serve
+
+    return dict(serve.get_deployment_handle(name, app_name="kvserve").stats.remote().result())
+
+
+def _pools_whole(timeout: float = 30) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pools = {name: _stats(name) for name in ("prefill", "decode")}
+        if all(s["running"] == 0 and s["waiting"] == 0 and s["free_blocks"] == s["num_blocks"]
+               for s in pools.values()):  # fmt: skip
+            return pools
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pools not whole: {pools}")
+        time.sleep(0.2)
+
+
+def _ledger_agrees(ray_cluster: Any, pools: dict[str, dict[str, Any]]) -> None:
+    """The ledger's rows for these instances equal their own counts; nothing reserved."""
+    from cluster.ledger import get_ledger
+
+    ids = {s["instance"]: s for s in pools.values()}
+    deadline = time.monotonic() + 20
+    while True:
+        rows = {r["instance_id"]: r for r in ray_cluster.get(get_ledger().instances.remote())}
+        totals = ray_cluster.get(get_ledger().totals.remote())
+        mine = [rows.get(i) for i in ids]
+        ok = all(r is not None and r["free_blocks"] == ids[r["instance_id"]]["free_blocks"]
+                 for r in mine)  # fmt: skip
+        if (ok and totals["reserved"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert ok, (mine, ids)
+    assert {rows[i]["role"] for i in ids} == {"prefill", "decode"}
+    assert totals["reserved"] == 0 and totals["reservations"] == 0
+    assert totals["capacity"] == sum(r["num_blocks"] for r in rows.values())
+
+
+def test_disaggregated_equals_colocated_over_http(
+    ray_cluster: Any, smollm2_dir: Path, reference: list[str]
+) -> None:
+    with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
+                 engine={"max_model_len": 1024}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent, varied lengths
+            outs = list(pool.map(lambda p: _complete(base, p), PROMPTS))
+        assert [o["choices"][0]["text"] for o in outs] == reference
+        for o in outs:
+            kv = o["kvserve"]
+            assert kv["mode"] == "transferred", kv
+            assert kv["transferred_bytes"] > 0 and kv["transfer_seconds"] > 0
+            assert kv["prefill_instance"] and kv["prefill_instance"] != kv["instance"]
+        # Longer prompts move more bytes (whole blocks of every layer).
+        sizes = [o["kvserve"]["transferred_bytes"] for o in outs]
+        assert sizes[3] > sizes[2] > sizes[0]
+        streamed = _complete(base, PROMPTS[3], stream=True)
+        assert streamed["choices"][0]["text"] == reference[3]
+        assert streamed["kvserve"]["mode"] == "transferred"
+        # A client that leaves mid-stream: its blocks come back on both sides.
+        body = {"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 200, "temperature": 0,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())
+        pools = _pools_whole()
+        assert pools["decode"]["kv_bytes_received"] == pools["prefill"]["kv_bytes_sent"] > 0
+        assert pools["decode"]["kv_link_failures"] == 0
+        _ledger_agrees(ray_cluster, pools)
+
+
+def test_prefill_killed_mid_transfer_falls_back(
+    ray_cluster: Any, smollm2_dir: Path, reference: list[str]
+) -> None:
+    """The prefill replica waits 3 s between announcing a transfer and sending it; it is
+    killed in that window, while the decode replica waits in its receive. The request
+    still completes with the reference text (recomputed on the decode replica), and a
+    later request goes through the replacement prefill replica over a new link."""
+    import ray
+
+    with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
+                 engine={"max_model_len": 1024},
+                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "3"}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        victim = _stats("prefill")["instance"]
+        actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if "prefill" in a["name"] and victim in a["name"])  # fmt: skip
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(_complete, base, PROMPTS[2])
+            time.sleep(1.5)  # prefill done (ms), the sender sleeps, the receiver waits
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+            out = fut.result(timeout=60)
+        assert out["choices"][0]["text"] == reference[2]
+        assert out["kvserve"]["mode"] == "recomputed", out["kvserve"]
+        decode = _pools_whole(timeout=60)["decode"]
+        assert decode["kv_link_failures"] >= 1
+        # Serve replaces the prefill replica; the next request is transferred again.
+        deadline = time.monotonic() + 90
+        while True:
+            again = _complete(base, PROMPTS[0])
+            if again["kvserve"]["mode"] == "transferred" or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert again["choices"][0]["text"] == reference[0]
+        assert again["kvserve"]["mode"] == "transferred", again["kvserve"]
+        assert again["kvserve"]["prefill_instance"] != victim
+        pools = _pools_whole()
+        _ledger_agrees(ray_cluster, pools)
