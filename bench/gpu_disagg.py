@@ -150,6 +150,76 @@ class _End:
         self.engine.release_kv(rid)
 
 
+def w6_prompts(n: int, seed: int = 0) -> list[str]:
+    """W6's mix: chat-like prompts of 200-800 words, every 10th one 4096 words."""
+    import random
+
+    from cluster.loadgen import prompts
+
+    rng = random.Random(seed)
+    return [prompts(1, 4096 if i % 10 == 9 else rng.randint(200, 800), seed=seed * 1000 + i)[0]
+            for i in range(n)]  # fmt: skip
+
+
+def w6(model_dir: str, rate: float, n: int, max_tokens: int) -> dict[str, Any]:
+    """W6 through the HTTP API at ``rate`` requests/s: 2 colocated replicas (one GPU
+    each) vs 1 prefill + 1 decode replica. TTFT/ITL percentiles and goodput under the
+    SLO (TTFT <= 1 s and every ITL <= 50 ms)."""
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    from bench.common import free_port
+    from cluster import loadgen
+    from cluster.app import ServeConfig, run
+
+    ps = w6_prompts(n)
+    out: dict[str, Any] = {}
+    for mode in ("colocated", "disaggregated"):
+        port = free_port()
+        cfg = ServeConfig(model=model_dir, model_name="w6", device="cuda", http_port=port,
+                          grpc_port=0, mode=mode, num_replicas=2, prefill_replicas=1,
+                          decode_replicas=1,
+                          engine={"load_format": "dummy", "max_model_len": 8192,
+                                  "max_num_batched_tokens": 8192, "dtype": "bfloat16",
+                                  "gpu_memory_utilization": 0.85})  # fmt: skip
+        t0 = time.perf_counter()
+        run(cfg)
+        print(f"W6 {mode}: up in {time.perf_counter() - t0:.0f} s", flush=True)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(loadgen.http_load(url, "w6", w6_prompts(4, seed=9), 16, 4, None,
+                                      progress=False))  # fmt: skip
+        recs, wall = asyncio.run(loadgen.http_load(url, "w6", ps, max_tokens, None, rate,
+                                                   progress=False))  # fmt: skip
+        summary = loadgen.summarize(recs, wall)
+        good = sum(1 for r in recs if r.error is None and r.ttft is not None and r.ttft <= 1.0
+                   and all(x <= 0.05 for x in r.itls()))  # fmt: skip
+        summary["goodput_req_s"] = good / wall
+        summary["slo_attainment"] = good / len(recs)
+        out[mode] = summary
+        print(f"W6 {mode}: TTFT p50 {summary['ttft_s']['p50']:.3f} p99 "
+              f"{summary['ttft_s']['p99']:.3f} s, ITL p50 {summary['itl_s']['p50'] * 1e3:.1f} "
+              f"p99 {summary['itl_s']['p99'] * 1e3:.1f} ms, {summary['output_tok_s']:.0f} tok/s, "
+              f"SLO met {summary['slo_attainment']:.0%}", flush=True)  # fmt: skip
+        serve.delete("kvserve")
+        serve.shutdown()
+        time.sleep(3)
+    d, c = out["disaggregated"], out["colocated"]
+    ratios = {
+        "itl_p99_disagg_over_colocated": d["itl_s"]["p99"] / c["itl_s"]["p99"],
+        "ttft_p99_disagg_over_colocated": d["ttft_s"]["p99"] / c["ttft_s"]["p99"],
+        "goodput_disagg_over_colocated": d["goodput_req_s"] / max(1e-9, c["goodput_req_s"]),
+        "throughput_disagg_over_colocated": d["output_tok_s"] / c["output_tok_s"],
+    }
+    ray.shutdown()
+    return {"config": {"rate": rate, "requests": n, "max_tokens": max_tokens},
+            "raw": out, "ratios": ratios,
+            "peer": "the same engines colocated: 2 replicas of one GPU each",
+            "notes": {"itl_p99_disagg_over_colocated": "goal <= 0.5 at equal throughput",
+                      "goodput": "requests/s meeting TTFT <= 1 s and every ITL <= 50 ms"}}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.gpu_disagg", description=__doc__.split("\n")[0]
@@ -158,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="1024,4096,16384")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--part", default="w7", choices=["w7", "w6"])
+    p.add_argument("--rate", type=float, default=4.0, help="W6 requests/s")
+    p.add_argument("--requests", type=int, default=200, help="W6 requests")
+    p.add_argument("--max-tokens", type=int, default=200, help="W6 output tokens")
     args = p.parse_args(argv)
     import ray
 
@@ -166,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     config = make_config(args.model)
     model_dir = write_model_dir(config, Path(tempfile.mkdtemp(prefix="kvserve-w7-")) / args.model)
+    if args.part == "w6":
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k.startswith(("NCCL_", "TORCH_", "NVSHMEM_"))}})  # fmt: skip
+        result = w6(str(model_dir), args.rate, args.requests, args.max_tokens)
+        path = write_result(args.out, SUITE, "W6", environment(torch.device("cuda", 0)), {}, result)
+        print(f"W6: {result['ratios']} -> {path}", flush=True)
+        os._exit(0)
     ray.init(include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k.startswith(("NCCL_", "TORCH_", "NVSHMEM_"))}})  # fmt: skip
