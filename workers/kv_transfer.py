@@ -54,37 +54,67 @@ class KVChannel:
         self.transfers = 0
 
     def send(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
-        """Sends the blocks; returns the bytes of the payload."""
-        packed = pack_blocks(kv_caches, block_ids)
-        header = torch.tensor([len(block_ids), packed.numel()], dtype=torch.long)
-        if packed.is_cuda:
-            header = header.to(packed.device)
+        """Sends the blocks; returns the bytes of the payload.
+
+        Layers go in chunks: each chunk is gathered into its own staging buffer and its
+        send is issued at once without waiting, so gathering chunk i+1 overlaps sending
+        chunk i (NCCL runs sends on its own stream after the gather it depends on)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+        header = torch.tensor([len(block_ids), _payload_elems(kv_caches, len(block_ids))],
+                              dtype=torch.long, device=kv_caches[0].device)  # fmt: skip
         self.group.send([header], RECEIVER, 0).wait()
-        self.group.send([packed], RECEIVER, 1).wait()
-        return self._count(packed)
+        works, total = [], 0
+        for lo, hi in _chunks(len(kv_caches)):
+            part = torch.stack([kv_caches[i].index_select(1, idx) for i in range(lo, hi)])
+            works.append((self.group.send([part], RECEIVER, 1), part))
+            total += part.numel() * part.element_size()
+        for work, _ in works:
+            work.wait()
+        return self._count(total)
 
     def recv(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
-        """Receives a transfer into ``block_ids``; returns the payload's bytes."""
+        """Receives a transfer into ``block_ids``; returns the payload's bytes. Every
+        chunk's receive is posted first; each is scattered into the cache as it lands."""
         first = kv_caches[0]
         header = torch.zeros(2, dtype=torch.long, device=first.device)
         self.group.recv([header], SENDER, 0).wait()
         n, elems = (int(x) for x in header.tolist())
-        shape = (len(kv_caches), first.shape[0], len(block_ids), *first.shape[2:])
-        if n != len(block_ids) or elems != torch.Size(shape).numel():
+        if n != len(block_ids) or elems != _payload_elems(kv_caches, len(block_ids)):
+            shape = (len(kv_caches), first.shape[0], len(block_ids), *first.shape[2:])
             raise ValueError(f"sender sent {n} blocks ({elems} elements); this side expects "
                              f"{len(block_ids)} blocks of shape {shape}")  # fmt: skip
-        packed = torch.empty(shape, dtype=first.dtype, device=first.device)
-        self.group.recv([packed], SENDER, 1).wait()
-        unpack_blocks(kv_caches, block_ids, packed)
-        return self._count(packed)
+        idx = torch.tensor(block_ids, dtype=torch.long, device=first.device)
+        posted, total = [], 0
+        for lo, hi in _chunks(len(kv_caches)):
+            part = torch.empty((hi - lo, first.shape[0], n, *first.shape[2:]), dtype=first.dtype,
+                               device=first.device)  # fmt: skip
+            posted.append((self.group.recv([part], SENDER, 1), part, lo))
+            total += part.numel() * part.element_size()
+        for work, part, lo in posted:
+            work.wait()  # this chunk only: the scatter waits for it, later chunks go on
+            for j in range(part.shape[0]):
+                kv_caches[lo + j].index_copy_(1, idx, part[j])
+        return self._count(total)
 
     def close(self) -> None:
         """The channel is done: gloo's pending sends/receives break (sockets close); an
         NCCL group is only retired (see ``workers.comm.retire_group``)."""
         retire_group(self.group, abort=self.backend == "gloo")
 
-    def _count(self, packed: torch.Tensor) -> int:
-        nbytes = packed.numel() * packed.element_size()
+    def _count(self, nbytes: int) -> int:
         self.bytes_moved += nbytes
         self.transfers += 1
         return nbytes
+
+
+LAYERS_PER_CHUNK = 4
+
+
+def _chunks(num_layers: int) -> list[tuple[int, int]]:
+    return [(lo, min(num_layers, lo + LAYERS_PER_CHUNK))
+            for lo in range(0, num_layers, LAYERS_PER_CHUNK)]  # fmt: skip
+
+
+def _payload_elems(kv_caches: list[torch.Tensor], num_blocks: int) -> int:
+    first = kv_caches[0]
+    return len(kv_caches) * first.shape[0] * num_blocks * int(torch.Size(first.shape[2:]).numel())
