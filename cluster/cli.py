@@ -53,12 +53,18 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size per instance")
     s.add_argument("--replicas", type=int, default=None, help="engine instances in the pool")
-    s.add_argument("--mode", choices=["colocated", "disaggregated"], default=None,
-                   help="one pool, or separate prefill and decode pools (default colocated)")
-    s.add_argument("--prefill-replicas", type=int, default=None,
-                   help="disaggregated: prefill instances")
-    s.add_argument("--decode-replicas", type=int, default=None,
-                   help="disaggregated: decode instances")
+    s.add_argument(
+        "--mode",
+        choices=["colocated", "disaggregated"],
+        default=None,
+        help="one pool, or separate prefill and decode pools (default colocated)",
+    )
+    s.add_argument(
+        "--prefill-replicas", type=int, default=None, help="disaggregated: prefill instances"
+    )
+    s.add_argument(
+        "--decode-replicas", type=int, default=None, help="disaggregated: decode instances"
+    )
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
