@@ -298,36 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     model8 = "llama3-8b-shape-2l" if args.quick else "llama3-8b-shape"
     model70 = "llama3-8b-shape-2l" if args.quick else "llama3-70b-shape"
     modes = tuple(x.strip() for x in args.dispatch.split(",") if x.strip())
+
+    def tp_part(model: str, sizes: list[int]) -> Any:
+        return lambda: part_tp(model, sizes, ceilings, log, root, args.quick, args.skip_w1,
+                               args.profile_steps, modes)  # fmt: skip
+
     jobs = {
         "overhead": ("TP-overhead", lambda: part_overhead(ceilings, log, root, args.quick)),
-        "w8": (
-            "W8",
-            lambda: part_tp(
-                model8,
-                tps,
-                ceilings,
-                log,
-                root,
-                args.quick,
-                args.skip_w1,
-                args.profile_steps,
-                modes,
-            ),
-        ),
-        "70b": (
-            "W8-70B",
-            lambda: part_tp(
-                model70,
-                tp70,
-                ceilings,
-                log,
-                root,
-                args.quick,
-                args.skip_w1,
-                args.profile_steps,
-                modes,
-            ),
-        ),
+        "w8": ("W8", tp_part(model8, tps)),
+        "70b": ("W8-70B", tp_part(model70, tp70)),
     }
     for part in parts:
         name, job = jobs[part]

@@ -106,16 +106,9 @@ class KVLinks:
             seq = link.next_seq
             link.next_seq += 1
             await announce(seq)
-            t0 = time.perf_counter()
-            try:
-                nbytes = await asyncio.wait_for(
-                    asyncio.to_thread(_synced, channel.send, caches, block_ids), self.timeout_s
-                )
-            except BaseException as e:
-                self._break(link, e)
-                raise LinkError(f"sending to {peer} failed: {e!r}") from e
+            nbytes, secs = await self._move(link, channel.send, caches, block_ids, "sending to")
         self.bytes_sent += nbytes
-        return nbytes, time.perf_counter() - t0
+        return nbytes, secs
 
     # --- receiver (decode) side ---------------------------------------------------------
     def accept(self, offer: dict[str, Any]) -> tuple[str, int]:
@@ -151,17 +144,24 @@ class KVLinks:
                 raise LinkError(f"turn {seq} of link {key} never came") from e
             if link.broken is not None:
                 raise LinkError(f"link {key} is broken: {link.broken}")
-            t0 = time.perf_counter()
-            try:
-                nbytes = await asyncio.wait_for(
-                    asyncio.to_thread(_synced, channel.recv, caches, block_ids), self.timeout_s
-                )
-            except BaseException as e:
-                self._break(link, e)
-                raise LinkError(f"receiving from {key[0]} failed: {e!r}") from e
+            nbytes, secs = await self._move(link, channel.recv, caches, block_ids, "receiving from")
             link.next_seq += 1
             link.cond.notify_all()
         self.bytes_received += nbytes
+        return nbytes, secs
+
+    async def _move(self, link: _Link, op: Any, caches: list[torch.Tensor], block_ids: list[int],
+                    what: str) -> tuple[int, float]:  # fmt: skip
+        """Runs one send/receive off the event loop, bounded by ``timeout_s``; a failure
+        breaks the link. Returns (bytes, seconds)."""
+        t0 = time.perf_counter()
+        try:
+            nbytes = await asyncio.wait_for(
+                asyncio.to_thread(_synced, op, caches, block_ids), self.timeout_s
+            )
+        except BaseException as e:
+            self._break(link, e)
+            raise LinkError(f"{what} {link.peer} failed: {e!r}") from e
         return nbytes, time.perf_counter() - t0
 
     def break_link(self, key: tuple[str, int], why: BaseException) -> None:
