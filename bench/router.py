@@ -69,7 +69,71 @@ async def in_process(
     return result
 
 
-def served(kw: dict[str, Any], ps: list[str], args: argparse.Namespace) -> tuple[Any, float]:
+class CPUSampler:
+    """Per-process CPU use (percent of one core) while the served load runs, grouped by
+    what the process is (Serve proxy, router, engine replica, this driver + client)."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        import threading
+
+        self.period_s = period_s
+        self.samples: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def group(cmdline: str) -> str | None:
+        if "ProxyActor" in cmdline:
+            return "serve-proxy"
+        for name in ("router", "engine", "decode", "prefill"):
+            if f":kvserve:{name}" in cmdline or f"#{name}#" in cmdline:
+                return f"replica-{name}"
+        if "bench.router" in cmdline:
+            return "driver+client"
+        if "raylet" in cmdline or "gcs_server" in cmdline or "ServeController" in cmdline:
+            return "ray-system"
+        return None
+
+    def _run(self) -> None:
+        import psutil
+
+        procs: dict[int, tuple[Any, str]] = {}
+        while not self._stop.wait(self.period_s):
+            totals: dict[str, float] = {}
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if p.pid not in procs:
+                    g = self.group(" ".join(p.info["cmdline"] or []))
+                    if g is None:
+                        continue
+                    procs[p.pid] = (p, g)
+                    p.cpu_percent(None)
+                    continue
+            for pid, (p, g) in list(procs.items()):
+                try:
+                    totals[g] = totals.get(g, 0.0) + p.cpu_percent(None)
+                except psutil.Error:
+                    procs.pop(pid)
+            for g, v in totals.items():
+                self.samples.setdefault(g, []).append(v)
+
+    def __enter__(self) -> CPUSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        """Mean percent of a core per group over the run (samples after the first)."""
+        return {
+            g: round(sum(v[1:]) / max(len(v) - 1, 1), 1) for g, v in sorted(self.samples.items())
+        }
+
+
+def served(
+    kw: dict[str, Any], ps: list[str], args: argparse.Namespace
+) -> tuple[tuple[Any, float], dict[str, float]]:
     import ray
     from ray import serve
 
@@ -84,12 +148,13 @@ def served(kw: dict[str, Any], ps: list[str], args: argparse.Namespace) -> tuple
     url = f"http://127.0.0.1:{port}"
     asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
                                   args.concurrency, None, progress=False))  # fmt: skip
-    result = asyncio.run(
-        loadgen.http_load(url, "bench", ps, args.max_tokens, args.concurrency, None)
-    )
+    with CPUSampler() as cpu:
+        result = asyncio.run(
+            loadgen.http_load(url, "bench", ps, args.max_tokens, args.concurrency, None)
+        )
     serve.shutdown()
     ray.shutdown()
-    return result
+    return result, cpu.summary()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ps = loadgen.prompts(args.requests, args.prompt_words)
     local_records, local_wall = asyncio.run(in_process(dict(kw), ps, args))
     gc.collect()
-    http_records, http_wall = served(dict(kw), ps, args)
+    (http_records, http_wall), cpu = served(dict(kw), ps, args)
     local = loadgen.summarize(local_records, local_wall)
     http = loadgen.summarize(http_records, http_wall)
     ratios = {
@@ -126,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         | {"model": args.model or "SmolLM2-135M-Instruct"},
         "raw": {"in_process": local, "served": http},
         "ratios": ratios,
+        "served_cpu_percent": cpu,
         "notes": {
+            "served_cpu_percent": "mean CPU use per process group during the served load, "
+            "percent of one core",
             "*_added_ms": "served − in-process at that percentile (what the router, Serve's "
             "proxy and the handle add); goal on GPU: <= 3 ms at the median, 64 streams",
             "throughput_served_over_in_process": "output tokens/s through HTTP over in process; "
@@ -135,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     name = f"ROUTER-{args.tag}" if args.tag else "ROUTER"
     path = write_result(args.out, "router", name, environment(device), {}, result)
-    print(ratios, "->", path)
+    print(ratios, cpu, "->", path)
     return 0
 
 

@@ -30,6 +30,7 @@ from cluster.router import Router
 from engine.llm_engine import EngineArgs
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+STREAM_CALL_SLOTS = 64  # Serve slots per engine replica for subscriptions and cancels
 MODES = ("colocated", "disaggregated")
 
 
@@ -112,10 +113,20 @@ def _uses_gpu(cfg: ServeConfig) -> bool:
 
 
 def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int,
-                  autoscaling: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+                  autoscaling: dict[str, Any] | None, streams: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Serve options of a pool. ``streams``: the router reaches it through
+    ``cluster.streams`` (submit + one stream per router), so Serve's own limits only
+    bound those short calls; the replica itself refuses requests beyond
+    ``max_ongoing_requests + max_queued_requests`` (HTTP 429)."""
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
                                "max_queued_requests": cfg.max_queued_requests,
                                "health_check_period_s": 5, "health_check_timeout_s": 30}  # fmt: skip
+    if streams:
+        from cluster.request_router import router_config
+
+        options.update(max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests
+                       + STREAM_CALL_SLOTS, max_queued_requests=-1,
+                       request_router_config=router_config())  # fmt: skip
     if autoscaling:
         from cluster.autoscale import POLICY
 
@@ -134,6 +145,7 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int,
 
 def build_app(cfg: ServeConfig) -> Application:
     gpu = _uses_gpu(cfg)
+    live = cfg.max_ongoing_requests + cfg.max_queued_requests
     if cfg.mode == "disaggregated":
         p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling)
         if cfg.prefill_env:
@@ -141,14 +153,19 @@ def build_app(cfg: ServeConfig) -> Application:
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
             cfg.engine_args(), cfg.served_name, "prefill", cfg.stream_interval_s
         )
-        d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling)
+        d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True)
         engine = EngineDeployment.options(name="decode", **d_opts).bind(
-            cfg.engine_args(), cfg.served_name, "decode", cfg.stream_interval_s, prefill
+            cfg.engine_args(),
+            cfg.served_name,
+            "decode",
+            cfg.stream_interval_s,
+            prefill,
+            live,
         )
     else:
-        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling)
+        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True)
         engine = EngineDeployment.options(**options).bind(
-            cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s
+            cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s, None, live
         )
     router: Any = Router
     router_options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 4096}

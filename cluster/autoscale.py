@@ -8,7 +8,10 @@ period. Serve applies ``min_replicas``/``max_replicas``, the scaling factors and
 up/down delays around it.
 
 Desired replicas = the largest of
-- Serve's own signal: ongoing requests / ``target_ongoing_requests``;
+- requests / ``target_ongoing_requests``, where requests is the larger of Serve's
+  ongoing count and the replicas' own running + waiting (the router's requests reach
+  engine replicas through short calls and shared streams, ``cluster.streams``, so only
+  the replicas know how many they hold);
 - KV pressure: current × mean KV usage / ``KV_TARGET`` (a pool whose caches are 90 %
   full needs more caches even when its request count looks fine);
 - queueing: one more replica while any replica has requests waiting for KV blocks
@@ -35,15 +38,17 @@ def kv_aware_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
     if n == 0:
         return ctx.target_num_replicas, ctx.policy_state
     target = ctx.config.get_target_ongoing_requests()
-    desired = ctx.total_num_requests / target if target else n
     metrics = ctx.aggregated_metrics or {}
     kv = _mean(metrics.get("kv_usage"))
     waiting = sum((metrics.get("waiting") or {}).values())
+    held = sum((metrics.get("running") or {}).values()) + waiting
+    requests = max(float(ctx.total_num_requests), held)
+    desired = requests / target if target else n
     desired = max(desired, n * kv / KV_TARGET)
     if waiting >= 1:
         desired = max(desired, n + 1)
     state = dict(ctx.policy_state)
-    state["last"] = {"kv_usage": kv, "waiting": waiting, "ongoing": ctx.total_num_requests,
+    state["last"] = {"kv_usage": kv, "waiting": waiting, "requests": requests,
                      "desired": desired}  # fmt: skip
     return desired, state
 

@@ -26,6 +26,7 @@ class Record:
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens)
     error: str | None = None
     prompt_tokens: int = 0
+    completion_tokens: int = 0  # from the usage chunk; chunks may carry several tokens
 
     @property
     def ttft(self) -> float | None:
@@ -33,12 +34,22 @@ class Record:
 
     @property
     def tokens(self) -> int:
-        return sum(n for _, n in self.chunks)
+        return self.completion_tokens or sum(n for _, n in self.chunks)
 
     def itls(self) -> list[float]:
+        """Gaps between chunks per token: a chunk of k tokens after a gap g counts k
+        gaps of g/k (when the server reports only the total, tokens are spread evenly
+        over the chunks after the first)."""
+        counted = sum(n for _, n in self.chunks)
+        scale = 1.0
+        if self.completion_tokens and len(self.chunks) > 1:
+            scale = max(self.completion_tokens - self.chunks[0][1], 1) / max(
+                counted - self.chunks[0][1], 1
+            )
         out = []
         for (t0, _), (t1, n) in zip(self.chunks, self.chunks[1:], strict=False):
-            out.extend([(t1 - t0) / max(n, 1)] * max(n, 1))
+            k = max(round(n * scale), 1)
+            out.extend([(t1 - t0) / k] * k)
         return out
 
 
@@ -66,6 +77,7 @@ async def _http_one(client: Any, url: str, model: str, prompt: str, max_tokens: 
                 now = time.perf_counter()
                 if chunk.get("usage"):
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    rec.completion_tokens = chunk["usage"]["completion_tokens"]
                 for c in chunk.get("choices", []):
                     if c.get("text"):
                         rec.chunks.append((now, 1))

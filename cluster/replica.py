@@ -1,7 +1,9 @@
 """A pool replica: one engine instance (over one worker group) as a Serve deployment.
 
-The router calls ``generate`` through a streaming handle with a plain-dict request and
-gets plain-dict deltas back, one per engine step that advanced the request:
+The router sends a plain-dict request with ``submit`` and reads plain-dict deltas, one
+per engine step that advanced the request, from its one ``subscribe`` stream to this
+replica (``cluster.streams``: a list of every request's deltas per item); ``generate``
+is the same per request as a stream of its own (tests, tools):
 
     {"request_id", "prompt_tokens", "cached_tokens", "finished",
      "choices": [{"index", "text", "token_ids", "logprobs", "finish_reason"}]}
@@ -29,6 +31,7 @@ from cluster.async_engine import AsyncEngine
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger
 from cluster.metrics import EngineMetrics, RequestTimer
+from cluster.streams import SUBSCRIBE_GRACE_S, Outbox, pump
 from engine.llm_engine import EngineArgs
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -57,9 +60,11 @@ def _replica_id() -> str:
 
 class EngineReplica:
     def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both",
-                 stream_interval_s: float = 0.0, prefill: Any = None) -> None:  # fmt: skip
+                 stream_interval_s: float = 0.0, prefill: Any = None,
+                 max_live_requests: int = 1 << 30) -> None:  # fmt: skip
         """``role``: "both" (colocated), "prefill" or "decode" (disaggregated pools; a
-        decode replica gets the prefill pool's handle as ``prefill``)."""
+        decode replica gets the prefill pool's handle as ``prefill``).
+        ``max_live_requests``: ``submit`` refuses requests beyond this many live ones."""
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {role!r}")
         if role == "decode" and prefill is None:
@@ -70,6 +75,11 @@ class EngineReplica:
         # larger messages through Serve when many streams run (0: one per step).
         self.stream_interval_s = stream_interval_s
         self.role = role
+        self.max_live_requests = max_live_requests
+        self._outboxes: dict[str, Outbox] = {}
+        self.stream_items = 0  # items sent on routers' streams ...
+        self.stream_deltas = 0  # ... carrying this many request deltas
+        self.submitted = 0
         self.replica_id = _replica_id()
         self.engine = AsyncEngine(EngineArgs(**engine_args))
         self.tokenizer = self.engine.engine.tokenizer
@@ -91,7 +101,7 @@ class EngineReplica:
         """Every second: metrics gauges/counters and a ledger report."""
         ledger = None
         while not self._stop.wait(REPORT_PERIOD_S):
-            stats = self.engine.stats()
+            stats = {**self.engine.stats(), **self._stream_stats()}
             self.metrics.sample(stats)
             try:
                 ledger = ledger or get_ledger()
@@ -112,7 +122,12 @@ class EngineReplica:
         extra = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
                                           "kv_bytes_received": links.bytes_received,
                                           "kv_link_failures": links.failures}  # fmt: skip
-        return {**self.engine.stats(), "instance": self.replica_id, "role": self.role, **extra}
+        return {**self.engine.stats(), **self._stream_stats(), "instance": self.replica_id,
+                "role": self.role, **extra}  # fmt: skip
+
+    def _stream_stats(self) -> dict[str, int]:
+        return {"submitted": self.submitted, "stream_items": self.stream_items,
+                "stream_deltas": self.stream_deltas}  # fmt: skip
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What ``cluster.autoscale.kv_aware_policy`` scales on (Serve collects it)."""
@@ -120,9 +135,69 @@ class EngineReplica:
         return {"kv_usage": float(s["kv_usage"]), "waiting": float(s["waiting"]),
                 "running": float(s["running"])}  # fmt: skip
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What ``cluster.request_router`` places new requests by (Serve collects it)."""
+        s = self.engine.stats()
+        return {"running": s["running"], "waiting": s["waiting"],
+                "free_blocks": s["free_blocks"], "kv_usage": s["kv_usage"]}  # fmt: skip
+
     async def check_health(self) -> None:
         """Serve's health check: a dead engine (or worker group) fails it."""
         self.engine.check_health()
+
+    # --- the router's streams (cluster.streams) --------------------------------------------
+    def _live(self) -> int:
+        return sum(len(box.tasks) for box in self._outboxes.values())
+
+    async def submit(self, req: dict[str, Any], router: str) -> dict[str, Any]:
+        """Starts ``req`` (its ``request_id`` set by the router); its deltas go to
+        ``router``'s stream. ``{"instance": id}``, or ``{"full": message}`` when this
+        replica already has ``max_live_requests`` live. A dead engine raises."""
+        self.engine.check_health()
+        if self._live() >= self.max_live_requests:
+            return {"full": f"engine instance {self.replica_id} has {self.max_live_requests} "
+                            "requests; retry shortly"}  # fmt: skip
+        box = self._outboxes.get(router)
+        if box is None:
+            box = self._outboxes[router] = Outbox()
+            asyncio.get_running_loop().call_later(SUBSCRIBE_GRACE_S, self._reap, router, box)
+        rid = str(req["request_id"])
+        box.tasks[rid] = asyncio.ensure_future(pump(rid, self.generate(req), box))
+        self.submitted += 1
+        return {"instance": self.replica_id}
+
+    def _reap(self, router: str, box: Outbox) -> None:
+        if not box.subscribed and self._outboxes.get(router) is box:
+            logger.warning("router %s never subscribed; dropping its %d requests", router,
+                           len(box.tasks))  # fmt: skip
+            del self._outboxes[router]
+            box.cancel_all()
+
+    async def subscribe(self, router: str, target: str = "") -> AsyncIterator[list[dict[str, Any]]]:
+        """``router``'s deltas, a list per item, until the router goes away (then its
+        requests are aborted). ``target``: the replica the router meant; another
+        replica refuses (the router's instance is gone)."""
+        if target and target != self.replica_id:
+            raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
+        box = self._outboxes.setdefault(router, Outbox())
+        box.subscribed = True
+        try:
+            while True:
+                items = await box.take()
+                self.stream_items += 1
+                self.stream_deltas += len(items)
+                yield items
+        finally:
+            if self._outboxes.get(router) is box:
+                del self._outboxes[router]
+            box.cancel_all()
+
+    async def cancel(self, request_id: str, router: str, target: str = "") -> None:
+        """Aborts ``router``'s request ``request_id`` (its blocks return to the pool)."""
+        box = self._outboxes.get(router)
+        task = None if box is None else box.tasks.get(request_id)
+        if task is not None:
+            task.cancel()
 
     async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         params: SamplingParams = req["params"]
@@ -140,7 +215,7 @@ class EngineReplica:
                 stream = self.engine.generate(prompt, params, rid)
             first = await anext(stream)
         except ValueError as e:
-            yield {"error": str(e)}
+            yield {"request_id": req.get("request_id"), "error": str(e)}
             return
         sent: dict[int, tuple[int, int]] = {}
         timer = RequestTimer(self.metrics, arrival)

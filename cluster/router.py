@@ -7,9 +7,10 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 (when ``KVSERVE_API_KEY`` is set), 404 for an unknown model, 413 for a body over the
 limit, 503 with ``Retry-After`` when the engine is gone.
 
-The router holds no model state: requests go to an ``EngineReplica`` through a
-streaming deployment handle (Serve picks the replica); a client that disconnects
-cancels the handle's stream, which aborts the request in its engine.
+The router holds no model state: requests go to an ``EngineReplica`` (the least loaded,
+``cluster.request_router``) and their tokens come back over one stream per replica
+(``cluster.streams.StreamMux``); a client that disconnects cancels its request on the
+replica, which aborts it in the engine.
 """
 
 import json
@@ -27,6 +28,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
+from cluster.streams import EngineGone, PoolFull, StreamMux
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +80,36 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return bad_request(msg or "invalid request", param).response()
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next: Any) -> Any:
-    """API key (all but /health) and body size, before the body is parsed."""
-    key = _api_key()
-    wrong_key = key and request.headers.get("authorization", "") != f"Bearer {key}"
-    if wrong_key and request.url.path != "/health":
-        return APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                        "authentication_error", code="invalid_api_key").response()  # fmt: skip
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return APIError(413, f"request body over {MAX_BODY_BYTES} bytes",
-                        "invalid_request_error").response()  # fmt: skip
-    return await call_next(request)
+class _Guard:
+    """API key (all but /health) and body size, before the body is parsed. A plain ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` would relay every streamed chunk
+    through its own memory stream."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", [])}  # fmt: skip
+            key = _api_key()
+            wrong_key = key and headers.get("authorization", "") != f"Bearer {key}"
+            refusal = None
+            if wrong_key and scope.get("path") != "/health":
+                refusal = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                   "authentication_error", code="invalid_api_key")  # fmt: skip
+            length = headers.get("content-length")
+            too_big = length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES
+            if refusal is None and too_big:
+                refusal = APIError(413, f"request body over {MAX_BODY_BYTES} bytes",
+                                   "invalid_request_error")  # fmt: skip
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(_Guard)
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -148,11 +167,12 @@ def _engine_error(e: BaseException) -> APIError:
 
     if isinstance(e, ValueError):
         return bad_request(str(e))
-    if isinstance(e, BackPressureError):
+    if isinstance(e, BackPressureError | PoolFull):
         return APIError(429, "the engine pool's queues are full; retry shortly",
                         "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
     logger.warning("engine call failed: %s", e)
-    return APIError(503, f"the engine is unavailable: {type(e).__name__}", "server_error",
+    what = str(e)[:200] if isinstance(e, EngineGone) else type(e).__name__
+    return APIError(503, f"the engine is unavailable: {what}", "server_error",
                     code="engine_unavailable", headers={"Retry-After": "5"})  # fmt: skip
 
 
@@ -185,6 +205,7 @@ def _grpc_choices(pb: Any, item: dict[str, Any]) -> list[Any]:
 class Router:
     def __init__(self, engine: DeploymentHandle, model_name: str) -> None:
         self.engine = engine
+        self.mux = StreamMux(engine)
         self.model_name = model_name
         self.created = int(time.time())
 
@@ -236,12 +257,13 @@ class Router:
     async def _serve(self, body: Any, req: dict[str, Any], chat: bool) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         req["request_id"] = rid
-        gen: Any = self.engine.options(stream=True).generate.remote(req)
+        gen: Any = self.mux.open(req)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
             raise APIError(500, "the engine returned nothing", "server_error") from None
         except Exception as e:
+            await gen.aclose()
             raise _engine_error(e) from None
         if "error" in first:
             raise bad_request(first["error"], "messages" if chat else "prompt")
@@ -276,6 +298,8 @@ class Router:
             pass
         except Exception as e:
             raise _engine_error(e) from None
+        finally:
+            await gen.aclose()  # a client that left cancels its request in the engine
         usage = _usage(item, sum(counts))
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -318,7 +342,7 @@ class Router:
             yield _event({"error": {"message": err.message, "type": err.type, "param": None,
                                     "code": err.code}})  # fmt: skip
         finally:
-            gen.cancel()  # a client that left cancels its request in the engine
+            await gen.aclose()  # a client that left cancels its request in the engine
 
     def _chunk(self, rid: str, obj: str, created: int, c: dict[str, Any], body: Any, chat: bool,
                started: set[int]) -> dict[str, Any]:  # fmt: skip
@@ -385,7 +409,7 @@ class Router:
     async def _grpc_items(self, req: dict[str, Any], context: Any) -> AsyncIterator[dict[str, Any]]:
         import grpc
 
-        gen: Any = self.engine.options(stream=True).generate.remote(req)
+        gen: Any = self.mux.open(req)
         try:
             async for item in gen:
                 if "error" in item:
@@ -404,7 +428,7 @@ class Router:
                 )
                 context.set_details(err.message)
         finally:
-            gen.cancel()
+            await gen.aclose()
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:
         from protos import kvserve_pb2 as pb

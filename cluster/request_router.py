@@ -1,0 +1,74 @@
+"""Serve request router of the engine pools: calls aimed at one replica, and load-aware
+placement of new requests.
+
+The router talks to an engine replica over one long-lived stream per (router, replica)
+pair (see ``cluster.streams``); the calls that belong to that pair (``subscribe``,
+``cancel``) name their replica with a ``target`` keyword argument, and this router
+sends them there. New requests (``submit``) go to the replica with the least load,
+where load is the larger of
+
+- the requests this process has live on the replica (``cluster.streams.LIVE``, exact
+  and current for a single router), and
+- what the replica last reported through ``record_routing_stats`` (running + waiting
+  in its engine: every router's requests, one stats period old).
+
+A target that is no longer a running replica is sent to any replica: the replica sees
+that it is not the target and refuses the call, so the caller learns at once that its
+instance is gone (rather than waiting on a route that cannot exist).
+
+Use it with ``request_router_config=RequestRouterConfig(request_router_class=
+"cluster.request_router:EngineRequestRouter")``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ray.serve.request_router import (
+    LocalityMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
+
+from cluster.streams import LIVE
+
+ROUTER_CLASS = "cluster.request_router:EngineRequestRouter"
+TARGET = "target"  # the keyword argument that pins a call to one replica
+
+
+def load_of(replica: RunningReplica) -> float:
+    """A replica's load as this process sees it (see the module docstring)."""
+    uid = replica.replica_id.unique_id
+    stats = replica.routing_stats or {}
+    reported = float(stats.get("running", 0)) + float(stats.get("waiting", 0))
+    return max(float(LIVE.get(uid, 0)), reported)
+
+
+class EngineRequestRouter(LocalityMixin, RequestRouter):
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        target = None if pending_request is None else pending_request.kwargs.get(TARGET)
+        if target:
+            for r in candidate_replicas:
+                if r.replica_id.unique_id == target:
+                    return [[r]]
+            return [[random.choice(candidate_replicas)]]  # gone: that replica refuses it
+        ranked = sorted(candidate_replicas, key=lambda r: (load_of(r), random.random()))
+        return [[r] for r in ranked]  # least loaded first; the next if it refuses
+
+
+def router_config() -> Any:
+    """The ``request_router_config`` of an engine pool's deployment."""
+    from ray.serve.config import RequestRouterConfig
+
+    kwargs: dict[str, Any] = {"request_router_class": ROUTER_CLASS,
+                              "request_routing_stats_period_s": 1.0,
+                              "request_routing_stats_timeout_s": 5.0}  # fmt: skip
+    return RequestRouterConfig(**kwargs)

@@ -1,0 +1,216 @@
+"""One stream per (router, engine replica) pair instead of one per request.
+
+Every Serve streaming item costs the replica's process an object and a message; a replica
+running 64 streams at a hundred steps a second would send thousands a second, and that
+work shares a process (and its GIL) with the engine's step loop. So the router and each
+engine replica it uses keep one long-lived stream between them, and each item on it is a
+list: every delta the replica produced for that router's requests since the last item
+(normally one engine step's worth).
+
+Replica side (``Outbox``): ``EngineReplica.submit`` starts a request and files its deltas
+into the outbox of the router that sent it; ``EngineReplica.subscribe`` hands the outbox
+out as lists. Router side (``StreamMux``): ``open(req)`` submits the request, subscribes to
+the replica that took it (once per replica) and yields that request's deltas.
+
+Contracts
+- A request's deltas arrive in order and end with one that is ``finished`` or carries
+  ``error`` (bad input, HTTP 400). ``EngineGone`` is raised when the replica's engine
+  failed or its stream broke (HTTP 503); ``PoolFull`` when the replica refused a new
+  request because its queue is full (HTTP 429).
+- Leaving ``open``'s iteration early (client gone, cancellation) cancels the request on
+  its replica, which aborts it in the engine so its blocks return to the pool. A router
+  that goes away ends its streams, and the replica aborts every request it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Requests this process has live on each replica (its unique id): what the request
+# router (``cluster.request_router``, same process) places new requests by.
+LIVE: Counter[str] = Counter()
+
+# A replica drops a router's requests when the router has not subscribed this long after
+# its first submit (it died between the two calls).
+SUBSCRIBE_GRACE_S = 60.0
+CANCEL_TIMEOUT_S = 30.0
+
+
+class EngineGone(RuntimeError):
+    """The replica serving a request failed, or the stream to it broke."""
+
+
+class PoolFull(RuntimeError):
+    """The replica refused a new request: its queue is full (retry shortly)."""
+
+
+# --- replica side ---------------------------------------------------------------------------
+class Outbox:
+    """The deltas one replica owes one router, taken as lists in order."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.created = time.monotonic()
+        self.subscribed = False
+
+    def put(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> list[dict[str, Any]]:
+        """Everything filed since the last take; waits for at least one item."""
+        await self.ready.wait()
+        await asyncio.sleep(0)  # let the rest of this step's requests file theirs
+        items, self.items = self.items, []
+        self.ready.clear()
+        return items
+
+    def cancel_all(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+
+async def pump(rid: str, source: AsyncIterator[dict[str, Any]], box: Outbox) -> None:
+    """Files ``source``'s deltas (one request) into ``box``; an exception becomes a final
+    ``{"request_id", "gone": message}`` item. Cancelling the task closes ``source``."""
+    try:
+        async for delta in source:
+            box.put(delta)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        box.put({"request_id": rid, "gone": f"{type(e).__name__}: {e}"})
+    finally:
+        box.tasks.pop(rid, None)
+        with contextlib.suppress(Exception):
+            await source.aclose()  # type: ignore[attr-defined]
+
+
+# --- router side ----------------------------------------------------------------------------
+class StreamMux:
+    """The router's end: requests over one stream per engine replica (see module doc)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.id = f"router-{uuid.uuid4().hex[:12]}"
+        self._queues: dict[str, asyncio.Queue[dict[str, Any] | BaseException]] = {}
+        self._where: dict[str, str] = {}
+        self._subs: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        rid = str(req["request_id"])
+        queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self._queues[rid] = queue
+        instance: str | None = None
+        done = False
+        try:
+            placed = await self.handle.submit.remote(req, self.id)
+            if placed.get("full"):
+                raise PoolFull(placed["full"])
+            instance = str(placed["instance"])
+            self._where[rid] = instance
+            LIVE[instance] += 1
+            if instance not in self._subs:
+                self._subs[instance] = asyncio.ensure_future(self._subscribe(instance))
+            while True:
+                item = await queue.get()
+                while isinstance(item, dict) and not _last(item):  # fell behind: merge
+                    try:
+                        nxt = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if isinstance(nxt, BaseException):
+                        item = nxt
+                        break
+                    item = merge(item, nxt)
+                if isinstance(item, BaseException):
+                    done = True  # the replica is gone: nothing there to cancel
+                    raise item
+                if "gone" in item:
+                    done = True
+                    raise EngineGone(f"engine instance {instance}: {item['gone']}")
+                done = _last(item)
+                yield item
+                if done:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            self._where.pop(rid, None)
+            if instance is not None:
+                LIVE[instance] -= 1
+                if LIVE[instance] <= 0:
+                    del LIVE[instance]
+                if not done:
+                    self._cancel(rid, instance)
+
+    def _cancel(self, rid: str, instance: str) -> None:
+        """Tells ``instance`` to drop ``rid``, from a task of its own with an empty
+        context: the caller is often the request's own task being cancelled, and Serve
+        cancels the calls a cancelled request made (it finds them through contextvars)."""
+        task = asyncio.get_running_loop().create_task(
+            self._send_cancel(rid, instance), context=contextvars.Context()
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_cancel(self, rid: str, instance: str) -> None:
+        try:
+            await asyncio.wait_for(self.handle.cancel.remote(rid, self.id, target=instance),
+                                   CANCEL_TIMEOUT_S)  # fmt: skip
+        except Exception as e:  # the instance is gone: so is the request
+            logger.warning("cancel of %s on engine instance %s failed: %s", rid, instance, e)
+
+    async def _subscribe(self, instance: str) -> None:
+        err: BaseException
+        try:
+            gen = self.handle.options(stream=True).subscribe.remote(self.id, target=instance)
+            async for batch in gen:
+                for delta in batch:
+                    queue = self._queues.get(delta["request_id"])
+                    if queue is not None:
+                        queue.put_nowait(delta)
+            err = EngineGone(f"engine instance {instance} closed its stream")
+        except Exception as e:
+            logger.warning("stream from engine instance %s broke: %s", instance, e)
+            err = EngineGone(f"engine instance {instance} is gone: {type(e).__name__}")
+        finally:
+            self._subs.pop(instance, None)
+        for rid, where in list(self._where.items()):
+            if where == instance and rid in self._queues:
+                self._queues[rid].put_nowait(err)
+
+
+def _last(item: dict[str, Any]) -> bool:
+    return bool(item.get("finished")) or "error" in item or "gone" in item
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive deltas of one request as one (texts, tokens, logprobs joined);
+    ``a`` is not the last."""
+    if "error" in b or "gone" in b:
+        return b
+    choices = {c["index"]: dict(c) for c in a["choices"]}
+    for c in b["choices"]:
+        prev = choices.get(c["index"])
+        if prev is None:
+            choices[c["index"]] = dict(c)
+            continue
+        prev["text"] += c["text"]
+        prev["token_ids"] = [*prev["token_ids"], *c["token_ids"]]
+        if prev.get("logprobs") is not None or c.get("logprobs") is not None:
+            prev["logprobs"] = [*(prev.get("logprobs") or []), *(c.get("logprobs") or [])]
+        prev["finish_reason"] = c["finish_reason"] or prev["finish_reason"]
+    return {**b, "choices": [choices[i] for i in sorted(choices)]}

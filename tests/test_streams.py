@@ -1,0 +1,94 @@
+"""The router's streams to engine replicas (cluster.streams, cluster.request_router):
+many requests share one stream per replica, new requests go to the least loaded
+replica, and what comes back per request is exactly its own tokens."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster.streams import merge
+from engine import LLM, SamplingParams
+from tests.factories import random_prompts, serving
+
+MAX_TOKENS = 24
+
+
+def _stream(url: str, prompt: list[int]) -> tuple[str, int]:
+    """A streamed greedy completion's text and its number of chunks."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    text, chunks, usage = "", 0, {}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                text += "".join(c["text"] for c in chunk["choices"])
+                chunks += bool(chunk["choices"])
+                usage = chunk.get("usage") or usage
+    assert usage["completion_tokens"] == MAX_TOKENS
+    return text, chunks
+
+
+def _instances(ray_cluster: Any, n: int, submitted: int) -> list[dict[str, Any]]:
+    from cluster.ledger import get_ledger
+
+    deadline = time.monotonic() + 20
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = [r for r in ray_cluster.get(get_ledger().instances.remote())
+                if r.get("model") == "tiny"]  # fmt: skip
+        if len(rows) == n and sum(r.get("submitted", 0) for r in rows) >= submitted:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"instances did not report: {rows}")
+
+
+def test_shared_streams_two_replicas(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:
+    prompts = random_prompts(24, 4, 40, vocab=512, seed=7)
+    ref = LLM(tiny_dirs["llama3"], device="cpu")
+    want = [o.outputs[0].text for o in
+            ref.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                 ignore_eos=True))]  # fmt: skip
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", num_replicas=2,
+                 engine={"max_model_len": 512}) as cfg:  # fmt: skip
+        url = f"http://127.0.0.1:{cfg.http_port}"
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda p: _stream(url, p), prompts))
+        assert [text for text, _ in got] == want
+        rows = _instances(ray_cluster, 2, len(prompts))
+        # Every request went through a replica's shared stream, both replicas took some
+        # (least loaded first), and a stream item carried several requests' deltas.
+        assert sum(r["submitted"] for r in rows) == len(prompts)
+        assert all(r["submitted"] > 0 for r in rows), rows
+        items = sum(r["stream_items"] for r in rows)
+        deltas = sum(r["stream_deltas"] for r in rows)
+        assert deltas >= len(prompts) and items < deltas, (items, deltas)
+        # Everything is back: no request left running, every block free.
+        for r in rows:
+            assert r["running"] == 0 and r["waiting"] == 0
+
+
+def test_merge_joins_consecutive_deltas() -> None:
+    a = {"request_id": "r", "finished": False, "prompt_tokens": 3, "cached_tokens": 0,
+         "choices": [{"index": 0, "text": "he", "token_ids": [1], "logprobs": None,
+                      "finish_reason": None}]}  # fmt: skip
+    b = {"request_id": "r", "finished": True, "prompt_tokens": 3, "cached_tokens": 0,
+         "choices": [{"index": 0, "text": "llo", "token_ids": [2, 3], "logprobs": None,
+                      "finish_reason": "length"},
+                     {"index": 1, "text": "x", "token_ids": [9], "logprobs": None,
+                      "finish_reason": "length"}]}  # fmt: skip
+    m = merge(a, b)
+    assert m["finished"] is True
+    assert m["choices"][0] == {"index": 0, "text": "hello", "token_ids": [1, 2, 3],
+                               "logprobs": None, "finish_reason": "length"}  # fmt: skip
+    assert m["choices"][1]["text"] == "x"
+    assert a["choices"][0]["text"] == "he"  # inputs untouched
+    err = {"request_id": "r", "error": "bad"}
+    assert merge(a, err) is err
