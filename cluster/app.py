@@ -58,6 +58,11 @@ class ServeConfig:
     decode_autoscaling: dict[str, Any] | None = None
     # Environment variables of the prefill replicas (NCCL settings, fault injection).
     prefill_env: dict[str, str] = field(default_factory=dict)
+    # Custom Ray resources a replica of each pool needs (a little of each: they mark the
+    # nodes a pool may use, e.g. the worker groups of a KubeRay cluster; see k8s/).
+    resources: dict[str, float] = field(default_factory=dict)  # colocated pool
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -112,8 +117,8 @@ def _uses_gpu(cfg: ServeConfig) -> bool:
     return False
 
 
-def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int,
-                  autoscaling: dict[str, Any] | None, streams: bool = False) -> dict[str, Any]:  # fmt: skip
+def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[str, Any] | None,
+                  streams: bool = False, resources: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Serve options of a pool. ``streams``: the router reaches it through
     ``cluster.streams`` (submit + one stream per router), so Serve's own limits only
     bound those short calls; the replica itself refuses requests beyond
@@ -134,12 +139,13 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int,
     else:
         options["num_replicas"] = replicas
     bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
+    bundle.update(resources or {})
+    options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    if resources:
+        options["ray_actor_options"]["resources"] = dict(resources)
     if cfg.tensor_parallel_size > 1:
         options["placement_group_bundles"] = [dict(bundle) for _ in range(cfg.tensor_parallel_size)]
         options["placement_group_strategy"] = "STRICT_PACK"
-        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
-    else:
-        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
     return options
 
 
@@ -147,13 +153,15 @@ def build_app(cfg: ServeConfig) -> Application:
     gpu = _uses_gpu(cfg)
     live = cfg.max_ongoing_requests + cfg.max_queued_requests
     if cfg.mode == "disaggregated":
-        p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling)
+        p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling,
+                               resources=cfg.prefill_resources)  # fmt: skip
         if cfg.prefill_env:
             p_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.prefill_env)}
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
             cfg.engine_args(), cfg.served_name, "prefill", cfg.stream_interval_s
         )
-        d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True)
+        d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True,
+                               cfg.decode_resources)  # fmt: skip
         engine = EngineDeployment.options(name="decode", **d_opts).bind(
             cfg.engine_args(),
             cfg.served_name,
@@ -163,7 +171,7 @@ def build_app(cfg: ServeConfig) -> Application:
             live,
         )
     else:
-        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True)
+        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True, cfg.resources)
         engine = EngineDeployment.options(**options).bind(
             cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s, None, live
         )
@@ -174,6 +182,14 @@ def build_app(cfg: ServeConfig) -> Application:
             "runtime_env": {"env_vars": {"KVSERVE_API_KEY": cfg.api_key}}
         }
     return router.options(**router_options).bind(engine, cfg.served_name)
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Serve's application builder: ``import_path: cluster.app:build`` with ``args`` the
+    ``ServeConfig`` fields (how ``serve deploy`` and KubeRay's serveConfigV2 reach
+    kvserve; see k8s/). The HTTP/gRPC ports and hosts there come from the config file's
+    ``http_options`` / ``grpc_options``, not from ``args``."""
+    return build_app(ServeConfig(**args))
 
 
 GRPC_SERVICERS = [

@@ -301,7 +301,7 @@ def test_status_and_metrics(server: str, client: Any, ray_cluster: Any) -> None:
     # Every series the Grafana dashboard queries is one Ray exports.
     import re
 
-    dashboard = (Path(__file__).parents[1] / "docs" / "grafana-kvserve.json").read_text()
+    dashboard = (Path(__file__).parents[1] / "k8s" / "base" / "grafana-kvserve.json").read_text()
     used = set(re.findall(r"ray_kvserve_\w+", dashboard))
     exported = set(re.findall(r"^(ray_kvserve_\w+)", text, re.M))
     assert used and used <= exported, f"dashboard queries unknown series: {sorted(used - exported)}"
