@@ -58,6 +58,7 @@ class ServeConfig:
     decode_autoscaling: dict[str, Any] | None = None
     # Environment variables of the prefill replicas (NCCL settings, fault injection).
     prefill_env: dict[str, str] = field(default_factory=dict)
+    decode_env: dict[str, str] = field(default_factory=dict)  # the same, decode replicas
     # Custom Ray resources a replica of each pool needs (a little of each: they mark the
     # nodes a pool may use, e.g. the worker groups of a KubeRay cluster; see k8s/).
     resources: dict[str, float] = field(default_factory=dict)  # colocated pool
@@ -155,6 +156,9 @@ def build_app(cfg: ServeConfig) -> Application:
     if cfg.mode == "disaggregated":
         p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling,
                                resources=cfg.prefill_resources)  # fmt: skip
+        from cluster.request_router import router_config
+
+        p_opts["request_router_config"] = router_config()  # decode replicas' ``avoid``
         if cfg.prefill_env:
             p_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.prefill_env)}
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
@@ -162,6 +166,8 @@ def build_app(cfg: ServeConfig) -> Application:
         )
         d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True,
                                cfg.decode_resources)  # fmt: skip
+        if cfg.decode_env:
+            d_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.decode_env)}
         engine = EngineDeployment.options(name="decode", **d_opts).bind(
             cfg.engine_args(),
             cfg.served_name,

@@ -77,10 +77,13 @@ class KVLinks:
         self.failures = 0
 
     # --- sender (prefill) side ----------------------------------------------------------
-    def offer(self, peer: str) -> dict[str, Any]:
+    def offer(self, peer: str, stale: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
         """The offer for ``peer`` (a decode replica): an open link's, or a new one whose
-        rendezvous starts now in the background."""
+        rendezvous starts now in the background. ``stale``: generations the peer has
+        closed on its side (they are closed here too, and a new link is offered)."""
         link = self._send.get(peer)
+        if link is not None and link.broken is None and link.gen in stale:
+            self._break(link, LinkError(f"{peer} closed link gen {link.gen}"))
         if link is not None and link.broken is None:
             return link.offer
         gen = next(self._gens)
@@ -163,6 +166,21 @@ class KVLinks:
             self._break(link, e)
             raise LinkError(f"{what} {link.peer} failed: {e!r}") from e
         return nbytes, time.perf_counter() - t0
+
+    def stale_links(self) -> list[tuple[str, int]]:
+        """(prefill peer, gen) of the receiving links closed here, newest per peer: a
+        prefill replica offering one of them must offer a new link instead."""
+        newest: dict[str, int] = {}
+        for (peer, gen), link in self._recv.items():
+            if link.broken is not None:
+                newest[peer] = max(newest.get(peer, 0), gen)
+        return sorted(newest.items())
+
+    def break_peer(self, peer: str, why: BaseException) -> None:
+        """Closes every receiving link from ``peer`` (its next transfer rebuilds one)."""
+        for (p, _), link in list(self._recv.items()):
+            if p == peer:
+                self._break(link, why)
 
     def break_link(self, key: tuple[str, int], why: BaseException) -> None:
         """The peer is gone (its stream failed): closes the link, wakes its waiters."""

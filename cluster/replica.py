@@ -31,7 +31,8 @@ from cluster.async_engine import AsyncEngine
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger
 from cluster.metrics import EngineMetrics, RequestTimer
-from cluster.streams import SUBSCRIBE_GRACE_S, Outbox, pump
+from cluster.pair_health import PairHealth
+from cluster.streams import IDLE_CLOSE_S, SUBSCRIBE_GRACE_S, Outbox, pump
 from engine.llm_engine import EngineArgs
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -43,6 +44,16 @@ REPORT_PERIOD_S = 1.0
 # Fault injection (tests): a prefill replica waits this long between announcing a
 # transfer and sending it, so that a test can kill it mid-transfer.
 FAULT_SEND_DELAY_S = float(os.environ.get("KVSERVE_FAULT_SEND_DELAY_S", "0"))
+# Fault injection (tests): a prefill replica fails its first N prefills after offering
+# the link (the decode side sees the pair fail and, repeatedly, quarantines it).
+FAULT_FAIL_PREFILLS = int(os.environ.get("KVSERVE_FAULT_FAIL_PREFILLS", "0"))
+# Pair quarantine (cluster.pair_health): failures in a row, first quarantine seconds.
+PAIR_MAX_FAILURES = int(os.environ.get("KVSERVE_PAIR_MAX_FAILURES", "3"))
+PAIR_QUARANTINE_S = float(os.environ.get("KVSERVE_PAIR_QUARANTINE_S", "10"))
+
+
+class PairQuarantined(RuntimeError):
+    """The prefill replica that took the request is quarantined for this decode replica."""
 
 
 def _node_ip() -> str:
@@ -86,6 +97,8 @@ class EngineReplica:
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
         self.metrics = EngineMetrics(model_name, self.replica_id)
         self.links: KVLinks | None = None
+        self.pairs = PairHealth(PAIR_MAX_FAILURES, PAIR_QUARANTINE_S, max(PAIR_QUARANTINE_S, 300.0))
+        self._faults_left = FAULT_FAIL_PREFILLS
         if role != "both":
             if self.engine.engine.args.tensor_parallel_size != 1:
                 raise ValueError("disaggregated pools run tensor_parallel_size=1 for now "
@@ -121,7 +134,9 @@ class EngineReplica:
         links = self.links
         extra = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
                                           "kv_bytes_received": links.bytes_received,
-                                          "kv_link_failures": links.failures}  # fmt: skip
+                                          "kv_link_failures": links.failures,
+                                          "pair_quarantines": self.pairs.quarantines_total,
+                                          "pairs": self.pairs.snapshot(time.monotonic())}  # fmt: skip
         return {**self.engine.stats(), **self._stream_stats(), "instance": self.replica_id,
                 "role": self.role, **extra}  # fmt: skip
 
@@ -175,15 +190,21 @@ class EngineReplica:
 
     async def subscribe(self, router: str, target: str = "") -> AsyncIterator[list[dict[str, Any]]]:
         """``router``'s deltas, a list per item, until the router goes away (then its
-        requests are aborted). ``target``: the replica the router meant; another
-        replica refuses (the router's instance is gone)."""
+        requests are aborted) or it has been idle ``IDLE_CLOSE_S`` with no request
+        left. ``target``: the replica the router meant; another replica refuses (the
+        router's instance is gone)."""
         if target and target != self.replica_id:
             raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
         box = self._outboxes.setdefault(router, Outbox())
         box.subscribed = True
         try:
             while True:
-                items = await box.take()
+                try:
+                    items = await box.take(IDLE_CLOSE_S)
+                except TimeoutError:
+                    if not box.tasks and not box.items:
+                        return  # idle: the router reopens when it needs to
+                    continue
                 self.stream_items += 1
                 self.stream_deltas += len(items)
                 yield items
@@ -236,19 +257,26 @@ class EngineReplica:
             out = await anext(stream, None)
 
     # --- disaggregated pools --------------------------------------------------------------
-    async def prefill(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def prefill(self, req: dict[str, Any], avoid: list[str] | None = None
+                      ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """Prefill side of a disaggregated request (called by a decode replica).
 
         ``req``: ``prompt`` (token ids), ``params``, ``request_id``, ``decode`` (the
         decode replica's id) and ``num_blocks`` (what it reserved). Yields, in order:
         ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
         "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
-        or ``{"error": message}``. The blocks are released (kept as prefix cache) once
+        or ``{"error": message}``. ``req["stale_links"]``: (peer, gen) links the decode
+        side closed (renewed here); ``avoid`` is for the request router. The blocks are released (kept as prefix cache) once
         the send is over, whether or not the caller still listens."""
         assert self.links is not None, "not a prefill replica"
         rid = f"{req['request_id']}-prefill"
         peer = str(req["decode"])
-        yield {"link": self.links.offer(peer)}
+        stale = [int(g) for p, g in req.get("stale_links", ()) if p == self.replica_id]
+        yield {"link": self.links.offer(peer, stale)}
+        if self._faults_left > 0:  # fault injection (tests)
+            self._faults_left -= 1
+            yield {"error": "injected prefill failure (KVSERVE_FAULT_FAIL_PREFILLS)"}
+            return
         try:
             out = await self.engine.prefill(req["prompt"], req["params"], rid)
         except Exception as e:  # bad input or a dead engine: the decode side recomputes
@@ -300,6 +328,7 @@ class EngineReplica:
             return
         ledger_res = await self._ledger_reserve(rid, len(blocks))
         fetch = asyncio.ensure_future(self._fetch_kv(ids, params, rid, blocks, kv))
+        peer: str | None = None
         try:
             first = await asyncio.shield(fetch)
         except asyncio.CancelledError:  # the client left: the transfer still completes
@@ -307,15 +336,25 @@ class EngineReplica:
             self._ledger_settle(ledger_res, False)
             raise
         except Exception as e:
-            logger.warning("request %s: prefill/transfer failed (%s); recomputing here", rid, e)
-            self.metrics.kv_transfer_failures.inc()
             self._ledger_settle(ledger_res, False)
             self.engine.abort(rid)
-            kv.update({"mode": "recomputed", "error": str(e)[:300]})
+            peer = kv.get("prefill_instance")
+            if isinstance(e, PairQuarantined):  # not a new failure: the pair is resting
+                kv.update({"mode": "local", "reason": str(e)[:300]})
+            else:
+                logger.warning("request %s: prefill/transfer failed (%s); recomputing here", rid, e)
+                self.metrics.kv_transfer_failures.inc()
+                kv.update({"mode": "recomputed", "error": str(e)[:300]})
+                if peer is not None and self.pairs.failure(peer, time.monotonic()):
+                    logger.warning("quarantining the pair with prefill replica %s: %s", peer,
+                                   self.pairs.snapshot(time.monotonic()).get(peer))  # fmt: skip
+                    assert self.links is not None
+                    self.links.break_peer(peer, RuntimeError("pair quarantined"))
             async for out in self.engine.generate(ids, params, rid):
                 yield out
             return
         self._ledger_settle(ledger_res, True)
+        self.pairs.success(kv["prefill_instance"])
         kv["mode"] = "transferred"
         self.metrics.kv_transfer_bytes.inc(max(1, kv["transferred_bytes"]))
         self.metrics.kv_transfer_seconds.observe(kv["transfer_seconds"])
@@ -327,16 +366,24 @@ class EngineReplica:
         """Runs one prefill call and receives its K/V into ``blocks``; the first token."""
         assert self.links is not None and self.prefill_pool is not None
         req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
-               "num_blocks": len(blocks)}  # fmt: skip
-        gen = self.prefill_pool.options(stream=True).prefill.remote(req)
+               "num_blocks": len(blocks), "stale_links": self.links.stale_links()}  # fmt: skip
+        now = time.monotonic()
+        gen = self.prefill_pool.options(stream=True).prefill.remote(
+            req, avoid=self.pairs.quarantined(now)
+        )
         key: tuple[str, int] | None = None
         try:
             async for item in gen:
                 if "error" in item:
                     raise RuntimeError(item["error"])
                 if "link" in item:
+                    peer = str(item["link"]["peer"])
+                    kv["prefill_instance"] = peer
+                    if self.pairs.is_quarantined(peer, now):
+                        gen.cancel()  # the prefill side aborts; nothing was computed here
+                        raise PairQuarantined(f"the pair with prefill replica {peer} is "
+                                              "quarantined after repeated failures")  # fmt: skip
                     key = self.links.accept(item["link"])
-                    kv["prefill_instance"] = key[0]
                 elif "seq" in item:
                     assert key is not None, "the prefill side sent no link"
                     nbytes, secs = await self.links.recv(key, int(item["seq"]),
@@ -345,7 +392,7 @@ class EngineReplica:
                                "prefill_cached_tokens": int(item["cached_tokens"])})  # fmt: skip
                     return int(item["first_token"])
         except Exception as e:
-            if key is not None and not isinstance(e, RuntimeError):
+            if key is not None and not isinstance(e, RuntimeError | PairQuarantined):
                 self.links.break_link(key, e)  # the prefill replica is gone: so is the link
             raise
         raise RuntimeError("the prefill stream ended without a transfer")

@@ -12,6 +12,9 @@ where load is the larger of
 - what the replica last reported through ``record_routing_stats`` (running + waiting
   in its engine: every router's requests, one stats period old).
 
+A call may also name replicas to ``avoid`` (a decode replica's quarantined prefill
+peers, ``cluster.pair_health``): they get it only when no other replica exists.
+
 A target that is no longer a running replica is sent to any replica: the replica sees
 that it is not the target and refuses the call, so the caller learns at once that its
 instance is gone (rather than waiting on a route that cannot exist).
@@ -36,14 +39,17 @@ from cluster.streams import LIVE
 
 ROUTER_CLASS = "cluster.request_router:EngineRequestRouter"
 TARGET = "target"  # the keyword argument that pins a call to one replica
+AVOID = "avoid"  # replicas (unique ids) a call should not go to while others exist
 
 
-def load_of(replica: RunningReplica) -> float:
-    """A replica's load as this process sees it (see the module docstring)."""
+def load_of(replica: RunningReplica, queue_len: int | None = None) -> float:
+    """A replica's load as this process sees it (see the module docstring);
+    ``queue_len``: Serve's last probe of its ongoing calls, when known (what counts for
+    pools whose requests are whole calls, like the prefill pool)."""
     uid = replica.replica_id.unique_id
     stats = replica.routing_stats or {}
     reported = float(stats.get("running", 0)) + float(stats.get("waiting", 0))
-    return max(float(LIVE.get(uid, 0)), reported)
+    return max(float(LIVE.get(uid, 0)), reported, float(queue_len or 0))
 
 
 class EngineRequestRouter(LocalityMixin, RequestRouter):
@@ -60,7 +66,16 @@ class EngineRequestRouter(LocalityMixin, RequestRouter):
                 if r.replica_id.unique_id == target:
                     return [[r]]
             return [[random.choice(candidate_replicas)]]  # gone: that replica refuses it
-        ranked = sorted(candidate_replicas, key=lambda r: (load_of(r), random.random()))
+        avoid = set((pending_request.kwargs.get(AVOID) if pending_request else None) or ())
+        if avoid:
+            kept = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
+            candidate_replicas = kept or candidate_replicas  # no other: the caller decides
+        cache = getattr(self, "_replica_queue_len_cache", None)
+
+        def load(r: RunningReplica) -> float:
+            return load_of(r, cache.get(r.replica_id) if cache is not None else None)
+
+        ranked = sorted(candidate_replicas, key=lambda r: (load(r), random.random()))
         return [[r] for r in ranked]  # least loaded first; the next if it refuses
 
 

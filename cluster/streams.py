@@ -20,6 +20,9 @@ Contracts
 - Leaving ``open``'s iteration early (client gone, cancellation) cancels the request on
   its replica, which aborts it in the engine so its blocks return to the pool. A router
   that goes away ends its streams, and the replica aborts every request it sent.
+- A replica ends a router's stream when it has been idle ``IDLE_CLOSE_S`` with no
+  request of that router left (a draining replica can stop; Serve counts an open stream
+  as an ongoing request); the router reopens it when it has requests there again.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ LIVE: Counter[str] = Counter()
 # A replica drops a router's requests when the router has not subscribed this long after
 # its first submit (it died between the two calls).
 SUBSCRIBE_GRACE_S = 60.0
+# A replica ends a router's stream once it has had nothing for that router this long (so
+# that a replica can drain and stop, and a dead router's stream ends); the router opens
+# a new one when it next has requests there.
+IDLE_CLOSE_S = 2.0
 CANCEL_TIMEOUT_S = 30.0
 
 
@@ -69,9 +76,10 @@ class Outbox:
         self.items.append(item)
         self.ready.set()
 
-    async def take(self) -> list[dict[str, Any]]:
-        """Everything filed since the last take; waits for at least one item."""
-        await self.ready.wait()
+    async def take(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Everything filed since the last take; waits for at least one item (at most
+        ``timeout`` seconds: ``TimeoutError``)."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
         await asyncio.sleep(0)  # let the rest of this step's requests file theirs
         items, self.items = self.items, []
         self.ready.clear()
@@ -175,19 +183,24 @@ class StreamMux:
 
     async def _subscribe(self, instance: str) -> None:
         err: BaseException
-        try:
-            gen = self.handle.options(stream=True).subscribe.remote(self.id, target=instance)
-            async for batch in gen:
-                for delta in batch:
-                    queue = self._queues.get(delta["request_id"])
-                    if queue is not None:
-                        queue.put_nowait(delta)
-            err = EngineGone(f"engine instance {instance} closed its stream")
-        except Exception as e:
-            logger.warning("stream from engine instance %s broke: %s", instance, e)
-            err = EngineGone(f"engine instance {instance} is gone: {type(e).__name__}")
-        finally:
-            self._subs.pop(instance, None)
+        while True:
+            try:
+                gen = self.handle.options(stream=True).subscribe.remote(self.id, target=instance)
+                async for batch in gen:
+                    for delta in batch:
+                        queue = self._queues.get(delta["request_id"])
+                        if queue is not None:
+                            queue.put_nowait(delta)
+            except Exception as e:
+                logger.warning("stream from engine instance %s broke: %s", instance, e)
+                err = EngineGone(f"engine instance {instance} is gone: {type(e).__name__}")
+                break
+            # The replica closed an idle stream: done unless requests went there since
+            # (checked and dropped in one step of the loop, so ``open`` sees either).
+            if not any(where == instance for where in self._where.values()):
+                self._subs.pop(instance, None)
+                return
+        self._subs.pop(instance, None)
         for rid, where in list(self._where.items()):
             if where == instance and rid in self._queues:
                 self._queues[rid].put_nowait(err)

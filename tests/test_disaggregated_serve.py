@@ -167,3 +167,36 @@ def test_prefill_killed_mid_transfer_falls_back(
         assert again["kvserve"]["prefill_instance"] != victim
         pools = _pools_whole()
         _ledger_agrees(ray_cluster, pools)
+
+
+def test_failing_pair_is_quarantined_then_rebuilt(
+    ray_cluster: Any, smollm2_dir: Path, reference: list[str]
+) -> None:
+    """The prefill replica fails its first 3 prefills (after offering the link). The decode
+    replica recomputes each of them, quarantines the pair after the third, runs the next
+    request locally without touching the pair, and once the quarantine (2 s) is over it
+    closes the old link and the next transfer goes over a new one."""
+    with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
+                 engine={"max_model_len": 1024},
+                 prefill_env={"KVSERVE_FAULT_FAIL_PREFILLS": "3"},
+                 decode_env={"KVSERVE_PAIR_MAX_FAILURES": "3",
+                             "KVSERVE_PAIR_QUARANTINE_S": "2"}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        modes = []
+        for i in range(4):
+            out = _complete(base, PROMPTS[i])
+            assert out["choices"][0]["text"] == reference[i]
+            modes.append(out["kvserve"]["mode"])
+        assert modes == ["recomputed"] * 3 + ["local"], modes
+        assert "quarantined" in out["kvserve"]["reason"]
+        decode = _stats("decode")
+        assert decode["pair_quarantines"] == 1
+        assert decode["kv_link_failures"] == 1  # the pair's link, closed on quarantine
+        time.sleep(2.5)
+        out = _complete(base, PROMPTS[4])
+        assert out["choices"][0]["text"] == reference[4]
+        assert out["kvserve"]["mode"] == "transferred", out["kvserve"]
+        pools = _pools_whole()
+        assert pools["decode"]["pairs"] == {}  # the success cleared the record
+        assert pools["decode"]["kv_bytes_received"] == pools["prefill"]["kv_bytes_sent"] > 0
+        _ledger_agrees(ray_cluster, pools)
