@@ -226,6 +226,9 @@ class AsyncEngine:
                 pending = self._streams_pending.pop(rid, None)
                 if self._streams.pop(rid, None) is not None or pending is not None:
                     self.engine.abort(rid)
+                # A prefill-only request that finished as its caller left still holds
+                # its blocks for a transfer that will not come: free them.
+                self.engine.release_kv(rid)
 
     def _step(self) -> None:
         outputs = self.engine.step()

@@ -302,7 +302,12 @@ class EngineReplica:
         )
         send.add_done_callback(lambda _: self.engine.release_kv_nowait(rid))
         got = asyncio.ensure_future(header.get())
-        await asyncio.wait([send, got], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait([send, got], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the decode side left (e.g. a quarantined pair)
+            if not got.done():
+                send.cancel()  # not announced: no turn of the link taken; blocks released
+            raise
         if got.done():
             yield got.result()
         else:

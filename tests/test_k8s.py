@@ -20,7 +20,8 @@ from cluster import k8s
 from cluster.app import GRPC_SERVICERS, ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
+SHARED = ROOT.parent / "shared" / "schemas" / "kuberay"
+SCHEMAS = SHARED if SHARED.is_dir() else ROOT / "tests" / "data" / "kuberay"
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 
 
@@ -108,6 +109,11 @@ def test_serve_config_matches_the_application(overlay: str) -> None:
 
     rs = _rayservice(overlay)
     doc = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    if overlay != "gpu":  # kustomize kept the patch's serveConfigV2 as it is
+        patch = yaml.safe_load(
+            (ROOT / "k8s" / "overlays" / overlay / "rayservice-patch.yaml").read_text()
+        )
+        assert rs["spec"]["serveConfigV2"] == patch["spec"]["serveConfigV2"]
     schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(doc)  # fmt: skip
     assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
