@@ -99,18 +99,16 @@ class _End:
         return blocks
 
     def send(self, blocks: list[int]) -> tuple[int, float]:
-        caches = self.engine.runner.kv_caches
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = self.channel.send(caches, blocks)
-        torch.cuda.synchronize()
-        return n, time.perf_counter() - t0
+        return self._timed(self.channel.send, blocks)
 
     def recv(self, blocks: list[int]) -> tuple[int, float]:
-        caches = self.engine.runner.kv_caches
+        return self._timed(self.channel.recv, blocks)
+
+    def _timed(self, op: Any, blocks: list[int]) -> tuple[int, float]:
+        """(bytes, seconds) of one channel send/recv of ``blocks``, device-synchronized."""
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        n = self.channel.recv(caches, blocks)
+        n = op(self.engine.runner.kv_caches, blocks)
         torch.cuda.synchronize()
         return n, time.perf_counter() - t0
 

@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.replica import EngineDeployment
+from cluster.request_router import router_config
 from cluster.router import Router
 from engine.llm_engine import EngineArgs
 
@@ -119,20 +120,19 @@ def _uses_gpu(cfg: ServeConfig) -> bool:
 
 
 def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[str, Any] | None,
-                  streams: bool = False, resources: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Serve options of a pool. ``streams``: the router reaches it through
-    ``cluster.streams`` (submit + one stream per router), so Serve's own limits only
-    bound those short calls; the replica itself refuses requests beyond
-    ``max_ongoing_requests + max_queued_requests`` (HTTP 429)."""
+                  streams: bool = False, resources: dict[str, float] | None = None,
+                  env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Serve options of a pool (routed by ``cluster.request_router``). ``streams``: the
+    router reaches it through ``cluster.streams`` (submit + one stream per router), so
+    Serve's own limits only bound those short calls; the replica itself refuses requests
+    beyond ``max_ongoing_requests + max_queued_requests`` (HTTP 429)."""
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
                                "max_queued_requests": cfg.max_queued_requests,
-                               "health_check_period_s": 5, "health_check_timeout_s": 30}  # fmt: skip
+                               "health_check_period_s": 5, "health_check_timeout_s": 30,
+                               "request_router_config": router_config()}  # fmt: skip
     if streams:
-        from cluster.request_router import router_config
-
         options.update(max_ongoing_requests=cfg.max_ongoing_requests + cfg.max_queued_requests
-                       + STREAM_CALL_SLOTS, max_queued_requests=-1,
-                       request_router_config=router_config())  # fmt: skip
+                       + STREAM_CALL_SLOTS, max_queued_requests=-1)  # fmt: skip
     if autoscaling:
         from cluster.autoscale import POLICY
 
@@ -144,6 +144,8 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[
     options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
     if resources:
         options["ray_actor_options"]["resources"] = dict(resources)
+    if env:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env)}
     if cfg.tensor_parallel_size > 1:
         options["placement_group_bundles"] = [dict(bundle) for _ in range(cfg.tensor_parallel_size)]
         options["placement_group_strategy"] = "STRICT_PACK"
@@ -155,19 +157,12 @@ def build_app(cfg: ServeConfig) -> Application:
     live = cfg.max_ongoing_requests + cfg.max_queued_requests
     if cfg.mode == "disaggregated":
         p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling,
-                               resources=cfg.prefill_resources)  # fmt: skip
-        from cluster.request_router import router_config
-
-        p_opts["request_router_config"] = router_config()  # decode replicas' ``avoid``
-        if cfg.prefill_env:
-            p_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.prefill_env)}
+                               resources=cfg.prefill_resources, env=cfg.prefill_env)  # fmt: skip
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
             cfg.engine_args(), cfg.served_name, "prefill", cfg.stream_interval_s
         )
         d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True,
-                               cfg.decode_resources)  # fmt: skip
-        if cfg.decode_env:
-            d_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.decode_env)}
+                               cfg.decode_resources, cfg.decode_env)  # fmt: skip
         engine = EngineDeployment.options(name="decode", **d_opts).bind(
             cfg.engine_args(),
             cfg.served_name,

@@ -18,19 +18,18 @@ test suite runs it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cluster.app import GRPC_SERVICERS, ServeConfig, build_app
+from cluster.app import GRPC_SERVICERS, ServeConfig, build, build_app
 from cluster.autoscale import autoscaling_config
 
 ROOT = Path(__file__).resolve().parents[1] / "k8s"
-IMPORT_PATH = "cluster.app:build"
+IMPORT_PATH = f"{build.__module__}:{build.__name__}"
 APP_NAME = "kvserve"
 RAY_VERSION = "2.60.0"
 IMAGE = "kvserve"  # overlays pin the registry and tag with kustomize's ``images:``
@@ -44,7 +43,8 @@ MODELS_MOUNT = "/models"
 
 @dataclass(frozen=True)
 class Group:
-    """One worker group: pods of ``gpus_per_pod`` GPUs (= the pool's TP size)."""
+    """One pool's worker group: pod size and replica bounds (GPUs per pod: the pool's
+    TP size, from the profile's ServeConfig)."""
 
     cpu: str
     memory: str
@@ -63,7 +63,6 @@ class Profile:
     decode: Group
     gpu: bool
     models_volume: bool
-    notes: list[str] = field(default_factory=list)
 
 
 def pool_resource(pool: str) -> str:
@@ -184,12 +183,10 @@ def _container(name: str, cpu: str, memory: str, gpus: int, ports: list[tuple[st
                                "periodSeconds": 5, "failureThreshold": 10}  # fmt: skip
     c["livenessProbe"] = {"tcpSocket": {"port": "metrics"}, "initialDelaySeconds": 30,
                           "periodSeconds": 10, "failureThreshold": 6}  # fmt: skip
+    mounts: list[dict[str, Any]] = [{"name": "cache", "mountPath": "/home/ray/.cache"}]
     if profile.models_volume and not head:
-        c["volumeMounts"] = [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}]
-    c["volumeMounts"] = [
-        *c.get("volumeMounts", []),
-        {"name": "cache", "mountPath": "/home/ray/.cache"},
-    ]
+        mounts.insert(0, {"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    c["volumeMounts"] = mounts
     return c
 
 
@@ -321,12 +318,7 @@ def files() -> dict[Path, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.k8s", description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if a file is out of date")
-    p.add_argument("--serve-config", metavar="PROFILE",
-                   help="print PROFILE's serveConfigV2 as JSON and exit")  # fmt: skip
     args = p.parse_args(argv)
-    if args.serve_config:
-        print(json.dumps(serve_config(profiles()[args.serve_config].serve), indent=2))
-        return 0
     stale = []
     for path, text in files().items():
         if args.check:

@@ -146,15 +146,15 @@ class EngineReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What ``cluster.autoscale.kv_aware_policy`` scales on (Serve collects it)."""
-        s = self.engine.stats()
-        return {"kv_usage": float(s["kv_usage"]), "waiting": float(s["waiting"]),
-                "running": float(s["running"])}  # fmt: skip
+        return self._load()
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    def record_routing_stats(self) -> dict[str, float]:
         """What ``cluster.request_router`` places new requests by (Serve collects it)."""
+        return self._load()
+
+    def _load(self) -> dict[str, float]:
         s = self.engine.stats()
-        return {"running": s["running"], "waiting": s["waiting"],
-                "free_blocks": s["free_blocks"], "kv_usage": s["kv_usage"]}  # fmt: skip
+        return {k: float(s[k]) for k in ("kv_usage", "waiting", "running", "free_blocks")}
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine (or worker group) fails it."""
@@ -266,8 +266,9 @@ class EngineReplica:
         ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
         "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
         or ``{"error": message}``. ``req["stale_links"]``: (peer, gen) links the decode
-        side closed (renewed here); ``avoid`` is for the request router. The blocks are released (kept as prefix cache) once
-        the send is over, whether or not the caller still listens."""
+        side closed (renewed here); ``avoid`` is for the request router. The blocks are
+        released (kept as prefix cache) once the send is over, whether or not the caller
+        still listens."""
         assert self.links is not None, "not a prefill replica"
         rid = f"{req['request_id']}-prefill"
         peer = str(req["decode"])
@@ -333,7 +334,6 @@ class EngineReplica:
             return
         ledger_res = await self._ledger_reserve(rid, len(blocks))
         fetch = asyncio.ensure_future(self._fetch_kv(ids, params, rid, blocks, kv))
-        peer: str | None = None
         try:
             first = await asyncio.shield(fetch)
         except asyncio.CancelledError:  # the client left: the transfer still completes
@@ -397,7 +397,7 @@ class EngineReplica:
                                "prefill_cached_tokens": int(item["cached_tokens"])})  # fmt: skip
                     return int(item["first_token"])
         except Exception as e:
-            if key is not None and not isinstance(e, RuntimeError | PairQuarantined):
+            if key is not None and not isinstance(e, RuntimeError):  # incl. PairQuarantined
                 self.links.break_link(key, e)  # the prefill replica is gone: so is the link
             raise
         raise RuntimeError("the prefill stream ended without a transfer")
