@@ -131,6 +131,30 @@ class CPUSampler:
         }
 
 
+def _in_process_entry(
+    kw: dict[str, Any], ps: list[str], args: argparse.Namespace
+) -> tuple[Any, float]:
+    return asyncio.run(in_process(kw, ps, args))
+
+
+def run_in_process(
+    kw: dict[str, Any], ps: list[str], args: argparse.Namespace
+) -> tuple[Any, float]:
+    """The in-process run, in a child process on a GPU: the served replica is another
+    process and must find the device's memory free (the caching allocator of this one
+    would keep the first engine's weights and KV pool reserved)."""
+    if not str(args.device).startswith("cuda"):
+        result = asyncio.run(in_process(kw, ps, args))
+        gc.collect()
+        return result
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_in_process_entry, kw, ps, args).result()
+
+
 def served(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
 ) -> tuple[tuple[Any, float], dict[str, float]]:
@@ -173,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     kw = engine_args(args)
     ps = loadgen.prompts(args.requests, args.prompt_words)
-    local_records, local_wall = asyncio.run(in_process(dict(kw), ps, args))
-    gc.collect()
+    local_records, local_wall = run_in_process(dict(kw), ps, args)
     (http_records, http_wall), cpu = served(dict(kw), ps, args)
     local = loadgen.summarize(local_records, local_wall)
     http = loadgen.summarize(http_records, http_wall)
