@@ -60,6 +60,7 @@ class ServeConfig:
     # Environment variables of the prefill replicas (NCCL settings, fault injection).
     prefill_env: dict[str, str] = field(default_factory=dict)
     decode_env: dict[str, str] = field(default_factory=dict)  # the same, decode replicas
+    router_env: dict[str, str] = field(default_factory=dict)  # the same, router replicas
     # Custom Ray resources a replica of each pool needs (a little of each: they mark the
     # nodes a pool may use, e.g. the worker groups of a KubeRay cluster; see k8s/).
     resources: dict[str, float] = field(default_factory=dict)  # colocated pool
@@ -178,10 +179,11 @@ def build_app(cfg: ServeConfig) -> Application:
         )
     router: Any = Router
     router_options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 4096}
+    router_env = dict(cfg.router_env)
     if cfg.api_key:
-        router_options["ray_actor_options"] = {
-            "runtime_env": {"env_vars": {"KVSERVE_API_KEY": cfg.api_key}}
-        }
+        router_env["KVSERVE_API_KEY"] = cfg.api_key
+    if router_env:
+        router_options["ray_actor_options"] = {"runtime_env": {"env_vars": router_env}}
     return router.options(**router_options).bind(engine, cfg.served_name)
 
 

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +61,18 @@ class AsyncEngine:
             return f"{prefix}-{self._next_id}"
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        resume: Sequence[int] = (),
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """The request's outputs (cumulative) until it finishes; ``resume``: output tokens
+        it produced on an instance that died (``LLMEngine.add_request``)."""
         if self._dead is not None:
             raise self._dead
         loop = asyncio.get_running_loop()
         rid = request_id or self.new_request_id()
         stream = _Stream(loop, asyncio.Queue())
         added: asyncio.Future[str] = loop.create_future()
-        self._cmds.put(("add", prompt, params, rid, stream, added))
+        self._cmds.put(("add", prompt, params, rid, stream, added, tuple(resume)))
         await added  # ValueError for bad input: nothing was queued
         async for item in self._consume(rid, stream):
             yield item
@@ -191,9 +194,9 @@ class AsyncEngine:
             block = False
             kind = cmd[0]
             if kind == "add":
-                _, prompt, params, rid, stream, added = cmd
+                _, prompt, params, rid, stream, added, resume = cmd
                 try:
-                    self.engine.add_request(prompt, params, rid)
+                    self.engine.add_request(prompt, params, rid, resume)
                 except Exception as e:  # bad input: the caller gets it, nothing queued
                     stream.loop.call_soon_threadsafe(_set_exception, added, e)
                     continue

@@ -113,8 +113,8 @@ class EngineReplica:
     def _report_loop(self) -> None:
         """Every second: metrics gauges/counters and a ledger report."""
         ledger = None
-        while not self._stop.wait(REPORT_PERIOD_S):
-            stats = {**self.engine.stats(), **self._stream_stats()}
+        while True:  # the first report at once: health (cluster.router) reads the ledger
+            stats = {**self.engine.stats(), **self._stream_stats(), "dead": not self._healthy()}
             self.metrics.sample(stats)
             try:
                 ledger = ledger or get_ledger()
@@ -123,6 +123,17 @@ class EngineReplica:
             except Exception as e:  # the ledger is advisory: serving goes on without it
                 logger.warning("ledger report failed: %s", e)
                 ledger = None
+            if self._stop.wait(REPORT_PERIOD_S):
+                return
+
+    def _healthy(self) -> bool:
+        """False once the engine's step loop or its worker group failed (a rank actor that
+        died is seen by the group's watchdog within a second, even while idle)."""
+        try:
+            self.engine.check_health()
+        except Exception:
+            return False
+        return True
 
     def __del__(self) -> None:
         self._stop.set()
@@ -130,7 +141,11 @@ class EngineReplica:
     async def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_model_len}
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, target: str = "") -> dict[str, Any]:
+        """This instance's figures. ``target``: the replica meant (the request router
+        sends it there); another replica refuses (that one is gone)."""
+        if target and target != self.replica_id:
+            raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
         links = self.links
         extra = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
                                           "kv_bytes_received": links.bytes_received,
@@ -138,7 +153,7 @@ class EngineReplica:
                                           "pair_quarantines": self.pairs.quarantines_total,
                                           "pairs": self.pairs.snapshot(time.monotonic())}  # fmt: skip
         return {**self.engine.stats(), **self._stream_stats(), "instance": self.replica_id,
-                "role": self.role, **extra}  # fmt: skip
+                "role": self.role, "dead": not self._healthy(), **extra}  # fmt: skip
 
     def _stream_stats(self) -> dict[str, int]:
         return {"submitted": self.submitted, "stream_items": self.stream_items,
@@ -164,10 +179,12 @@ class EngineReplica:
     def _live(self) -> int:
         return sum(len(box.tasks) for box in self._outboxes.values())
 
-    async def submit(self, req: dict[str, Any], router: str) -> dict[str, Any]:
+    async def submit(self, req: dict[str, Any], router: str,
+                     avoid: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
         """Starts ``req`` (its ``request_id`` set by the router); its deltas go to
         ``router``'s stream. ``{"instance": id}``, or ``{"full": message}`` when this
-        replica already has ``max_live_requests`` live. A dead engine raises."""
+        replica already has ``max_live_requests`` live. A dead engine raises.
+        ``avoid``: replicas the request router should not pick (a failover's dead ones)."""
         self.engine.check_health()
         if self._live() >= self.max_live_requests:
             return {"full": f"engine instance {self.replica_id} has {self.max_live_requests} "
@@ -230,7 +247,11 @@ class EngineReplica:
                 prompt = req["prompt"]
             kv: dict[str, Any] = {"instance": self.replica_id}
             rid = req.get("request_id") or self.engine.new_request_id()
-            if self.role == "decode":
+            resume = [int(t) for t in req.get("resume") or ()]
+            if resume:  # a failover after tokens were sent (cluster.streams)
+                kv.update({"mode": "resumed", "resumed_tokens": len(resume)})
+                stream = self.engine.generate(prompt, params, rid, resume)
+            elif self.role == "decode":
                 stream = self._disaggregated(prompt, params, rid, kv)
             else:
                 stream = self.engine.generate(prompt, params, rid)
@@ -238,7 +259,9 @@ class EngineReplica:
         except ValueError as e:
             yield {"request_id": req.get("request_id"), "error": str(e)}
             return
-        sent: dict[int, tuple[int, int]] = {}
+        # A resumed request's outputs carry what the client has already (its tokens, and
+        # text up to ``resume_text``): send only what follows.
+        sent = {0: (int(req.get("resume_text", 0)), len(resume))} if resume else {}
         timer = RequestTimer(self.metrics, arrival)
         out: RequestOutput | None = first
         while out is not None:

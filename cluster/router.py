@@ -13,6 +13,7 @@ The router holds no model state: requests go to an ``EngineReplica`` (the least 
 replica, which aborts it in the engine.
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ from cluster.streams import EngineGone, PoolFull, StreamMux
 
 logger = logging.getLogger(__name__)
 
+# Health: an instance counts while its last report (once a second) is this fresh.
+HEALTH_FRESH_S = 5.0
+HEALTH_CALL_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
@@ -122,7 +126,7 @@ def _usage(item: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": int(item["cached_tokens"])},
+        "prompt_tokens_details": {"cached_tokens": min(prompt, int(item["cached_tokens"]))},
     }
 
 
@@ -131,7 +135,8 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     decode (or only) instance, prompt tokens found in its prefix cache, and for a
     disaggregated request the prefill instance and the bytes and seconds of the
     transfer; ``mode`` is colocated, transferred, recomputed (prefill or transfer
-    failed) or local (no room to reserve)."""
+    failed), local (no room to reserve) or resumed (its first instance died; this one
+    went on after ``resumed_tokens``)."""
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")
     acct["cached_tokens"] = int(item.get("cached_tokens", 0))
@@ -211,12 +216,13 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        try:
-            await self.engine.check_health.remote()
-        except Exception as e:  # any failure of the pool means not serving
-            return JSONResponse({"status": "unhealthy", "error": str(e)[:200]}, status_code=503,
+        """200 while at least one engine instance of the pool this router calls is up
+        (see ``_serving``), else 503 saying why."""
+        ok, detail = await self._serving()
+        if not ok:
+            return JSONResponse({"status": "unhealthy", "error": detail}, status_code=503,
                                 headers={"Retry-After": "5"})  # fmt: skip
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "instances": detail})
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -480,24 +486,47 @@ class Router:
         return pb.GenerateResponse(request_id=item["request_id"], choices=choices,
                                    finished=item["finished"], usage=usage, kv=kv)  # fmt: skip
 
-    async def _serving(self) -> bool:
+    async def _serving(self) -> tuple[bool, str]:
+        """Whether an engine instance can take a request now, and a line saying so.
+
+        The ledger knows every instance's last report (each replica reports once a
+        second, with whether its engine and worker group are alive): serving while one
+        instance of this model and of the pool the router calls (role "both" or
+        "decode") reported itself alive within ``HEALTH_FRESH_S``. A replica that died
+        stops reporting; one whose rank actor died reports ``dead`` within a second. When
+        the ledger has no row of this model yet (just deployed) or cannot be reached, one
+        health call to the pool decides, bounded by ``HEALTH_CALL_TIMEOUT_S`` (a pool
+        with no replica left would queue it forever)."""
+        from cluster.ledger import get_ledger
+
         try:
-            await self.engine.check_health.remote()
-        except Exception:
-            return False
-        return True
+            rows = await asyncio.wait_for(get_ledger().instances.remote(), HEALTH_CALL_TIMEOUT_S)
+        except Exception as e:
+            logger.warning("health: the ledger did not answer (%s); asking the pool", e)
+            rows = []
+        mine = [r for r in rows if r.get("model") == self.model_name
+                and r.get("role") in ("both", "decode")]  # fmt: skip
+        if mine:
+            up = [r for r in mine if not r.get("dead") and r["age_s"] < HEALTH_FRESH_S]
+            if up:
+                return True, f"{len(up)} of {len(mine)} engine instances up"
+            return False, f"no engine instance up ({len(mine)} known, none alive and reporting)"
+        try:
+            await asyncio.wait_for(self.engine.check_health.remote(), HEALTH_CALL_TIMEOUT_S)
+        except Exception as e:  # any failure of the pool means not serving
+            return False, f"the engine pool did not pass its health check: {str(e)[:200]}"
+        return True, "the engine pool passed its health check"
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         """grpc.health.v1: SERVING while the engine pool answers its health check."""
         from protos import health_pb2 as hpb
 
-        ok = request.service in ("", "kvserve.v1.KVServe") and await self._serving()
+        ok = request.service in ("", "kvserve.v1.KVServe") and (await self._serving())[0]
         status = hpb.HealthCheckResponse.SERVING if ok else hpb.HealthCheckResponse.NOT_SERVING
         return hpb.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
         """grpc.health.v1 Watch: the status now, then each change (polled every second)."""
-        import asyncio
 
         last = None
         while True:

@@ -20,6 +20,14 @@ Contracts
 - Leaving ``open``'s iteration early (client gone, cancellation) cancels the request on
   its replica, which aborts it in the engine so its blocks return to the pool. A router
   that goes away ends its streams, and the replica aborts every request it sent.
+- Failover: when a request's replica dies (its stream breaks) or its engine does (a
+  ``gone`` item), the request goes on on another replica (``avoid`` keeps the dead one
+  out) from its prompt plus the tokens the client was sent (``resume``; the new engine
+  recomputes their K/V and counts them as output), so the client's stream goes on with
+  no gap and no repeat, and a greedy (or seeded) request's output equals an undisturbed
+  run. At most ``MAX_FAILOVERS`` times; each waits up to ``FAILOVER_TIMEOUT_S`` for a
+  replica to take it (Serve replaces the dead one), then ``EngineGone`` (HTTP 503,
+  retriable). A request with ``n`` > 1 fails over only before any sample was sent.
 - A replica ends a router's stream when it has been idle ``IDLE_CLOSE_S`` with no
   request of that router left (a draining replica can stop; Serve counts an open stream
   as an ongoing request); the router reopens it when it has requests there again.
@@ -31,6 +39,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -51,6 +60,13 @@ SUBSCRIBE_GRACE_S = 60.0
 # a new one when it next has requests there.
 IDLE_CLOSE_S = 2.0
 CANCEL_TIMEOUT_S = 30.0
+# A request whose instance dies goes on elsewhere at most this many times, and waits at
+# most this long for an instance to take it each time (then: EngineGone, HTTP 503).
+MAX_FAILOVERS = int(os.environ.get("KVSERVE_MAX_FAILOVERS", "3"))
+FAILOVER_TIMEOUT_S = float(os.environ.get("KVSERVE_FAILOVER_TIMEOUT_S", "30"))
+# A new request waits at most this long for an instance to take it (none running: Serve
+# would queue the call until one starts), then EngineGone (HTTP 503).
+PLACE_TIMEOUT_S = float(os.environ.get("KVSERVE_PLACE_TIMEOUT_S", "60"))
 
 
 class EngineGone(RuntimeError):
@@ -117,22 +133,101 @@ class StreamMux:
         self._where: dict[str, str] = {}
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._last_instance: dict[str, str] = {}
+        self.failovers = 0  # requests moved off an instance that died
 
     async def open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """``req``'s deltas, failing over when its instance dies (see the module doc)."""
         rid = str(req["request_id"])
         queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._queues[rid] = queue
-        instance: str | None = None
-        done = False
+        tokens: list[int] = []  # what the client has been sent (n = 1) ...
+        text = 0  # ... and the length of its text
+        failed: list[str] = []
+        n = int(getattr(req.get("params"), "n", 1))
         try:
-            placed = await self.handle.submit.remote(req, self.id)
+            while True:
+                attempt = req if not failed else {**req, "resume": list(tokens),
+                                                  "resume_text": text}  # fmt: skip
+                try:
+                    async for item in self._run(rid, attempt, queue, failed):
+                        if n == 1:
+                            for c in item["choices"]:
+                                tokens.extend(c["token_ids"])
+                                text += len(c["text"])
+                        elif item["choices"]:
+                            n = -1  # samples went out: n > 1 cannot resume
+                        yield item
+                    return
+                except EngineGone as e:
+                    where = self._last_instance.pop(rid, None)
+                    if n < 0 or len(failed) >= MAX_FAILOVERS or where is None:
+                        raise
+                    failed.append(where)
+                    self.failovers += 1
+                    logger.warning("request %s: %s; resuming after %d tokens elsewhere", rid, e,
+                                   len(tokens))  # fmt: skip
+        finally:
+            self._queues.pop(rid, None)
+            self._last_instance.pop(rid, None)
+
+    async def _place(self, req: dict[str, Any], failed: list[str]) -> str:
+        """Submits ``req``: the instance that took it. A first attempt raises what the
+        pool says (``PoolFull``, a dead engine); a failover retries, away from the
+        instances that failed, until one takes it or ``FAILOVER_TIMEOUT_S`` passes
+        (``EngineGone``: no capacity left; the client may retry)."""
+        if not failed:
+            try:
+                placed = await asyncio.wait_for(self.handle.submit.remote(req, self.id),
+                                                PLACE_TIMEOUT_S)  # fmt: skip
+            except TimeoutError:
+                raise EngineGone(
+                    f"no engine instance took the request within "
+                    f"{PLACE_TIMEOUT_S:g} s; retry shortly"
+                ) from None
             if placed.get("full"):
                 raise PoolFull(placed["full"])
-            instance = str(placed["instance"])
-            self._where[rid] = instance
-            LIVE[instance] += 1
-            if instance not in self._subs:
-                self._subs[instance] = asyncio.ensure_future(self._subscribe(instance))
+            return str(placed["instance"])
+        deadline = time.monotonic() + FAILOVER_TIMEOUT_S
+        delay = 0.1
+        last: BaseException | str = "no engine instance answered"
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                placed = await asyncio.wait_for(
+                    self.handle.submit.remote(req, self.id, avoid=failed), left
+                )
+                if placed.get("full"):
+                    last = str(placed["full"])
+                elif str(placed["instance"]) not in failed:
+                    return str(placed["instance"])
+                else:  # only the failed instance is left and it took it: not again
+                    last = f"engine instance {placed['instance']} failed this request before"
+                    await self.handle.cancel.remote(req["request_id"], self.id,
+                                                    target=placed["instance"])  # fmt: skip
+            except TimeoutError:
+                break
+            except Exception as e:  # a dead replica, or one whose engine died
+                last = e
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+        raise EngineGone(f"no engine instance could take the request after {len(failed)} "
+                         f"failed ({last}); retry shortly")  # fmt: skip
+
+    async def _run(self, rid: str, req: dict[str, Any],
+                   queue: asyncio.Queue[dict[str, Any] | BaseException],
+                   failed: list[str]) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+        """One attempt: place ``req`` and yield its deltas until its last; ``EngineGone``
+        when its instance dies (``_last_instance[rid]`` names it)."""
+        while not queue.empty():  # what the failed attempt left (its instance's error)
+            queue.get_nowait()
+        instance = await self._place(req, failed)
+        self._where[rid] = instance
+        self._last_instance[rid] = instance
+        LIVE[instance] += 1
+        if instance not in self._subs:
+            self._subs[instance] = asyncio.ensure_future(self._subscribe(instance))
+        done = False
+        try:
             while True:
                 item = await queue.get()
                 while isinstance(item, dict) and not _last(item):  # fell behind: merge
@@ -155,14 +250,12 @@ class StreamMux:
                 if done:
                     return
         finally:
-            self._queues.pop(rid, None)
             self._where.pop(rid, None)
-            if instance is not None:
-                LIVE[instance] -= 1
-                if LIVE[instance] <= 0:
-                    del LIVE[instance]
-                if not done:
-                    self._cancel(rid, instance)
+            LIVE[instance] -= 1
+            if LIVE[instance] <= 0:
+                del LIVE[instance]
+            if not done:
+                self._cancel(rid, instance)
 
     def _cancel(self, rid: str, instance: str) -> None:
         """Tells ``instance`` to drop ``rid``, from a task of its own with an empty

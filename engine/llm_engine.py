@@ -194,20 +194,28 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        resume: Sequence[int] = (),
     ) -> str:
         """Validates and queues a request (``n`` samples); returns its id.
 
+        ``resume``: output tokens this request already produced elsewhere (an engine
+        instance that died mid-stream; ``n`` = 1). They count as its output (length,
+        penalties, a seeded generator's draws) and their K/V is recomputed with the
+        prompt, so it goes on where it stopped; outputs carry them too.
+
         Raises ``ValueError`` naming the problem (empty prompt, too long, token ids
-        outside the vocabulary, duplicate id); nothing is queued then.
+        outside the vocabulary, duplicate id, nothing left to resume); nothing is queued
+        then.
         """
-        group = self._new_group(prompt, params or SamplingParams(), request_id)
+        group = self._new_group(prompt, params or SamplingParams(), request_id, resume)
         for sample in group.samples:
             self.scheduler.add_request(sample)
         return group.request_id
 
     def _new_group(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None
-    ) -> _Group:
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None,
+        resume: Sequence[int] = (),
+    ) -> _Group:  # fmt: skip
         """Validates a request and registers its group (not yet with the scheduler)."""
         if request_id is None:
             request_id = f"req-{self._next_id}"
@@ -220,6 +228,9 @@ class LLMEngine:
         max_len = self.scheduler_config.max_model_len
         room = max_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        resume = list(resume)
+        if resume:
+            self._validate_resume(resume, params, len(ids), max_tokens)
         samples = [
             Request(
                 request_id if params.n == 1 else f"{request_id}#{i}", ids, params, max_tokens, text,
@@ -231,6 +242,12 @@ class LLMEngine:
             IncrementalDetokenizer(self._detok_backend, params.skip_special_tokens, params.stop)
             for _ in samples
         ]
+        for tok in resume:  # n == 1: one sample
+            samples[0].append_output_token(tok)
+            detoks[0].add(tok, check_stop=False)
+        if resume:
+            self.sampler.skip_draws(samples[0], self.model_config.vocab_size,
+                                    self.runner.device, len(resume))  # fmt: skip
         group = _Group(request_id, text, ids, samples, detoks)
         self._groups[request_id] = group
         for sample in samples:
@@ -302,6 +319,19 @@ class LLMEngine:
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+
+    def _validate_resume(self, resume: list[int], params: SamplingParams, num_prompt: int,
+                         max_tokens: int) -> None:  # fmt: skip
+        if params.n != 1:
+            raise ValueError("only a request with n=1 can be resumed")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resume):
+            raise ValueError(f"resumed token ids must be in the vocabulary [0, {vocab})")
+        if len(resume) >= max_tokens:
+            raise ValueError(f"nothing left to resume: {len(resume)} of {max_tokens} tokens "
+                             "were produced already")  # fmt: skip
+        if num_prompt + len(resume) >= self.scheduler_config.max_model_len:
+            raise ValueError("prompt and resumed tokens fill max_model_len")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Aborts every sample of a request at any point; its blocks return to the pool."""
