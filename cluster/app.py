@@ -57,7 +57,9 @@ class ServeConfig:
     decode_replicas: int = 1
     prefill_autoscaling: dict[str, Any] | None = None
     decode_autoscaling: dict[str, Any] | None = None
-    # Environment variables of the prefill replicas (NCCL settings, fault injection).
+    # Environment variables of the colocated pool's replicas (NCCL settings, faults) ...
+    env: dict[str, str] = field(default_factory=dict)
+    # ... and of the prefill replicas
     prefill_env: dict[str, str] = field(default_factory=dict)
     decode_env: dict[str, str] = field(default_factory=dict)  # the same, decode replicas
     router_env: dict[str, str] = field(default_factory=dict)  # the same, router replicas
@@ -173,7 +175,8 @@ def build_app(cfg: ServeConfig) -> Application:
             live,
         )
     else:
-        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True, cfg.resources)
+        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True, cfg.resources,
+                                cfg.env)  # fmt: skip
         engine = EngineDeployment.options(**options).bind(
             cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s, None, live
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,6 +29,10 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Fault injection (tests): sleep this long before each engine step, so that streams live
+# long enough for a test to kill something under them.
+FAULT_STEP_DELAY_S = float(os.environ.get("KVSERVE_FAULT_STEP_DELAY_S", "0"))
 
 
 class EngineDeadError(RuntimeError):
@@ -234,6 +239,8 @@ class AsyncEngine:
                 self.engine.release_kv(rid)
 
     def _step(self) -> None:
+        if FAULT_STEP_DELAY_S:  # fault injection (tests): slow steps, long-lived streams
+            time.sleep(FAULT_STEP_DELAY_S)
         outputs = self.engine.step()
         self.num_steps += 1
         self._publish(outputs)

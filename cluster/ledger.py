@@ -85,7 +85,12 @@ class InstanceLedger:
 
 
 def get_ledger() -> Any:
-    """The cluster's ledger actor, created on first use (detached: it outlives replicas)."""
+    """The cluster's ledger actor, created on first use (detached: it outlives replicas).
+
+    Scheduled outside any placement group: a replica with ``placement_group_bundles``
+    (TP > 1) captures its children into its group by default, and Ray kills every actor
+    of a group when the group goes, detached or not; the ledger would die with the first
+    such replica that stops."""
     cls: Any = ray.remote(num_cpus=0)(InstanceLedger)
     return cls.options(name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached",
-                       get_if_exists=True).remote()  # fmt: skip
+                       get_if_exists=True, scheduling_strategy="DEFAULT").remote()  # fmt: skip

@@ -112,17 +112,22 @@ class EngineReplica:
 
     def _report_loop(self) -> None:
         """Every second: metrics gauges/counters and a ledger report."""
+        import ray
+
         ledger = None
+        last: Any = None  # the previous report: a failed one means a new ledger handle
         while True:  # the first report at once: health (cluster.router) reads the ledger
             stats = {**self.engine.stats(), **self._stream_stats(), "dead": not self._healthy()}
             self.metrics.sample(stats)
             try:
+                if last is not None and ray.wait([last], timeout=0)[0]:
+                    ray.get(last)
                 ledger = ledger or get_ledger()
-                ledger.report.remote(self.replica_id, {**stats, "role": self.role,
-                                                       "model": self.model_name})  # fmt: skip
+                last = ledger.report.remote(self.replica_id, {**stats, "role": self.role,
+                                                              "model": self.model_name})  # fmt: skip
             except Exception as e:  # the ledger is advisory: serving goes on without it
                 logger.warning("ledger report failed: %s", e)
-                ledger = None
+                ledger, last = None, None
             if self._stop.wait(REPORT_PERIOD_S):
                 return
 
@@ -147,11 +152,14 @@ class EngineReplica:
         if target and target != self.replica_id:
             raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
         links = self.links
-        extra = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
+        extra: dict[str, Any] = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
                                           "kv_bytes_received": links.bytes_received,
                                           "kv_link_failures": links.failures,
                                           "pair_quarantines": self.pairs.quarantines_total,
                                           "pairs": self.pairs.snapshot(time.monotonic())}  # fmt: skip
+        names = getattr(self.engine.engine.executor, "rank_actor_names", None)
+        if names is not None:  # (namespace, name) of the rank actors (TP > 1)
+            extra["rank_actors"] = names()
         return {**self.engine.stats(), **self._stream_stats(), "instance": self.replica_id,
                 "role": self.role, "dead": not self._healthy(), **extra}  # fmt: skip
 

@@ -9,8 +9,6 @@ back. Real Ray, real Serve, real ``ray.kill``.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 
 from engine import SamplingParams
 from tests.factories import free_port, serving
+from tests.serve_helpers import Stream, kill_replica, replica_ids, wait_until, wait_whole
 
 MODEL = "smol-failover"
 PROMPTS = [
@@ -99,112 +98,6 @@ def reference(smollm2_llm: Any) -> list[str]:
     return [o.outputs[0].text for o in outs]
 
 
-class Stream(threading.Thread):
-    """One streaming completion in a thread: its text pieces as they arrive, whether it
-    ended with ``[DONE]``, any in-band error, and the final ``kvserve`` extension."""
-
-    def __init__(self, base: str, prompt: str, max_tokens: int = MAX_TOKENS) -> None:
-        super().__init__(daemon=True)
-        self.base, self.prompt, self.max_tokens = base, prompt, max_tokens
-        self.pieces: list[str] = []
-        self.done = False
-        self.error: str | None = None
-        self.status: int | None = None
-        self.kv: dict[str, Any] = {}
-        self.usage: dict[str, Any] = {}
-
-    def run(self) -> None:
-        body = {"model": MODEL, "prompt": self.prompt, "max_tokens": self.max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
-        try:
-            with httpx.stream("POST", f"{self.base}/v1/completions", json=body,
-                              timeout=180) as r:  # fmt: skip
-                self.status = r.status_code
-                if r.status_code != 200:
-                    r.read()
-                    self.error = r.text
-                    return
-                for line in r.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        self.done = True
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        self.error = chunk["error"]["message"]
-                        continue
-                    self.pieces.extend(c["text"] for c in chunk["choices"] if c["text"])
-                    if chunk.get("usage"):
-                        self.usage, self.kv = chunk["usage"], chunk.get("kvserve", {})
-        except httpx.HTTPError as e:
-            self.error = f"{type(e).__name__}: {e}"
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-
-def replica_names(deployment: str) -> list[str]:
-    """The names of the live replica actors of one of the app's deployments."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::kvserve#{deployment}#"
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and a["name"].startswith(prefix)]  # fmt: skip
-
-
-def replica_ids(deployment: str) -> set[str]:
-    return {name.rsplit("#", 1)[-1] for name in replica_names(deployment)}
-
-
-def kill_replica(deployment: str, unique_id: str) -> None:
-    import ray
-
-    for name in replica_names(deployment):
-        if name.endswith(f"#{unique_id}"):
-            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-            return
-    raise AssertionError(f"no live replica {unique_id} of {deployment}")
-
-
-def stats_of(deployment: str) -> list[dict[str, Any]]:
-    """Every live replica's stats (each asked by its id through the request router)."""
-    from ray import serve
-
-    h = serve.get_deployment_handle(deployment, app_name="kvserve")
-    return [dict(h.stats.options().remote(target=i).result(timeout_s=30))
-            for i in sorted(replica_ids(deployment))]  # fmt: skip
-
-
-def wait_whole(deployment: str, replicas: int, timeout: float = 120) -> list[dict[str, Any]]:
-    """Waits until the deployment has ``replicas`` live replicas, each with an empty queue
-    and every block free; returns their stats."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            ids = replica_ids(deployment)
-            if len(ids) == replicas:
-                last = stats_of(deployment)
-                if all(s["running"] == 0 and s["waiting"] == 0 and not s["dead"]
-                       and s["free_blocks"] == s["num_blocks"] for s in last):  # fmt: skip
-                    return last
-        except Exception as e:  # a replica starting or stopping
-            last = e
-        time.sleep(1.0)
-    raise AssertionError(f"{deployment} not whole: {last}")
-
-
-def wait_until(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def test_a_replica_killed_mid_stream_loses_no_request(
     ray_cluster: Any, smollm2_dir: Path, reference: list[str]
 ) -> None:
@@ -216,7 +109,7 @@ def test_a_replica_killed_mid_stream_loses_no_request(
         base = f"http://127.0.0.1:{cfg.http_port}"
         before = replica_ids("engine")
         assert len(before) == 2
-        streams = [Stream(base, p) for p in PROMPTS * 2]
+        streams = [Stream(base, p, MODEL, MAX_TOKENS) for p in PROMPTS * 2]
         for s in streams:
             s.start()
         wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to start")
@@ -271,7 +164,7 @@ def test_health_tells_the_truth_and_no_capacity_is_a_clear_503(
                    "health")  # fmt: skip
         assert grpc_status() == health_pb2.HealthCheckResponse.SERVING
         (victim,) = replica_ids("engine")
-        s = Stream(base, PROMPTS[3], max_tokens=200)
+        s = Stream(base, PROMPTS[3], MODEL, 200)
         s.start()
         wait_until(lambda: len(s.pieces) >= 4, 60, "the stream to start")
         t_kill = time.monotonic()

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -79,6 +80,9 @@ class RayExecutor:
         self.gpu = cfg.device.type == "cuda"
         self.backend = "nccl" if self.gpu else "gloo"
         self._actors: list[Any] = []
+        # Rank r's actor is named ``{name}-r{r}`` in this job's namespace (operators and
+        # tests find a group's actors by it: ``rank_actor_names``).
+        self.name = f"kvserve-rank-{uuid.uuid4().hex[:12]}"
         self._pg = placement_group
         self._own_pg = placement_group is None
         self._group: Any = None
@@ -115,7 +119,7 @@ class RayExecutor:
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
             actor = worker_cls.options(  # type: ignore[attr-defined]
                 num_cpus=1, num_gpus=1 if self.gpu else 0, max_restarts=0,
-                scheduling_strategy=strategy, name=None,
+                scheduling_strategy=strategy, name=f"{self.name}-r{rank}",
             ).remote(rank, self.size)  # fmt: skip
             self._actors.append(actor)
         placements = ray.get([a.placement.remote() for a in self._actors], timeout=timeout_s)
@@ -238,6 +242,11 @@ class RayExecutor:
                 self._on_rank_failure(rank, e)
                 raise self._failure_after(e) from e
         self._inflight = []
+
+    def rank_actor_names(self) -> list[tuple[str, str]]:
+        """(namespace, name) of the actors of ranks 1..size-1."""
+        ns = ray.get_runtime_context().namespace
+        return [(ns, f"{self.name}-r{r}") for r in range(1, self.size)]
 
     def check_health(self) -> None:
         """Raises the group's failure, if one happened (cheap: reads a field)."""

@@ -1,0 +1,117 @@
+"""Helpers of the tests that fault a running Serve app: streaming clients in threads,
+the app's replica actors by deployment, waiting for pools to be whole again."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+
+
+class Stream(threading.Thread):
+    """One streaming completion in a thread: its text pieces as they arrive, whether it
+    ended with ``[DONE]``, any in-band error, and the final ``kvserve`` extension."""
+
+    def __init__(self, base: str, prompt: Any, model: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.base, self.prompt, self.model, self.max_tokens = base, prompt, model, max_tokens
+        self.pieces: list[str] = []
+        self.done = False
+        self.error: str | None = None
+        self.status: int | None = None
+        self.kv: dict[str, Any] = {}
+        self.usage: dict[str, Any] = {}
+
+    def run(self) -> None:
+        body = {"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        try:
+            with httpx.stream("POST", f"{self.base}/v1/completions", json=body,
+                              timeout=180) as r:  # fmt: skip
+                self.status = r.status_code
+                if r.status_code != 200:
+                    r.read()
+                    self.error = r.text
+                    return
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        self.done = True
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        self.error = chunk["error"]["message"]
+                        continue
+                    self.pieces.extend(c["text"] for c in chunk["choices"] if c["text"])
+                    if chunk.get("usage"):
+                        self.usage, self.kv = chunk["usage"], chunk.get("kvserve", {})
+        except httpx.HTTPError as e:
+            self.error = f"{type(e).__name__}: {e}"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def replica_names(deployment: str) -> list[str]:
+    """The names of the live replica actors of one of the app's deployments."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::kvserve#{deployment}#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(prefix)]  # fmt: skip
+
+
+def replica_ids(deployment: str) -> set[str]:
+    return {name.rsplit("#", 1)[-1] for name in replica_names(deployment)}
+
+
+def kill_replica(deployment: str, unique_id: str) -> None:
+    import ray
+
+    for name in replica_names(deployment):
+        if name.endswith(f"#{unique_id}"):
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            return
+    raise AssertionError(f"no live replica {unique_id} of {deployment}")
+
+
+def stats_of(deployment: str) -> list[dict[str, Any]]:
+    """Every live replica's stats (each asked by its id through the request router)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle(deployment, app_name="kvserve")
+    return [dict(h.stats.options().remote(target=i).result(timeout_s=30))
+            for i in sorted(replica_ids(deployment))]  # fmt: skip
+
+
+def wait_whole(deployment: str, replicas: int, timeout: float = 120) -> list[dict[str, Any]]:
+    """Waits until the deployment has ``replicas`` live replicas, each with an empty queue
+    and every block free; returns their stats."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            ids = replica_ids(deployment)
+            if len(ids) == replicas:
+                last = stats_of(deployment)
+                if all(s["running"] == 0 and s["waiting"] == 0 and not s["dead"]
+                       and s["free_blocks"] == s["num_blocks"] for s in last):  # fmt: skip
+                    return last
+        except Exception as e:  # a replica starting or stopping
+            last = e
+        time.sleep(1.0)
+    raise AssertionError(f"{deployment} not whole: {last}")
+
+
+def wait_until(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)

@@ -1,0 +1,173 @@
+"""Chaos: parts of a running app are killed with ``ray.kill`` while requests stream, and
+every request's outcome is checked, then the pools and the ledger.
+
+- Disaggregated pools (2 prefill, 2 decode replicas of SmolLM2): a prefill replica dies
+  while transfers are in flight (those requests are recomputed on their decode
+  replica), then a decode replica dies mid-stream (its requests resume on the other).
+  Every request ends with the undisturbed greedy text.
+- The router replica dies mid-stream: its streams end without ``[DONE]`` (never a
+  truncated answer dressed as complete), the engines abort its requests, Serve starts a
+  new router and requests are served again.
+- A rank actor of a tensor-parallel (TP=2) instance dies mid-stream: the instance's
+  engine fails, its requests resume on the other instance with the same tokens, and
+  Serve replaces the broken instance.
+
+Afterwards each pool is back to its size, every block is free, and the ledger holds no
+reservation and knows the replacements.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.factories import serving
+from tests.serve_helpers import Stream, kill_replica, replica_ids, wait_until, wait_whole
+
+MODEL = "smol-chaos"
+MAX_TOKENS = 40
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "1, 2, 3, 4, 5,",
+    "The history of the printing press begins in the fifteenth century, when",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_llm: Any) -> dict[str, str]:
+    outs = smollm2_llm.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    )
+    return {p: o.outputs[0].text for p, o in zip(PROMPTS, outs, strict=True)}
+
+
+def _ledger_clean(ray_cluster: Any, instances: set[str]) -> None:
+    """No reservation left; every live instance reports to the ledger."""
+    from cluster.ledger import get_ledger
+
+    seen: list[Any] = []
+
+    def ok() -> bool:
+        totals = ray_cluster.get(get_ledger().totals.remote())
+        rows = {r["instance_id"] for r in ray_cluster.get(get_ledger().instances.remote())}
+        seen[:] = [totals, rows, instances]
+        return bool(totals["reserved"] == 0 and totals["reservations"] == 0 and instances <= rows)
+
+    try:
+        wait_until(ok, 30, "the ledger to be clean and know every instance")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {seen}") from None
+
+
+def test_disaggregated_pools_and_router_survive_kills(
+    ray_cluster: Any, smollm2_dir: Path, reference: dict[str, str]
+) -> None:
+    with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
+                 prefill_replicas=2, decode_replicas=2, engine={"max_model_len": 512},
+                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "0.3"},
+                 decode_env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        prefills, decodes = replica_ids("prefill"), replica_ids("decode")
+        assert len(prefills) == 2 and len(decodes) == 2
+
+        # 1. A prefill replica dies with transfers in flight, then a decode replica dies
+        #    mid-stream.
+        streams = [Stream(base, p, MODEL, MAX_TOKENS) for p in PROMPTS * 2]
+        for s in streams:
+            s.start()
+        time.sleep(0.5)  # transfers announced, sends waiting out the injected delay
+        dead_prefill = sorted(prefills)[0]
+        kill_replica("prefill", dead_prefill)
+        wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to run")
+        dead_decode = sorted(decodes)[0]
+        kill_replica("decode", dead_decode)
+        for s in streams:
+            s.join(180)
+        for s in streams:
+            assert s.error is None and s.done, (s.error, s.prompt)
+            assert s.text == reference[s.prompt], s.prompt
+            assert s.usage["completion_tokens"] == MAX_TOKENS
+        modes = [s.kv["mode"] for s in streams]
+        assert "resumed" in modes, modes
+        assert "recomputed" in modes or "local" in modes, modes
+        for s in streams:
+            if s.kv["mode"] == "resumed":
+                assert s.kv["instance"] != dead_decode and s.kv["resumed_tokens"] > 0
+
+        # 2. The router replica dies mid-stream.
+        (router,) = replica_ids("router")
+        streams = [Stream(base, p, MODEL, MAX_TOKENS) for p in PROMPTS]
+        for s in streams:
+            s.start()
+        wait_until(lambda: all(len(s.pieces) >= 2 for s in streams), 120, "streams to run")
+        kill_replica("router", router)
+        for s in streams:
+            s.join(180)
+        for s in streams:  # finished whole, or visibly cut off: never a short "success"
+            if s.done:
+                assert s.error is None and s.text == reference[s.prompt], s.prompt
+            else:
+                assert (
+                    s.error is not None or s.status != 200 or len(s.text) < len(reference[s.prompt])
+                ), s.prompt
+                assert reference[s.prompt].startswith(s.text), s.prompt
+        assert not all(s.done for s in streams), "the router died after every stream ended"
+        wait_until(lambda: replica_ids("router") - {router} != set(), 120, "a new router")
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200, 120,
+                   "health")  # fmt: skip
+        again = Stream(base, PROMPTS[0], MODEL, MAX_TOKENS)
+        again.run()
+        assert again.done and again.text == reference[PROMPTS[0]], again.error
+
+        # 3. Every pool back to its size, every block free, the ledger clean.
+        whole = wait_whole("prefill", 2) + wait_whole("decode", 2)
+        live = {s["instance"] for s in whole}
+        assert dead_prefill not in live and dead_decode not in live
+        _ledger_clean(ray_cluster, live)
+
+
+def test_a_killed_rank_actor_moves_its_requests(
+    ray_cluster: Any, tiny_dirs: dict[str, Path]
+) -> None:
+    import ray
+    from ray import serve
+
+    prompts = [[7, 8, 9, 10, 11 + i] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    ref = [
+        o.outputs[0].text for o in LLM(tiny_dirs["llama3"], device="cpu").generate(prompts, params)
+    ]
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", tensor_parallel_size=2,
+                 num_replicas=2, engine={"max_model_len": 256},
+                 env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        before = replica_ids("engine")
+        assert len(before) == 2
+        streams = [Stream(base, p, "tiny", 120) for p in prompts]
+        for s in streams:
+            s.start()
+        wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to run")
+        victim = sorted(before)[0]
+        h = serve.get_deployment_handle("engine", app_name="kvserve")
+        stats = h.stats.options().remote(target=victim).result(timeout_s=30)
+        assert stats["tp"] == 2 and stats["running"] > 0, stats
+        ((namespace, name),) = stats["rank_actors"]
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        for s in streams:
+            s.join(180)
+        for s, want in zip(streams, ref, strict=True):
+            assert s.error is None and s.done, s.error
+            assert s.text == want
+        resumed = [s.kv for s in streams if s.kv.get("mode") == "resumed"]
+        assert resumed and all(kv["instance"] != victim for kv in resumed), [s.kv for s in streams]
+        whole = wait_whole("engine", 2)  # Serve replaced the broken instance
+        assert victim not in {s["instance"] for s in whole}
+        _ledger_clean(ray_cluster, {s["instance"] for s in whole})
