@@ -27,6 +27,9 @@ class Record:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # from the usage chunk; chunks may carry several tokens
+    text: str = ""  # the streamed text, joined
+    done: bool = False  # the stream ended as it should (``[DONE]`` / a finished response)
+    prompt: str = ""
 
     @property
     def ttft(self) -> float | None:
@@ -62,7 +65,7 @@ def prompts(n: int, length: int, seed: int = 0) -> list[str]:
 
 async def _http_one(client: Any, url: str, model: str, prompt: str, max_tokens: int,
                     headers: dict[str, str]) -> Record:  # fmt: skip
-    rec = Record(sent=time.perf_counter())
+    rec = Record(sent=time.perf_counter(), prompt=prompt)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     try:
@@ -71,19 +74,68 @@ async def _http_one(client: Any, url: str, model: str, prompt: str, max_tokens: 
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return rec
             async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    rec.done = True
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
+                if "error" in chunk:
+                    rec.error = f"in-band: {chunk['error']['message'][:200]}"
                 if chunk.get("usage"):
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     rec.completion_tokens = chunk["usage"]["completion_tokens"]
                 for c in chunk.get("choices", []):
                     if c.get("text"):
                         rec.chunks.append((now, 1))
+                        rec.text += c["text"]
+        if not rec.done and rec.error is None:
+            rec.error = "the stream ended without [DONE]"
     except Exception as e:  # recorded, the run goes on
         rec.error = f"{type(e).__name__}: {e}"
     return rec
+
+
+async def _grpc_one(stub: Any, model: str, prompt: str, max_tokens: int,
+                    metadata: tuple[tuple[str, str], ...]) -> Record:  # fmt: skip
+    from protos import kvserve_pb2 as pb
+
+    rec = Record(sent=time.perf_counter(), prompt=prompt)
+    req = pb.GenerateRequest(model=model, text=prompt, sampling=pb.SamplingOptions(
+        max_tokens=max_tokens, temperature=0, ignore_eos=True))  # fmt: skip
+    try:
+        async for resp in stub.GenerateStream(req, metadata=metadata, timeout=600):
+            now = time.perf_counter()
+            for c in resp.choices:
+                if c.token_ids:
+                    rec.chunks.append((now, len(c.token_ids)))
+                    rec.text += c.text
+            if resp.finished:
+                rec.done = True
+                rec.prompt_tokens = resp.usage.prompt_tokens
+                rec.completion_tokens = resp.usage.completion_tokens
+        if not rec.done:
+            rec.error = "the stream ended before a finished response"
+    except Exception as e:  # recorded, the run goes on (grpc.aio.AioRpcError and others)
+        rec.error = f"{type(e).__name__}: {str(e)[:300]}"
+    return rec
+
+
+async def grpc_load(target: str, model: str, prompt_list: list[str], max_tokens: int,
+                    concurrency: int | None, rate: float | None, api_key: str | None = None,
+                    progress: bool = True) -> tuple[list[Record], float]:  # fmt: skip
+    """``http_load`` through the gRPC API (``GenerateStream``) at ``target`` (host:port)."""
+    import grpc
+
+    from protos import kvserve_pb2_grpc
+
+    metadata: tuple[tuple[str, str], ...] = (("application", "kvserve"),)
+    if api_key:
+        metadata += (("authorization", f"Bearer {api_key}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = kvserve_pb2_grpc.KVServeStub(channel)
+        return await run_load(lambda p: _grpc_one(stub, model, p, max_tokens, metadata),
+                              prompt_list, concurrency, rate, progress)  # fmt: skip
 
 
 async def run_load(one: Callable[[str], Awaitable[Record]], prompt_list: list[str],

@@ -67,12 +67,28 @@ def _ledger_clean(ray_cluster: Any, instances: set[str]) -> None:
         raise AssertionError(f"{e}: {seen}") from None
 
 
+def _holding_prefill(ids: set[str], timeout: float = 60) -> str:
+    """A prefill replica holding blocks for a transfer it announced (the injected send
+    delay keeps it there)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("prefill", app_name="kvserve")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for i in sorted(ids):
+            s = h.stats.options().remote(target=i).result(timeout_s=30)
+            if s["instance"] == i and s["free_blocks"] < s["num_blocks"]:
+                return i
+        time.sleep(0.05)
+    raise AssertionError("no prefill replica ever held a transfer")
+
+
 def test_disaggregated_pools_and_router_survive_kills(
     ray_cluster: Any, smollm2_dir: Path, reference: dict[str, str]
 ) -> None:
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
                  prefill_replicas=2, decode_replicas=2, engine={"max_model_len": 512},
-                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "0.3"},
+                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "1.0"},
                  decode_env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         prefills, decodes = replica_ids("prefill"), replica_ids("decode")
@@ -83,8 +99,7 @@ def test_disaggregated_pools_and_router_survive_kills(
         streams = [Stream(base, p, MODEL, MAX_TOKENS) for p in PROMPTS * 2]
         for s in streams:
             s.start()
-        time.sleep(0.5)  # transfers announced, sends waiting out the injected delay
-        dead_prefill = sorted(prefills)[0]
+        dead_prefill = _holding_prefill(prefills)  # announced, its send waiting
         kill_replica("prefill", dead_prefill)
         wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to run")
         dead_decode = sorted(decodes)[0]
