@@ -199,7 +199,7 @@ def build(args: dict[str, Any]) -> Application:
 
 
 GRPC_SERVICERS = [
-    "protos.kvserve_pb2_grpc.add_KVServeServicer_to_server",
+    "cluster.grpc_api.add_KVServeServicer_to_server",
     "protos.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 

@@ -27,8 +27,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
+from cluster.openai_protocol import MAX_N, ChatCompletionRequest, CompletionRequest
 from cluster.streams import EngineGone, PoolFull, StreamMux
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 @app.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (a body that does not parse, an unknown path or method) in
+    the OpenAI shape too."""
+    status = exc.status_code
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    err = APIError(status, str(exc.detail), type_, headers=dict(exc.headers or {}))
+    return err.response()
 
 
 @app.exception_handler(RequestValidationError)
@@ -192,6 +203,11 @@ def _grpc_params(opts: Any) -> Any:
         if opts.HasField(name):
             kw[name] = getattr(opts, name)
     kw.setdefault("max_tokens", 16)
+    # The same limits as the HTTP API's (cluster.openai_protocol).
+    if kw.get("n", 1) > MAX_N:
+        raise ValueError(f"n must be in [1, {MAX_N}]")
+    if len(opts.stop) > 8 or any(not s for s in opts.stop):
+        raise ValueError("stop: at most 8 non-empty strings")
     return SamplingParams(stop=tuple(opts.stop), ignore_eos=opts.ignore_eos, **kw)
 
 
@@ -369,10 +385,12 @@ class Router:
                 "choices": [choice]}  # fmt: skip
 
     # --- gRPC ------------------------------------------------------------------------------
-    def _grpc_check(self, request: Any, context: Any) -> dict[str, Any] | None:
-        """The engine request for a ``GenerateRequest``, or None after setting
-        INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED on ``context``."""
+    def _grpc_admit(self, request: Any, context: Any) -> bool:
+        """The API key (when one is configured) and a message that parsed; else False
+        after setting UNAUTHENTICATED / INVALID_ARGUMENT on ``context``."""
         import grpc
+
+        from cluster.grpc_api import Malformed
 
         key = _api_key()
         if key and context is not None:
@@ -380,7 +398,21 @@ class Router:
             if meta.get("authorization") != f"Bearer {key}":
                 context.set_code(grpc.StatusCode.UNAUTHENTICATED)
                 context.set_details("missing or wrong API key (metadata authorization: Bearer ...)")
-                return None
+                return False
+        if isinstance(request, Malformed):
+            if context is not None:
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(request.problem)
+            return False
+        return True
+
+    def _grpc_check(self, request: Any, context: Any) -> dict[str, Any] | None:
+        """The engine request for a ``GenerateRequest``, or None after setting
+        INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED on ``context``."""
+        import grpc
+
+        if not self._grpc_admit(request, context):
+            return None
         problem, code = None, grpc.StatusCode.INVALID_ARGUMENT
         req: dict[str, Any] = {}
         if request.model and request.model != self.model_name:
@@ -538,6 +570,9 @@ class Router:
 
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
         from protos import kvserve_pb2 as pb
+
+        if not self._grpc_admit(request, grpc_context):
+            return pb.ListModelsResponse()
 
         info = await self.engine.info.remote()
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.model_name,

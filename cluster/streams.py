@@ -151,11 +151,12 @@ class StreamMux:
                                                   "resume_text": text}  # fmt: skip
                 try:
                     async for item in self._run(rid, attempt, queue, failed):
+                        choices = item.get("choices", ())  # none on an error item
                         if n == 1:
-                            for c in item["choices"]:
+                            for c in choices:
                                 tokens.extend(c["token_ids"])
                                 text += len(c["text"])
-                        elif item["choices"]:
+                        elif choices:
                             n = -1  # samples went out: n > 1 cannot resume
                         yield item
                     return

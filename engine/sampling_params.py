@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Samples of one prompt an engine takes per request (each is a sequence in the batch).
+MAX_N = 256
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -49,8 +52,8 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}]")
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", "must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:
