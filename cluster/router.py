@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,7 +40,26 @@ HEALTH_FRESH_S = 5.0
 HEALTH_CALL_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
-app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorBody
+
+
+_ERRORS = {400: "bad input", 401: "missing or wrong API key", 404: "unknown model or path",
+           405: "method not allowed", 413: "body too large", 429: "queues full (Retry-After)",
+           503: "no engine instance can serve now (Retry-After)"}  # fmt: skip
+app = FastAPI(title="kvserve", docs_url=None, redoc_url=None,
+              responses={code: {"model": ErrorResponse, "description": what}
+                         for code, what in _ERRORS.items()})  # fmt: skip
 
 
 def _api_key() -> str | None:
