@@ -149,8 +149,7 @@ class EngineReplica:
     async def stats(self, target: str = "") -> dict[str, Any]:
         """This instance's figures. ``target``: the replica meant (the request router
         sends it there); another replica refuses (that one is gone)."""
-        if target and target != self.replica_id:
-            raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
+        self._check_target(target)
         links = self.links
         extra: dict[str, Any] = {} if links is None else {"kv_bytes_sent": links.bytes_sent,
                                           "kv_bytes_received": links.bytes_received,
@@ -162,6 +161,12 @@ class EngineReplica:
             extra["rank_actors"] = names()
         return {**self.engine.stats(), **self._stream_stats(), "instance": self.replica_id,
                 "role": self.role, "dead": not self._healthy(), **extra}  # fmt: skip
+
+    def _check_target(self, target: str) -> None:
+        """A call pinned to ``target`` (``cluster.request_router``) that reached another
+        replica: that instance is gone."""
+        if target and target != self.replica_id:
+            raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
 
     def _stream_stats(self) -> dict[str, int]:
         return {"submitted": self.submitted, "stream_items": self.stream_items,
@@ -218,8 +223,7 @@ class EngineReplica:
         requests are aborted) or it has been idle ``IDLE_CLOSE_S`` with no request
         left. ``target``: the replica the router meant; another replica refuses (the
         router's instance is gone)."""
-        if target and target != self.replica_id:
-            raise RuntimeError(f"engine instance {target} is gone (this is {self.replica_id})")
+        self._check_target(target)
         box = self._outboxes.setdefault(router, Outbox())
         box.subscribed = True
         try:

@@ -10,6 +10,28 @@ from typing import Any
 
 import httpx
 
+from bench.soak import kill_replica, replica_ids
+
+__all__ = [
+    "PROMPTS",
+    "Stream",
+    "kill_replica",
+    "replica_ids",
+    "stats_of",
+    "wait_until",
+    "wait_whole",
+]
+
+# Prompts of the fault tests (SmolLM2: varied lengths, several kinds of text).
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "1, 2, 3, 4, 5,",
+    "The history of the printing press begins in the fifteenth century, when",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+
 
 class Stream(threading.Thread):
     """One streaming completion in a thread: its text pieces as they arrive, whether it
@@ -56,29 +78,6 @@ class Stream(threading.Thread):
     @property
     def text(self) -> str:
         return "".join(self.pieces)
-
-
-def replica_names(deployment: str) -> list[str]:
-    """The names of the live replica actors of one of the app's deployments."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::kvserve#{deployment}#"
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and a["name"].startswith(prefix)]  # fmt: skip
-
-
-def replica_ids(deployment: str) -> set[str]:
-    return {name.rsplit("#", 1)[-1] for name in replica_names(deployment)}
-
-
-def kill_replica(deployment: str, unique_id: str) -> None:
-    import ray
-
-    for name in replica_names(deployment):
-        if name.endswith(f"#{unique_id}"):
-            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-            return
-    raise AssertionError(f"no live replica {unique_id} of {deployment}")
 
 
 def stats_of(deployment: str) -> list[dict[str, Any]]:

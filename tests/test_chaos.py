@@ -27,18 +27,10 @@ import pytest
 
 from engine import LLM, SamplingParams
 from tests.factories import serving
-from tests.serve_helpers import Stream, kill_replica, replica_ids, wait_until, wait_whole
+from tests.serve_helpers import PROMPTS, Stream, kill_replica, replica_ids, wait_until, wait_whole
 
 MODEL = "smol-chaos"
 MAX_TOKENS = 40
-PROMPTS = [
-    "The capital of France is",
-    "Write a short poem about the sea.",
-    "1, 2, 3, 4, 5,",
-    "The history of the printing press begins in the fifteenth century, when",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-]
 
 
 @pytest.fixture(scope="module")
