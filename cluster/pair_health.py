@@ -61,11 +61,11 @@ class PairHealth:
         return sorted(p for p, r in self._pairs.items() if now < r.until)
 
     def snapshot(self, now: float) -> dict[str, dict[str, float]]:
-        """Per peer with a record: failures in a row, seconds of quarantine left."""
+        """Per peer with a record: failures in a row, seconds of quarantine left (0..max_s)."""
         return {
             p: {
                 "failures": r.failures,
-                "quarantined_s": max(r.until - now, 0.0),
+                "quarantined_s": min(max(r.until - now, 0.0), self.max_s),  # float rounding
                 "quarantines": r.quarantines,
             }
             for p, r in self._pairs.items()

@@ -52,3 +52,10 @@ def test_invariants(events: list[tuple[str, bool, float]]) -> None:
         for p, rec in h.snapshot(now).items():
             assert 0 <= rec["quarantined_s"] <= 20
             assert h.is_quarantined(p, now) == (rec["quarantined_s"] > 0)
+
+
+def test_time_left_never_exceeds_cap_under_float_rounding() -> None:
+    """(29.873 + 20) - 29.873 > 20 in floats; CI's hypothesis run found the like."""
+    h = PairHealth(max_failures=1, base_s=20, max_s=20)
+    assert h.failure("p", 29.873)
+    assert h.snapshot(29.873)["p"]["quarantined_s"] == 20
