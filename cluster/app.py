@@ -25,6 +25,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from cluster import netbind
 from cluster.replica import EngineDeployment
 from cluster.request_router import router_config
 from cluster.router import Router
@@ -218,7 +219,7 @@ def start_serve(
 ) -> str | None:
     """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray on loopback, unless
     Ray is up already; then Serve's proxies (HTTP on ``cfg.host:cfg.http_port``, gRPC on
-    ``cfg.grpc_port``). Returns the Ray dashboard's address when it started one."""
+    ``cfg.grpc_port``, on ``cfg.host`` too when this call started Ray: see ``netbind``). Returns the Ray dashboard's address when it started one."""
     import ray
 
     url = None
@@ -228,7 +229,8 @@ def start_serve(
             ctx = ray.init(address=address)
         else:
             ctx = ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard,
-                           dashboard_host="127.0.0.1")  # fmt: skip
+                           dashboard_host="127.0.0.1",
+                           runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip
         url = getattr(ctx, "dashboard_url", None) or None
     serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
                 grpc_options=grpc_options(cfg))  # fmt: skip
