@@ -156,14 +156,19 @@ class KVLinks:
     async def _move(self, link: _Link, op: Any, caches: list[torch.Tensor], block_ids: list[int],
                     what: str) -> tuple[int, float]:  # fmt: skip
         """Runs one send/receive off the event loop, bounded by ``timeout_s``; a failure
-        breaks the link. Returns (bytes, seconds)."""
+        breaks the link, and returns only once the copy stopped (or a second
+        ``timeout_s`` passed), so the caller may reuse the blocks. Returns (bytes,
+        seconds)."""
         t0 = time.perf_counter()
+        copy = asyncio.ensure_future(asyncio.to_thread(_synced, op, caches, block_ids))
         try:
-            nbytes = await asyncio.wait_for(
-                asyncio.to_thread(_synced, op, caches, block_ids), self.timeout_s
-            )
+            nbytes = await asyncio.wait_for(asyncio.shield(copy), self.timeout_s)
         except BaseException as e:
-            self._break(link, e)
+            self._break(link, e)  # closes the channel: a blocked send/receive fails
+            if not copy.done():  # the blocks are not free while it may still write them
+                await asyncio.wait([copy], timeout=self.timeout_s)
+                if not copy.done():
+                    logger.error("a %s %s outlived its link", what, link.peer)
             raise LinkError(f"{what} {link.peer} failed: {e!r}") from e
         return nbytes, time.perf_counter() - t0
 

@@ -18,6 +18,9 @@ from cluster.block_manager import GlobalBlockManager
 
 LEDGER_NAME = "kvserve-ledger"
 NAMESPACE = "kvserve"
+# An instance is up while it reported itself alive within this many seconds (it reports
+# about once a second; see cluster.replica).
+FRESH_S = 5.0
 
 
 class InstanceLedger:
@@ -82,6 +85,19 @@ class InstanceLedger:
             ({**v, "age_s": now - v["reported_at"]} for v in live.values()),
             key=lambda v: str(v["instance_id"]),
         )
+
+
+def up(
+    rows: list[dict[str, Any]],
+    model: str,
+    roles: tuple[str, ...],
+    exclude: tuple[str, ...] | list[str] = (),
+) -> list[dict[str, Any]]:
+    """The rows of ``instances()`` that serve ``model`` in one of ``roles``, are alive by
+    their last report (not ``dead``, younger than ``FRESH_S``) and not in ``exclude``."""
+    return [r for r in rows if r.get("model") == model and r.get("role") in roles
+            and not r.get("dead") and float(r.get("age_s", FRESH_S)) < FRESH_S
+            and r.get("instance_id") not in exclude]  # fmt: skip
 
 
 def get_ledger() -> Any:

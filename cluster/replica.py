@@ -29,7 +29,7 @@ from ray import serve
 
 from cluster.async_engine import AsyncEngine
 from cluster.kv_links import KVLinks
-from cluster.ledger import get_ledger
+from cluster.ledger import get_ledger, up
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.pair_health import PairHealth
 from cluster.streams import IDLE_CLOSE_S, SUBSCRIBE_GRACE_S, Outbox, pump
@@ -50,6 +50,9 @@ FAULT_FAIL_PREFILLS = int(os.environ.get("KVSERVE_FAULT_FAIL_PREFILLS", "0"))
 # Pair quarantine (cluster.pair_health): failures in a row, first quarantine seconds.
 PAIR_MAX_FAILURES = int(os.environ.get("KVSERVE_PAIR_MAX_FAILURES", "3"))
 PAIR_QUARANTINE_S = float(os.environ.get("KVSERVE_PAIR_QUARANTINE_S", "10"))
+# Prefill calls per disaggregated request: a failed one is re-placed on another live
+# prefill replica until this many were tried; then the decode replica recomputes.
+PREFILL_ATTEMPTS = int(os.environ.get("KVSERVE_PREFILL_ATTEMPTS", "2"))
 
 
 class PairQuarantined(RuntimeError):
@@ -356,10 +359,15 @@ class EngineReplica:
     async def _disaggregated(self, prompt: str | list[int], params: SamplingParams, rid: str,
                              kv: dict[str, Any]) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Decode side: reserve blocks, have a prefill replica compute the prompt and send
-        its K/V into them, then decode here. Any failure of the prefill or the transfer
-        releases the reservation and recomputes the prompt here (the client sees a
-        normal response; ``kv["mode"]`` says "recomputed"). No room, or n > 1: the
-        request runs here from the start ("local")."""
+        its K/V into them, then decode here.
+
+        A prefill or transfer that fails (the prefill replica died, its engine failed, the
+        link broke) is re-placed on another live prefill replica, keeping the reserved
+        blocks, up to ``PREFILL_ATTEMPTS`` in all (``kv["prefill_retries"]``,
+        ``kv["prefill_failures"]``). When none is left, the reservation is released and
+        the prompt is recomputed here (the client sees a normal response; ``kv["mode"]``
+        says "recomputed"). No room, or n > 1: the request runs here from the start
+        ("local")."""
         ids = self.engine.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         blocks = await self.engine.reserve(ids, params, rid) if params.n == 1 else None
         if blocks is None:
@@ -368,31 +376,35 @@ class EngineReplica:
                 yield out
             return
         ledger_res = await self._ledger_reserve(rid, len(blocks))
-        fetch = asyncio.ensure_future(self._fetch_kv(ids, params, rid, blocks, kv))
-        try:
-            first = await asyncio.shield(fetch)
-        except asyncio.CancelledError:  # the client left: the transfer still completes
-            fetch.add_done_callback(lambda _: self.engine.abort(rid))
-            self._ledger_settle(ledger_res, False)
-            raise
-        except Exception as e:
-            self._ledger_settle(ledger_res, False)
-            self.engine.abort(rid)
-            peer = kv.get("prefill_instance")
-            if isinstance(e, PairQuarantined):  # not a new failure: the pair is resting
-                kv.update({"mode": "local", "reason": str(e)[:300]})
-            else:
-                logger.warning("request %s: prefill/transfer failed (%s); recomputing here", rid, e)
-                self.metrics.kv_transfer_failures.inc()
-                kv.update({"mode": "recomputed", "error": str(e)[:300]})
-                if peer is not None and self.pairs.failure(peer, time.monotonic()):
-                    logger.warning("quarantining the pair with prefill replica %s: %s", peer,
-                                   self.pairs.snapshot(time.monotonic()).get(peer))  # fmt: skip
-                    assert self.links is not None
-                    self.links.break_peer(peer, RuntimeError("pair quarantined"))
-            async for out in self.engine.generate(ids, params, rid):
-                yield out
-            return
+        failed: list[str] = []
+        while True:
+            fetch = asyncio.ensure_future(self._fetch_kv(ids, params, rid, blocks, kv, failed))
+            try:
+                first = await asyncio.shield(fetch)
+                break
+            except asyncio.CancelledError:  # the client left: the transfer still completes
+                fetch.add_done_callback(lambda _: self.engine.abort(rid))
+                self._ledger_settle(ledger_res, False)
+                raise
+            except Exception as e:
+                peer = kv.pop("prefill_instance", None)
+                if isinstance(e, PairQuarantined):  # not a new failure: the pair is resting
+                    kv.update({"mode": "local", "reason": str(e)[:300]})
+                else:
+                    self._prefill_failed(rid, peer, e, kv)
+                    if peer is not None and len(failed) + 1 < PREFILL_ATTEMPTS:
+                        failed.append(peer)
+                        if await self._prefill_left(failed):
+                            kv["prefill_retries"] = len(failed)
+                            logger.warning("request %s: prefill on %s failed (%s); re-placing "
+                                           "it on another prefill replica", rid, peer, e)  # fmt: skip
+                            continue
+                    kv.update({"mode": "recomputed", "error": str(e)[:300]})
+                self._ledger_settle(ledger_res, False)
+                self.engine.abort(rid)
+                async for out in self.engine.generate(ids, params, rid):
+                    yield out
+                return
         self._ledger_settle(ledger_res, True)
         self.pairs.success(kv["prefill_instance"])
         kv["mode"] = "transferred"
@@ -401,15 +413,42 @@ class EngineReplica:
         async for out in self.engine.transferred(rid, first):
             yield out
 
+    def _prefill_failed(self, rid: str, peer: str | None, e: Exception,
+                        kv: dict[str, Any]) -> None:  # fmt: skip
+        """Counts a failed prefill or transfer against its pair (quarantining a pair that
+        keeps failing, which closes its links) and notes it in ``kv``."""
+        logger.warning("request %s: prefill/transfer on %s failed: %s", rid, peer, e)
+        self.metrics.kv_transfer_failures.inc()
+        kv.setdefault("prefill_failures", []).append(peer)
+        if peer is not None and self.pairs.failure(peer, time.monotonic()):
+            logger.warning("quarantining the pair with prefill replica %s: %s", peer,
+                           self.pairs.snapshot(time.monotonic()).get(peer))  # fmt: skip
+            assert self.links is not None
+            self.links.break_peer(peer, RuntimeError("pair quarantined"))
+
+    async def _prefill_left(self, exclude: list[str]) -> bool:
+        """Whether the ledger knows a live prefill replica of this model outside
+        ``exclude`` and outside the quarantined pairs (no: recompute here rather than
+        wait for Serve to start one)."""
+        exclude = [*exclude, *self.pairs.quarantined(time.monotonic())]
+        try:
+            rows = await asyncio.wait_for(get_ledger().instances.remote(), 2.0)
+        except Exception as e:
+            logger.warning("the ledger did not answer (%s): no prefill re-placement", e)
+            return False
+        return bool(up(rows, self.model_name, ("prefill",), exclude))
+
     async def _fetch_kv(self, ids: list[int], params: SamplingParams, rid: str,
-                        blocks: list[int], kv: dict[str, Any]) -> int:  # fmt: skip
-        """Runs one prefill call and receives its K/V into ``blocks``; the first token."""
+                        blocks: list[int], kv: dict[str, Any], avoid: list[str]) -> int:  # fmt: skip
+        """Runs one prefill call, away from ``avoid`` and the quarantined pairs while
+        other prefill replicas exist, and receives its K/V into ``blocks``; the first
+        token."""
         assert self.links is not None and self.prefill_pool is not None
         req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
                "num_blocks": len(blocks), "stale_links": self.links.stale_links()}  # fmt: skip
         now = time.monotonic()
         gen = self.prefill_pool.options(stream=True).prefill.remote(
-            req, avoid=self.pairs.quarantined(now)
+            req, avoid=sorted({*self.pairs.quarantined(now), *avoid})
         )
         key: tuple[str, int] | None = None
         try:

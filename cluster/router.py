@@ -35,8 +35,6 @@ from cluster.streams import EngineGone, PoolFull, StreamMux
 
 logger = logging.getLogger(__name__)
 
-# Health: an instance counts while its last report (once a second) is this fresh.
-HEALTH_FRESH_S = 5.0
 HEALTH_CALL_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
@@ -167,7 +165,9 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     disaggregated request the prefill instance and the bytes and seconds of the
     transfer; ``mode`` is colocated, transferred, recomputed (prefill or transfer
     failed), local (no room to reserve) or resumed (its first instance died; this one
-    went on after ``resumed_tokens``)."""
+    went on after ``resumed_tokens``; ``earlier`` holds the failed attempts'
+    accounting). ``prefill_failures`` names prefill instances that failed the request
+    (``prefill_retries`` of them were followed by another prefill instance)."""
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")
     acct["cached_tokens"] = int(item.get("cached_tokens", 0))
@@ -544,12 +544,12 @@ class Router:
         The ledger knows every instance's last report (each replica reports once a
         second, with whether its engine and worker group are alive): serving while one
         instance of this model and of the pool the router calls (role "both" or
-        "decode") reported itself alive within ``HEALTH_FRESH_S``. A replica that died
+        "decode") reported itself alive within ``ledger.FRESH_S``. A replica that died
         stops reporting; one whose rank actor died reports ``dead`` within a second. When
         the ledger has no row of this model yet (just deployed) or cannot be reached, one
         health call to the pool decides, bounded by ``HEALTH_CALL_TIMEOUT_S`` (a pool
         with no replica left would queue it forever)."""
-        from cluster.ledger import get_ledger
+        from cluster.ledger import get_ledger, up
 
         try:
             rows = await asyncio.wait_for(get_ledger().instances.remote(), HEALTH_CALL_TIMEOUT_S)
@@ -559,9 +559,9 @@ class Router:
         mine = [r for r in rows if r.get("model") == self.model_name
                 and r.get("role") in ("both", "decode")]  # fmt: skip
         if mine:
-            up = [r for r in mine if not r.get("dead") and r["age_s"] < HEALTH_FRESH_S]
-            if up:
-                return True, f"{len(up)} of {len(mine)} engine instances up"
+            alive = up(mine, self.model_name, ("both", "decode"))
+            if alive:
+                return True, f"{len(alive)} of {len(mine)} engine instances up"
             return False, f"no engine instance up ({len(mine)} known, none alive and reporting)"
         try:
             await asyncio.wait_for(self.engine.check_health.remote(), HEALTH_CALL_TIMEOUT_S)

@@ -25,7 +25,8 @@ Contracts
   out) from its prompt plus the tokens the client was sent (``resume``; the new engine
   recomputes their K/V and counts them as output), so the client's stream goes on with
   no gap and no repeat, and a greedy (or seeded) request's output equals an undisturbed
-  run. At most ``MAX_FAILOVERS`` times; each waits up to ``FAILOVER_TIMEOUT_S`` for a
+  run. The new instance's deltas carry the KV accounting of the failed attempts in
+  ``kv["earlier"]``. At most ``MAX_FAILOVERS`` times; each waits up to ``FAILOVER_TIMEOUT_S`` for a
   replica to take it (Serve replaces the dead one), then ``EngineGone`` (HTTP 503,
   retriable). A request with ``n`` > 1 fails over only before any sample was sent.
 - A replica ends a router's stream when it has been idle ``IDLE_CLOSE_S`` with no
@@ -144,6 +145,8 @@ class StreamMux:
         tokens: list[int] = []  # what the client has been sent (n = 1) ...
         text = 0  # ... and the length of its text
         failed: list[str] = []
+        earlier: list[dict[str, Any]] = []  # the KV accounting of the attempts that failed
+        kv: dict[str, Any] | None = None
         n = int(getattr(req.get("params"), "n", 1))
         try:
             while True:
@@ -151,6 +154,10 @@ class StreamMux:
                                                   "resume_text": text}  # fmt: skip
                 try:
                     async for item in self._run(rid, attempt, queue, failed):
+                        if "kv" in item:
+                            kv = item["kv"]
+                            if earlier:
+                                item = {**item, "kv": {**item["kv"], "earlier": earlier}}
                         choices = item.get("choices", ())  # none on an error item
                         if n == 1:
                             for c in choices:
@@ -165,6 +172,8 @@ class StreamMux:
                     if n < 0 or len(failed) >= MAX_FAILOVERS or where is None:
                         raise
                     failed.append(where)
+                    earlier = [*earlier, kv or {"instance": where}]
+                    kv = None
                     self.failovers += 1
                     logger.warning("request %s: %s; resuming after %d tokens elsewhere", rid, e,
                                    len(tokens))  # fmt: skip

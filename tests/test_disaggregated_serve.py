@@ -152,7 +152,8 @@ def test_prefill_killed_mid_transfer_falls_back(
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
             out = fut.result(timeout=60)
         assert out["choices"][0]["text"] == reference[2]
-        assert out["kvserve"]["mode"] == "recomputed", out["kvserve"]
+        assert out["kvserve"]["mode"] == "recomputed", out["kvserve"]  # no other prefill
+        assert out["kvserve"]["prefill_failures"] == [victim], out["kvserve"]
         decode = _pools_whole(timeout=60)["decode"]
         assert decode["kv_link_failures"] >= 1
         # Serve replaces the prefill replica; the next request is transferred again.
