@@ -82,11 +82,8 @@ class ServeConfig:
             raise ValueError("tensor_parallel_size and num_replicas must be >= 1")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "disaggregated":
-            if self.prefill_replicas < 1 or self.decode_replicas < 1:
-                raise ValueError("prefill_replicas and decode_replicas must be >= 1")
-            if self.tensor_parallel_size != 1:
-                raise ValueError("disaggregated pools run tensor_parallel_size=1 for now")
+        if self.mode == "disaggregated" and min(self.prefill_replicas, self.decode_replicas) < 1:
+            raise ValueError("prefill_replicas and decode_replicas must be >= 1")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> ServeConfig:

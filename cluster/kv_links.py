@@ -13,6 +13,12 @@ sequence of point-to-point operations, which NCCL requires, and no two transfers
 pair can wait on each other. A link that fails (a peer died, a header mismatch, a
 timeout) is closed at both ends; the next request offers a new one (``gen`` + 1), and
 the requests that were waiting on the broken one fall back to recomputing.
+
+Tensor parallelism: at TP > 1 a link is one channel per rank (``GroupChannel``): rank r
+of the prefill group sends its head group's blocks to rank r of the decode group, all
+ranks at once, each pair meeting in the link's store under its own prefix. Both pools
+must run the same TP (the offer says its TP; a mismatch is refused with a clear error
+and the request is recomputed on the decode side).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 import torch
 
 from workers.comm import tcp_store
-from workers.kv_transfer import RECEIVER, SENDER, KVChannel
+from workers.kv_transfer import RECEIVER, SENDER, GroupChannel, KVChannel, rank_store, synced
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +48,13 @@ class LinkError(RuntimeError):
 class _Link:
     peer: str
     gen: int
-    channel_task: asyncio.Future[KVChannel]
+    channel_task: asyncio.Future[KVChannel | GroupChannel]
     next_seq: int = 0
     broken: BaseException | None = None
     cond: asyncio.Condition = field(default_factory=asyncio.Condition)
     offer: dict[str, Any] = field(default_factory=dict)
 
-    async def channel(self, timeout_s: float) -> KVChannel:
+    async def channel(self, timeout_s: float) -> KVChannel | GroupChannel:
         if self.broken is not None:
             raise LinkError(f"link to {self.peer} is broken: {self.broken}")
         try:
@@ -63,11 +69,14 @@ class KVLinks:
     ``backend``: "gloo" (CPU caches) or "nccl" (CUDA caches). ``timeout_s`` bounds the
     rendezvous, each wait for a turn, and each send/receive."""
 
-    def __init__(self, instance_id: str, host: str, backend: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, instance_id: str, host: str, backend: str, timeout_s: float = 30.0,
+                 ranks: list[Any] | None = None) -> None:  # fmt: skip
         self.instance_id = instance_id
         self.host = host
         self.backend = backend
         self.timeout_s = timeout_s
+        self.ranks = list(ranks or ())  # the RankWorker actors of ranks 1.. (TP > 1)
+        self.tp = 1 + len(self.ranks)
         self._send: dict[str, _Link] = {}  # decode peer -> link
         self._recv: dict[tuple[str, int], _Link] = {}  # (prefill peer, gen) -> link
         self._gens = itertools.count(1)
@@ -89,11 +98,11 @@ class KVLinks:
         gen = next(self._gens)
         store = tcp_store(self.host, 0, True, 2, self.timeout_s)
         loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(
-            None, lambda: KVChannel(store, SENDER, self.backend, self.timeout_s)
-        )
+        key = f"send:{peer}:{gen}"
+        task = loop.run_in_executor(None, lambda: self._channel(key, store, store.port, SENDER))
         link = _Link(peer, gen, task)
-        link.offer = {"peer": self.instance_id, "gen": gen, "host": self.host, "port": store.port}
+        link.offer = {"peer": self.instance_id, "gen": gen, "host": self.host, "port": store.port,
+                      "tp": self.tp}  # fmt: skip
         self._send[peer] = link
         logger.info("offering a KV link to %s (gen %d) on %s:%d", peer, gen, self.host, store.port)
         return link.offer
@@ -117,16 +126,30 @@ class KVLinks:
     def accept(self, offer: dict[str, Any]) -> tuple[str, int]:
         """Joins the link ``offer`` describes (once per (peer, gen)); returns its key."""
         key = (str(offer["peer"]), int(offer["gen"]))
+        if int(offer.get("tp", 1)) != self.tp:
+            raise LinkError(f"prefill replica {key[0]} runs TP {offer.get('tp', 1)}, this decode "
+                            f"replica TP {self.tp}: re-sharding KV heads in a transfer is not "
+                            "supported; give both pools one tensor_parallel_size")  # fmt: skip
         if key not in self._recv:
             for old in [k for k in self._recv if k[0] == key[0] and k[1] < key[1]]:
                 self._break(self._recv.pop(old), LinkError("replaced by a newer link"))
             host, port = str(offer["host"]), int(offer["port"])
+            name = f"recv:{key[0]}:{key[1]}"
             loop = asyncio.get_running_loop()
-            task = loop.run_in_executor(None, lambda: KVChannel(
-                tcp_store(host, port, False, 2, self.timeout_s), RECEIVER, self.backend,
-                self.timeout_s))  # fmt: skip
+            task = loop.run_in_executor(None, lambda: self._channel(
+                name, tcp_store(host, port, False, 2, self.timeout_s), port, RECEIVER, host))  # fmt: skip
             self._recv[key] = _Link(key[0], key[1], task)
         return key
+
+    def _channel(self, name: str, store: Any, port: int, role: int,
+                 host: str | None = None) -> KVChannel | GroupChannel:  # fmt: skip
+        """The channel of one link (blocks until the peer joined): rank 0's alone at
+        TP 1, every rank's at TP > 1 (rank r of this group meets rank r of the peer's
+        through the same store, under its own prefix)."""
+        if not self.ranks:
+            return KVChannel(rank_store(store, 0), role, self.backend, self.timeout_s)
+        return GroupChannel.join(self.ranks, name, host or self.host, port, store, role,
+                                 self.backend, self.timeout_s)  # fmt: skip
 
     async def recv(self, key: tuple[str, int], seq: int, caches: list[torch.Tensor],
                    block_ids: list[int]) -> tuple[int, float]:  # fmt: skip
@@ -160,7 +183,7 @@ class KVLinks:
         ``timeout_s`` passed), so the caller may reuse the blocks. Returns (bytes,
         seconds)."""
         t0 = time.perf_counter()
-        copy = asyncio.ensure_future(asyncio.to_thread(_synced, op, caches, block_ids))
+        copy = asyncio.ensure_future(asyncio.to_thread(synced, op, caches, block_ids))
         try:
             nbytes = await asyncio.wait_for(asyncio.shield(copy), self.timeout_s)
         except BaseException as e:
@@ -213,16 +236,3 @@ class KVLinks:
 
         with contextlib.suppress(RuntimeError):  # no running loop: nobody waits
             asyncio.get_running_loop().create_task(wake())
-
-
-def _synced(op: Any, caches: list[torch.Tensor], block_ids: list[int]) -> int:
-    """Runs a send/receive on its own CUDA stream (on GPU) and waits for it, so that
-    the blocks are complete when the call returns; the engine's steps go on meanwhile."""
-    if not caches or not caches[0].is_cuda:
-        return int(op(caches, block_ids))
-    stream = torch.cuda.Stream(device=caches[0].device)
-    stream.wait_stream(torch.cuda.current_stream(caches[0].device))
-    with torch.cuda.stream(stream):
-        n = int(op(caches, block_ids))
-    stream.synchronize()
-    return n

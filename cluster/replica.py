@@ -103,11 +103,10 @@ class EngineReplica:
         self.pairs = PairHealth(PAIR_MAX_FAILURES, PAIR_QUARANTINE_S, max(PAIR_QUARANTINE_S, 300.0))
         self._faults_left = FAULT_FAIL_PREFILLS
         if role != "both":
-            if self.engine.engine.args.tensor_parallel_size != 1:
-                raise ValueError("disaggregated pools run tensor_parallel_size=1 for now "
-                                 "(each rank would need its own link)")  # fmt: skip
             backend = "nccl" if self.engine.engine.runner.device.type == "cuda" else "gloo"
-            self.links = KVLinks(self.replica_id, _node_ip(), backend)
+            executor = self.engine.engine.executor
+            ranks = executor.rank_actors() if hasattr(executor, "rank_actors") else []
+            self.links = KVLinks(self.replica_id, _node_ip(), backend, ranks=ranks)
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="kvserve-report",
                                           daemon=True)  # fmt: skip

@@ -8,9 +8,10 @@ every request's outcome is checked, then the pools and the ledger.
 - The router replica dies mid-stream: its streams end without ``[DONE]`` (never a
   truncated answer dressed as complete), the engines abort its requests, Serve starts a
   new router and requests are served again.
-- A rank actor of a tensor-parallel (TP=2) instance dies mid-stream: the instance's
-  engine fails, its requests resume on the other instance with the same tokens, and
-  Serve replaces the broken instance.
+- Disaggregated pools at TP=2: every rank's share of the K/V moves; then a rank actor
+  of a decode instance dies mid-stream: the instance's engine fails, its requests
+  resume on the other decode instance with the same tokens, and Serve replaces the
+  broken instance.
 
 Afterwards each pool is back to its size, every block is free, and the ledger holds no
 reservation and knows the replacements.
@@ -147,9 +148,14 @@ def test_disaggregated_pools_and_router_survive_kills(
         _ledger_clean(ray_cluster, live)
 
 
-def test_a_killed_rank_actor_moves_its_requests(
+def test_disaggregated_tp2_transfers_every_rank_and_survives_a_decode_rank_kill(
     ray_cluster: Any, tiny_dirs: dict[str, Path]
 ) -> None:
+    """Disaggregated pools at TP=2 (1 prefill, 2 decode replicas; a tiny Llama with 4
+    KV heads, 2 per rank): every request's K/V moves rank r → rank r, the bytes of both
+    ranks' head groups; then a rank actor of a decode instance is killed mid-stream."""
+    import json
+
     import ray
     from ray import serve
 
@@ -158,18 +164,22 @@ def test_a_killed_rank_actor_moves_its_requests(
     ref = [
         o.outputs[0].text for o in LLM(tiny_dirs["llama3"], device="cpu").generate(prompts, params)
     ]
+    hf = json.loads((tiny_dirs["llama3"] / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    block_bytes = hf["num_hidden_layers"] * 2 * 16 * hf["num_key_value_heads"] * head_dim * 4
     with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", tensor_parallel_size=2,
-                 num_replicas=2, engine={"max_model_len": 256},
-                 env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
+                 mode="disaggregated", prefill_replicas=1, decode_replicas=2,
+                 engine={"max_model_len": 256, "block_size": 16},
+                 decode_env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
-        before = replica_ids("engine")
+        before = replica_ids("decode")
         assert len(before) == 2
         streams = [Stream(base, p, "tiny", 120) for p in prompts]
         for s in streams:
             s.start()
         wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to run")
         victim = sorted(before)[0]
-        h = serve.get_deployment_handle("engine", app_name="kvserve")
+        h = serve.get_deployment_handle("decode", app_name="kvserve")
         stats = h.stats.options().remote(target=victim).result(timeout_s=30)
         assert stats["tp"] == 2 and stats["running"] > 0, stats
         ((namespace, name),) = stats["rank_actors"]
@@ -179,8 +189,12 @@ def test_a_killed_rank_actor_moves_its_requests(
         for s, want in zip(streams, ref, strict=True):
             assert s.error is None and s.done, s.error
             assert s.text == want
+        firsts = [(s.kv.get("earlier") or [s.kv])[0] for s in streams]
+        for kv in firsts:  # one block of prompt, all 4 KV heads: both ranks' halves
+            assert kv["mode"] == "transferred" and kv["transferred_bytes"] == block_bytes, kv
         resumed = [s.kv for s in streams if s.kv.get("mode") == "resumed"]
         assert resumed and all(kv["instance"] != victim for kv in resumed), [s.kv for s in streams]
-        whole = wait_whole("engine", 2)  # Serve replaced the broken instance
-        assert victim not in {s["instance"] for s in whole}
-        _ledger_clean(ray_cluster, {s["instance"] for s in whole})
+        whole = wait_whole("prefill", 1) + wait_whole("decode", 2)  # the broken one replaced
+        live = {s["instance"] for s in whole}
+        assert victim not in live
+        _ledger_clean(ray_cluster, live)

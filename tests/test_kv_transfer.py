@@ -70,3 +70,19 @@ def test_transfers_between_actors_land_in_the_reserved_blocks(ray_cluster: Any) 
         ray.get([prefill.send.remote([1, 2, 3]), decode.recv.remote([4, 5])])
     for a in (prefill, decode):
         ray.kill(a)
+
+
+def test_a_link_between_different_tp_sizes_is_refused_clearly() -> None:
+    """Re-sharding KV heads between TP sizes is not supported: the decode side refuses
+    the offer with a message naming both sizes (the request is then recomputed)."""
+    import asyncio
+
+    from cluster.kv_links import KVLinks, LinkError
+
+    async def accept() -> None:
+        KVLinks("decode-1", "127.0.0.1", "gloo").accept(
+            {"peer": "prefill-1", "gen": 1, "host": "127.0.0.1", "port": 1, "tp": 2}
+        )
+
+    with pytest.raises(LinkError, match="TP 2, this decode replica TP 1"):
+        asyncio.run(accept())

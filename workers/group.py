@@ -34,7 +34,7 @@ from engine.model_runner import ModelRunner, RunnerConfig
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
 from workers.comm import abort_group, new_group, new_store_path, retire_group
-from workers.rank_worker import RankWorker
+from workers.rank_worker import CONCURRENCY_GROUPS, RankWorker
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class RayExecutor:
             else:
                 self._pg = self._create_placement_group()
         cpu_threads = max(1, (os.cpu_count() or 1) // self.size)
-        worker_cls = ray.remote(RankWorker)
+        worker_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankWorker)
         for rank in range(1, self.size):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
             actor = worker_cls.options(  # type: ignore[attr-defined]
@@ -242,6 +242,10 @@ class RayExecutor:
                 self._on_rank_failure(rank, e)
                 raise self._failure_after(e) from e
         self._inflight = []
+
+    def rank_actors(self) -> list[Any]:
+        """The actor handles of ranks 1..size-1 (for KV transfers: ``kv_*`` methods)."""
+        return list(self._actors)
 
     def rank_actor_names(self) -> list[tuple[str, str]]:
         """(namespace, name) of the actors of ranks 1..size-1."""

@@ -16,10 +16,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from workers.comm import new_group, retire_group
 
 SENDER, RECEIVER = 0, 1
+
+
+def rank_store(store: Any, rank: int) -> Any:
+    """The part of a link's rendezvous ``store`` for the channel of tensor-parallel rank
+    ``rank`` (every rank pair of a link meets in one store, each under its own prefix)."""
+    return dist.PrefixStore(f"rank{rank}", store)
+
+
+def synced(op: Any, caches: list[torch.Tensor], block_ids: list[int]) -> int:
+    """Runs a send/receive ``op(caches, block_ids)`` on its own CUDA stream (on GPU)
+    and waits for it, so that the blocks are complete when the call returns; the
+    engine's steps go on meanwhile. Returns what ``op`` returns (bytes)."""
+    if not caches or not caches[0].is_cuda:
+        return int(op(caches, block_ids))
+    torch.cuda.set_device(caches[0].device)  # a transfer thread's own current device
+    stream = torch.cuda.Stream(device=caches[0].device)
+    stream.wait_stream(torch.cuda.current_stream(caches[0].device))
+    with torch.cuda.stream(stream):
+        n = int(op(caches, block_ids))
+    stream.synchronize()
+    return n
 
 
 def pack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
@@ -118,3 +140,60 @@ def _chunks(num_layers: int) -> list[tuple[int, int]]:
 def _payload_elems(kv_caches: list[torch.Tensor], num_blocks: int) -> int:
     first = kv_caches[0]
     return len(kv_caches) * first.shape[0] * num_blocks * int(torch.Size(first.shape[2:]).numel())
+
+
+class GroupChannel:
+    """One link's channels on every rank of a tensor-parallel group: rank 0's (a
+    ``KVChannel`` in this process) and ranks 1..N-1's, held by their ``RankWorker``
+    actors under ``key``. Rank r sends its head group's blocks to rank r of the peer;
+    block ids are the same on every rank. ``send``/``recv`` move every rank's share at
+    once and return the bytes of all of them; a rank that fails, or does not finish
+    within ``timeout_s``, fails the call. Built by ``join`` (blocks until every rank
+    met its peer)."""
+
+    def __init__(self, local: KVChannel, actors: list[Any], key: str, timeout_s: float) -> None:
+        self.local, self.actors, self.key, self.timeout_s = local, actors, key, timeout_s
+
+    @classmethod
+    def join(cls, actors: list[Any], key: str, host: str, port: int, base_store: Any,
+             role: int, backend: str, timeout_s: float) -> GroupChannel:  # fmt: skip
+        """Ranks 1.. join through the store at ``host:port``; rank 0 through
+        ``base_store`` (that store itself on the side that hosts it)."""
+        import ray
+
+        refs = [a.kv_join.remote(key, host, port, role, backend, timeout_s) for a in actors]
+        try:
+            local = KVChannel(rank_store(base_store, 0), role, backend, timeout_s)
+            ray.get(refs, timeout=timeout_s)
+        except BaseException:
+            for a in actors:
+                a.kv_close.remote(key)
+            raise
+        return cls(local, actors, key, timeout_s)
+
+    def send(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
+        return self._move(True, kv_caches, block_ids)
+
+    def recv(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
+        return self._move(False, kv_caches, block_ids)
+
+    def _move(self, send: bool, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
+        import ray
+
+        refs = [a.kv_move.remote(self.key, send, block_ids) for a in self.actors]
+        try:
+            n = (
+                self.local.send(kv_caches, block_ids)
+                if send
+                else self.local.recv(kv_caches, block_ids)
+            )
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=False)
+            raise
+        return n + sum(int(x) for x in ray.get(refs, timeout=self.timeout_s))
+
+    def close(self) -> None:
+        self.local.close()
+        for a in self.actors:
+            a.kv_close.remote(self.key)

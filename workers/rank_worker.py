@@ -17,14 +17,21 @@ import threading
 from dataclasses import replace
 from typing import Any
 
+import ray
 import torch
 
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
-from workers.comm import new_group
+from workers.comm import new_group, tcp_store
+from workers.kv_transfer import KVChannel, rank_store, synced
 
 logger = logging.getLogger(__name__)
+
+
+# Ray concurrency groups of a rank actor: KV transfers (disaggregated pools) run on
+# their own threads, beside the steps, which keep the default group to themselves.
+CONCURRENCY_GROUPS = {"kv": 4}
 
 
 class RankWorker:
@@ -35,6 +42,7 @@ class RankWorker:
         self.size = size
         self.runner: ModelRunner | None = None
         self.exit_on_error = False
+        self._kv: dict[str, KVChannel] = {}  # this rank's channels, by link (GroupChannel)
 
     def placement(self) -> dict[str, Any]:
         """Where Ray put this rank: node, process, GPU ids (physical, as Ray numbers them)."""
@@ -87,3 +95,26 @@ class RankWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    # --- KV transfer (workers.kv_transfer.GroupChannel) --------------------------------
+    @ray.method(concurrency_group="kv")
+    def kv_join(self, key: str, host: str, port: int, role: int, backend: str,
+                timeout_s: float) -> None:  # fmt: skip
+        """Joins this rank's channel of link ``key`` through the store at ``host:port``."""
+        store = rank_store(tcp_store(host, port, False, 2, timeout_s), self.rank)
+        self._kv[key] = KVChannel(store, role, backend, timeout_s)
+
+    @ray.method(concurrency_group="kv")
+    def kv_move(self, key: str, send: bool, block_ids: list[int]) -> int:
+        """Sends (or receives) ``block_ids`` of this rank's cache on link ``key``; bytes."""
+        assert self.runner is not None, "init_runner first"
+        channel = self._kv.get(key)
+        if channel is None:
+            raise RuntimeError(f"rank {self.rank} has no KV channel {key}")
+        return synced(channel.send if send else channel.recv, self.runner.kv_caches, block_ids)
+
+    @ray.method(concurrency_group="kv")
+    def kv_close(self, key: str) -> None:
+        channel = self._kv.pop(key, None)
+        if channel is not None:
+            channel.close()
