@@ -114,7 +114,7 @@ class RayExecutor:
             else:
                 self._pg = self._create_placement_group()
         cpu_threads = max(1, (os.cpu_count() or 1) // self.size)
-        worker_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankWorker)
+        worker_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankWorker)  # type: ignore[call-overload]
         for rank in range(1, self.size):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
             actor = worker_cls.options(  # type: ignore[attr-defined]
