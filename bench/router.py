@@ -167,7 +167,8 @@ def served(
     port = free_port()
     model = kw.pop("model")
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
-                      grpc_port=0, engine=kw, stream_interval_s=args.stream_interval)  # fmt: skip
+                      grpc_port=0, engine=kw, stream_interval_s=args.stream_interval,
+                      router_replicas=args.router_replicas)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
+    p.add_argument("--router-replicas", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the workload name (ROUTER-TAG)")
     args = p.parse_args(argv)

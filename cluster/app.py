@@ -64,6 +64,9 @@ class ServeConfig:
     prefill_env: dict[str, str] = field(default_factory=dict)
     decode_env: dict[str, str] = field(default_factory=dict)  # the same, decode replicas
     router_env: dict[str, str] = field(default_factory=dict)  # the same, router replicas
+    # Router replicas (each a process handling HTTP/gRPC parsing and per-token events;
+    # Serve's proxy spreads requests over them).
+    router_replicas: int = 1
     # Custom Ray resources a replica of each pool needs (a little of each: they mark the
     # nodes a pool may use, e.g. the worker groups of a KubeRay cluster; see k8s/).
     resources: dict[str, float] = field(default_factory=dict)  # colocated pool
@@ -78,8 +81,8 @@ class ServeConfig:
         unknown = set(self.engine) - known
         if unknown:
             raise ValueError(f"unknown engine arguments: {sorted(unknown)}")
-        if self.tensor_parallel_size < 1 or self.num_replicas < 1:
-            raise ValueError("tensor_parallel_size and num_replicas must be >= 1")
+        if min(self.tensor_parallel_size, self.num_replicas, self.router_replicas) < 1:
+            raise ValueError("tensor_parallel_size, num_replicas and router_replicas must be >= 1")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "disaggregated" and min(self.prefill_replicas, self.decode_replicas) < 1:
@@ -179,7 +182,8 @@ def build_app(cfg: ServeConfig) -> Application:
             cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s, None, live
         )
     router: Any = Router
-    router_options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 4096}
+    router_options: dict[str, Any] = {"num_replicas": cfg.router_replicas,
+                                      "max_ongoing_requests": 4096}  # fmt: skip
     router_env = dict(cfg.router_env)
     if cfg.api_key:
         router_env["KVSERVE_API_KEY"] = cfg.api_key

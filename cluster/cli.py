@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size per instance")
     s.add_argument("--replicas", type=int, default=None, help="engine instances in the pool")
+    s.add_argument("--router-replicas", type=int, default=None,
+                   help="router processes (HTTP/gRPC front) behind Serve's proxy")  # fmt: skip
     s.add_argument(
         "--mode",
         choices=["colocated", "disaggregated"],
@@ -142,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     for field, value in (("model", args.model), ("model_name", args.model_name),
                          ("tensor_parallel_size", args.tp), ("num_replicas", args.replicas),
+                         ("router_replicas", args.router_replicas),
                          ("host", args.host), ("http_port", args.port),
                          ("grpc_port", args.grpc_port), ("mode", args.mode),
                          ("prefill_replicas", args.prefill_replicas),

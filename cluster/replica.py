@@ -27,6 +27,7 @@ from typing import Any
 
 from ray import serve
 
+from cluster import affinity
 from cluster.async_engine import AsyncEngine
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
@@ -146,7 +147,12 @@ class EngineReplica:
         self._stop.set()
 
     async def info(self) -> dict[str, Any]:
-        return {"model": self.model_name, "max_model_len": self.max_model_len}
+        """The served model, its context, and how this engine hashes prefix blocks (the
+        router's ``cluster.affinity.PromptHasher`` hashes prompts the same way)."""
+        eng = self.engine.engine
+        return {"model": self.model_name, "max_model_len": self.max_model_len,
+                "role": self.role, "model_dir": str(eng.model_dir),
+                "block_size": eng.args.block_size, "prefix_key": eng.prefix_key.hex()}  # fmt: skip
 
     async def stats(self, target: str = "") -> dict[str, Any]:
         """This instance's figures. ``target``: the replica meant (the request router
@@ -178,9 +184,11 @@ class EngineReplica:
         """What ``cluster.autoscale.kv_aware_policy`` scales on (Serve collects it)."""
         return self._load()
 
-    def record_routing_stats(self) -> dict[str, float]:
-        """What ``cluster.request_router`` places new requests by (Serve collects it)."""
-        return self._load()
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What ``cluster.request_router`` places new requests by (Serve collects it):
+        the load, and the prefix-cache blocks held (``cluster.affinity``)."""
+        held = self.engine.engine.prefix_hashes(affinity.REPORT_MAX)
+        return {**self._load(), "prefix": [affinity.short(h) for h in held]}
 
     def _load(self) -> dict[str, float]:
         s = self.engine.stats()
@@ -194,12 +202,14 @@ class EngineReplica:
     def _live(self) -> int:
         return sum(len(box.tasks) for box in self._outboxes.values())
 
-    async def submit(self, req: dict[str, Any], router: str,
-                     avoid: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    async def submit(self, req: dict[str, Any], router: str, avoid: list[str] | None = None,
+                     prefix: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
         """Starts ``req`` (its ``request_id`` set by the router); its deltas go to
         ``router``'s stream. ``{"instance": id}``, or ``{"full": message}`` when this
         replica already has ``max_live_requests`` live. A dead engine raises.
-        ``avoid``: replicas the request router should not pick (a failover's dead ones)."""
+        ``avoid``: replicas the request router should not pick (a failover's dead ones);
+        ``prefix``: the prompt's leading block hashes, for the request router's prefix
+        affinity (``cluster.affinity``)."""
         self.engine.check_health()
         if self._live() >= self.max_live_requests:
             return {"full": f"engine instance {self.replica_id} has {self.max_live_requests} "
@@ -294,8 +304,8 @@ class EngineReplica:
             out = await anext(stream, None)
 
     # --- disaggregated pools --------------------------------------------------------------
-    async def prefill(self, req: dict[str, Any], avoid: list[str] | None = None
-                      ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    async def prefill(self, req: dict[str, Any], avoid: list[str] | None = None,
+                      prefix: list[int] | None = None) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """Prefill side of a disaggregated request (called by a decode replica).
 
         ``req``: ``prompt`` (token ids), ``params``, ``request_id``, ``decode`` (the
@@ -303,7 +313,8 @@ class EngineReplica:
         ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
         "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
         or ``{"error": message}``. ``req["stale_links"]``: (peer, gen) links the decode
-        side closed (renewed here); ``avoid`` is for the request router. The blocks are
+        side closed (renewed here); ``avoid`` and ``prefix`` (the prompt's leading block
+        hashes: prefix affinity) are for the request router. The blocks are
         released (kept as prefix cache) once the send is over, whether or not the caller
         still listens."""
         assert self.links is not None, "not a prefill replica"
@@ -446,8 +457,11 @@ class EngineReplica:
         req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
                "num_blocks": len(blocks), "stale_links": self.links.stale_links()}  # fmt: skip
         now = time.monotonic()
+        eng = self.engine.engine
         gen = self.prefill_pool.options(stream=True).prefill.remote(
-            req, avoid=sorted({*self.pairs.quarantined(now), *avoid})
+            req,
+            avoid=sorted({*self.pairs.quarantined(now), *avoid}),
+            prefix=affinity.prompt_prefix(ids, eng.args.block_size, eng.prefix_key),
         )
         key: tuple[str, int] | None = None
         try:

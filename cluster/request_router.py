@@ -12,6 +12,10 @@ where load is the larger of
 - what the replica last reported through ``record_routing_stats`` (running + waiting
   in its engine: every router's requests, one stats period old).
 
+A call that carries its prompt's leading block hashes (``prefix``) goes first to the
+replica whose prefix cache holds the most of them, while that replica's load is within
+``cluster.affinity.SLACK`` of the least loaded one's (``cluster.affinity.rank``).
+
 A call may also name replicas to ``avoid`` (a decode replica's quarantined prefill
 peers, ``cluster.pair_health``): they get it only when no other replica exists.
 
@@ -35,11 +39,13 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from cluster import affinity
 from cluster.streams import LIVE
 
 ROUTER_CLASS = "cluster.request_router:EngineRequestRouter"
 TARGET = "target"  # the keyword argument that pins a call to one replica
 AVOID = "avoid"  # replicas (unique ids) a call should not go to while others exist
+PREFIX = "prefix"  # the prompt's leading block hashes (cluster.affinity)
 
 
 def load_of(replica: RunningReplica, queue_len: int | None = None) -> float:
@@ -75,8 +81,23 @@ class EngineRequestRouter(LocalityMixin, RequestRouter):
         def load(r: RunningReplica) -> float:
             return load_of(r, cache.get(r.replica_id) if cache is not None else None)
 
-        ranked = sorted(candidate_replicas, key=lambda r: (load(r), random.random()))
-        return [[r] for r in ranked]  # least loaded first; the next if it refuses
+        prefix = (pending_request.kwargs.get(PREFIX) if pending_request else None) or ()
+
+        def hits(r: RunningReplica) -> int:
+            return affinity.leading_hits(prefix, self._held(r)) if prefix else 0
+
+        ranked = affinity.rank(candidate_replicas, load, hits)
+        return [[r] for r in ranked]  # the first if it takes it; the next if it refuses
+
+    def _held(self, replica: RunningReplica) -> frozenset[int]:
+        """The prefix blocks ``replica`` last reported (a set, rebuilt per report)."""
+        reported = (replica.routing_stats or {}).get("prefix") or ()
+        memo: dict[str, tuple[Any, frozenset[int]]] = self.__dict__.setdefault("_held_memo", {})
+        uid = replica.replica_id.unique_id
+        got = memo.get(uid)
+        if got is None or got[0] is not reported:
+            got = memo[uid] = (reported, frozenset(reported))
+        return got[1]
 
 
 def router_config() -> Any:

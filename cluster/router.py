@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.affinity import PromptHasher
 from cluster.openai_protocol import MAX_N, ChatCompletionRequest, CompletionRequest
 from cluster.streams import EngineGone, PoolFull, StreamMux
 
@@ -249,6 +250,30 @@ class Router:
         self.mux = StreamMux(engine)
         self.model_name = model_name
         self.created = int(time.time())
+        self._hasher: PromptHasher | None = None  # prefix affinity (cluster.affinity) ...
+        self._hasher_task: asyncio.Task[None] | None = None  # ... once loaded
+
+    def _prefix(self, req: dict[str, Any]) -> list[int] | None:
+        """The prompt's leading block hashes for the request router's prefix affinity;
+        None until the engine's tokenizer is loaded here (in the background, after the
+        first request), or when the prompt does not tokenize (the engine says why)."""
+        if self._hasher is None:
+            if self._hasher_task is None:
+                self._hasher_task = asyncio.ensure_future(self._load_hasher())
+            return None
+        try:
+            return self._hasher.prefix(req)
+        except Exception:
+            return None
+
+    async def _load_hasher(self) -> None:
+        try:
+            info = await self.engine.info.remote()
+            if info.get("role") == "decode":  # the whole prompt's K/V comes by transfer:
+                return  # affinity pays on the prefill pool (the decode replicas ask it)
+            self._hasher = await asyncio.to_thread(PromptHasher, info)
+        except Exception as e:  # e.g. the model directory is on another node
+            logger.warning("no prefix affinity in this router: %s", e)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -299,7 +324,7 @@ class Router:
     async def _serve(self, body: Any, req: dict[str, Any], chat: bool) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         req["request_id"] = rid
-        gen: Any = self.mux.open(req)
+        gen: Any = self.mux.open(req, self._prefix(req))
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -467,7 +492,7 @@ class Router:
     async def _grpc_items(self, req: dict[str, Any], context: Any) -> AsyncIterator[dict[str, Any]]:
         import grpc
 
-        gen: Any = self.mux.open(req)
+        gen: Any = self.mux.open(req, self._prefix(req))
         try:
             async for item in gen:
                 if "error" in item:

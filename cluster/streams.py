@@ -137,8 +137,11 @@ class StreamMux:
         self._last_instance: dict[str, str] = {}
         self.failovers = 0  # requests moved off an instance that died
 
-    async def open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """``req``'s deltas, failing over when its instance dies (see the module doc)."""
+    async def open(self, req: dict[str, Any], prefix: list[int] | None = None
+                   ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+        """``req``'s deltas, failing over when its instance dies (see the module doc).
+        ``prefix``: its prompt's leading block hashes (``cluster.affinity``), for the
+        request router."""
         rid = str(req["request_id"])
         queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._queues[rid] = queue
@@ -153,7 +156,7 @@ class StreamMux:
                 attempt = req if not failed else {**req, "resume": list(tokens),
                                                   "resume_text": text}  # fmt: skip
                 try:
-                    async for item in self._run(rid, attempt, queue, failed):
+                    async for item in self._run(rid, attempt, queue, failed, prefix):
                         if "kv" in item:
                             kv = item["kv"]
                             if earlier:
@@ -181,15 +184,17 @@ class StreamMux:
             self._queues.pop(rid, None)
             self._last_instance.pop(rid, None)
 
-    async def _place(self, req: dict[str, Any], failed: list[str]) -> str:
+    async def _place(self, req: dict[str, Any], failed: list[str],
+                     prefix: list[int] | None = None) -> str:  # fmt: skip
         """Submits ``req``: the instance that took it. A first attempt raises what the
         pool says (``PoolFull``, a dead engine); a failover retries, away from the
         instances that failed, until one takes it or ``FAILOVER_TIMEOUT_S`` passes
         (``EngineGone``: no capacity left; the client may retry)."""
         if not failed:
             try:
-                placed = await asyncio.wait_for(self.handle.submit.remote(req, self.id),
-                                                PLACE_TIMEOUT_S)  # fmt: skip
+                placed = await asyncio.wait_for(
+                    self.handle.submit.remote(req, self.id, prefix=prefix), PLACE_TIMEOUT_S
+                )
             except TimeoutError:
                 raise EngineGone(
                     f"no engine instance took the request within "
@@ -204,7 +209,7 @@ class StreamMux:
         while (left := deadline - time.monotonic()) > 0:
             try:
                 placed = await asyncio.wait_for(
-                    self.handle.submit.remote(req, self.id, avoid=failed), left
+                    self.handle.submit.remote(req, self.id, avoid=failed, prefix=prefix), left
                 )
                 if placed.get("full"):
                     last = str(placed["full"])
@@ -225,12 +230,13 @@ class StreamMux:
 
     async def _run(self, rid: str, req: dict[str, Any],
                    queue: asyncio.Queue[dict[str, Any] | BaseException],
-                   failed: list[str]) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+                   failed: list[str], prefix: list[int] | None = None
+                   ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """One attempt: place ``req`` and yield its deltas until its last; ``EngineGone``
         when its instance dies (``_last_instance[rid]`` names it)."""
         while not queue.empty():  # what the failed attempt left (its instance's error)
             queue.get_nowait()
-        instance = await self._place(req, failed)
+        instance = await self._place(req, failed, prefix)
         self._where[rid] = instance
         self._last_instance[rid] = instance
         LIVE[instance] += 1

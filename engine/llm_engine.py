@@ -103,6 +103,21 @@ class _Group:
     first_token_time: float | None = None
 
 
+def tokenize(tokenizer: Any, prompt: str) -> list[int]:
+    """A text prompt's token ids, as every kvserve process tokenizes it."""
+    return list(tokenizer(prompt).input_ids)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """A conversation as the prompt text of the model's chat template (ready for the
+    assistant's turn); ``ValueError`` when the model has none."""
+    if not tokenizer.chat_template:
+        raise ValueError("this model has no chat template")
+    return str(
+        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    )
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None) -> None:
         args = args or EngineArgs()
@@ -110,6 +125,7 @@ class LLMEngine:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {args.tensor_parallel_size}")
         self.args = args
         model_dir = resolve_model(args.model)
+        self.model_dir = model_dir
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.model_config = ModelConfig.from_hf(hf_config)
         self.model_config.check_tensor_parallel(args.tensor_parallel_size)
@@ -178,16 +194,21 @@ class LLMEngine:
 
     # --- requests ------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt).input_ids)
+        return tokenize(self.tokenizer, prompt)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
-        if not self.tokenizer.chat_template:
-            raise ValueError("this model has no chat template")
-        return str(
-            self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
-        )
+        return render_chat(self.tokenizer, messages)
+
+    def prefix_hashes(self, limit: int) -> list[bytes]:
+        """The hashes of the newest ``limit`` blocks in the prefix cache (none without
+        one); ``prefix_key`` is the key they were hashed with."""
+        if self.kv is None or not self.kv.pool.enable_caching:
+            return []
+        return self.kv.pool.cached_hashes()[-limit:]
+
+    @property
+    def prefix_key(self) -> bytes:
+        return self.kv.extra_key if self.kv is not None else b""
 
     def add_request(
         self,

@@ -1,6 +1,7 @@
 """The router's streams to engine replicas (cluster.streams, cluster.request_router):
 many requests share one stream per replica, new requests go to the least loaded
-replica, and what comes back per request is exactly its own tokens."""
+replica (or to the one holding their prompt's prefix), and what comes back per request
+is exactly its own tokens."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def _stream(url: str, prompt: list[int]) -> tuple[str, int]:
 
 
 def _instances(ray_cluster: Any, n: int, submitted: int) -> list[dict[str, Any]]:
+    """The ledger rows of the ``n`` replicas once they report ``submitted`` requests in
+    all and none running or waiting (a report is up to a second old: one sent while the
+    last requests were finishing still counts them)."""
     from cluster.ledger import get_ledger
 
     deadline = time.monotonic() + 20
@@ -44,7 +48,8 @@ def _instances(ray_cluster: Any, n: int, submitted: int) -> list[dict[str, Any]]
     while time.monotonic() < deadline:
         rows = [r for r in ray_cluster.get(get_ledger().instances.remote())
                 if r.get("model") == "tiny"]  # fmt: skip
-        if len(rows) == n and sum(r.get("submitted", 0) for r in rows) >= submitted:
+        idle = all(r.get("running") == 0 and r.get("waiting") == 0 for r in rows)
+        if len(rows) == n and sum(r.get("submitted", 0) for r in rows) >= submitted and idle:
             return rows
         time.sleep(0.5)
     raise AssertionError(f"instances did not report: {rows}")
@@ -73,6 +78,23 @@ def test_shared_streams_two_replicas(ray_cluster: Any, tiny_dirs: dict[str, Path
         # Everything is back: no request left running, every block free.
         for r in rows:
             assert r["running"] == 0 and r["waiting"] == 0
+        # Prefix affinity: requests sharing 5 blocks of prompt go where those blocks are
+        # cached (the replicas' reports reach the request router about once a second).
+        shared = random_prompts(1, 80, 80, vocab=512, seed=11)[0]
+        first = _complete(url, [*shared, 1])
+        assert first["kvserve"]["cached_tokens"] == 0
+        time.sleep(3)
+        for i in range(2, 9):
+            out = _complete(url, [*shared, i])
+            assert out["kvserve"]["instance"] == first["kvserve"]["instance"], (i, out["kvserve"])
+            assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 80, out["usage"]
+
+
+def _complete(url: str, prompt: list[int]) -> dict[str, Any]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
 
 
 def test_merge_joins_consecutive_deltas() -> None:
