@@ -14,6 +14,7 @@ replica, which aborts it in the engine.
 """
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -258,8 +259,10 @@ class Router:
         None until the engine's tokenizer is loaded here (in the background, after the
         first request), or when the prompt does not tokenize (the engine says why)."""
         if self._hasher is None:
-            if self._hasher_task is None:
-                self._hasher_task = asyncio.ensure_future(self._load_hasher())
+            if self._hasher_task is None:  # an empty context: not part of this request
+                self._hasher_task = asyncio.get_running_loop().create_task(
+                    self._load_hasher(), context=contextvars.Context()
+                )
             return None
         try:
             return self._hasher.prefix(req)

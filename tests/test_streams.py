@@ -78,15 +78,17 @@ def test_shared_streams_two_replicas(ray_cluster: Any, tiny_dirs: dict[str, Path
         # Everything is back: no request left running, every block free.
         for r in rows:
             assert r["running"] == 0 and r["waiting"] == 0
-        # Prefix affinity: requests sharing 5 blocks of prompt go where those blocks are
-        # cached (the replicas' reports reach the request router about once a second).
+        # Prefix affinity: 6 concurrent requests sharing 5 blocks of prompt all go where
+        # those blocks are cached (least-loaded alone would split them 3/3); the
+        # replicas' reports reach the request router about once a second.
         shared = random_prompts(1, 80, 80, vocab=512, seed=11)[0]
         first = _complete(url, [*shared, 1])
         assert first["kvserve"]["cached_tokens"] == 0
         time.sleep(3)
-        for i in range(2, 9):
-            out = _complete(url, [*shared, i])
-            assert out["kvserve"]["instance"] == first["kvserve"]["instance"], (i, out["kvserve"])
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(lambda i: _complete(url, [*shared, i]), range(2, 8)))
+        for out in outs:
+            assert out["kvserve"]["instance"] == first["kvserve"]["instance"], out["kvserve"]
             assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 80, out["usage"]
 
 
