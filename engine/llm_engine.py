@@ -51,7 +51,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     kv_cache: bool = True
     kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" (e4m3, per-layer scales)
-    cpu_kv_cache_bytes: int = 2 * 1024**3
+    # The KV cache's size on CPU (default 2 GiB; ``KVSERVE_CPU_KV_CACHE_BYTES`` changes
+    # the default, e.g. for a test suite that runs many small engines at once).
+    cpu_kv_cache_bytes: int = field(default_factory=lambda: int(
+        os.environ.get("KVSERVE_CPU_KV_CACHE_BYTES", str(2 * 1024**3))))  # fmt: skip
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None
     seed: int = 0

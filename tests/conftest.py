@@ -27,6 +27,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# Every CPU engine the suite starts (offline, in Serve replicas, in rank actors: Ray's
+# workers inherit this environment) gets a 512 MiB KV cache unless a test sets its own
+# size; at the 2 GiB default the suite's engines came close to the CI machine's 24 GiB.
+os.environ.setdefault("KVSERVE_CPU_KV_CACHE_BYTES", str(512 * 1024**2))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from engine.loader import resolve_model
