@@ -221,7 +221,10 @@ class RayExecutor:
         t0 = time.perf_counter()
         if self._dag is not None:
             self._collect_inflight()
-            self._inflight = self._dag.execute(out)
+            try:  # a rank that died tears the graph down: its channels close
+                self._inflight = self._dag.execute(out)
+            except Exception as e:
+                raise self._failure_after(e) from e
         else:
             refs = [a.execute.remote(out) for a in self._actors]
             self._watchdog.watch(list(enumerate(refs, start=1)))
