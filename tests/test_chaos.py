@@ -28,7 +28,15 @@ import pytest
 
 from engine import LLM, SamplingParams
 from tests.factories import serving
-from tests.serve_helpers import PROMPTS, Stream, kill_replica, replica_ids, wait_until, wait_whole
+from tests.serve_helpers import (
+    PROMPTS,
+    Stream,
+    kill_replica,
+    replica_ids,
+    stats_of,
+    wait_until,
+    wait_whole,
+)
 
 MODEL = "smol-chaos"
 MAX_TOKENS = 40
@@ -95,7 +103,9 @@ def test_disaggregated_pools_and_router_survive_kills(
         dead_prefill = _holding_prefill(prefills)  # announced, its send waiting
         kill_replica("prefill", dead_prefill)
         wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to run")
-        dead_decode = sorted(decodes)[0]
+        busiest = max(stats_of("decode"), key=lambda st: st["running"])  # it has streams
+        assert busiest["running"] > 0, busiest
+        dead_decode = busiest["instance"]
         kill_replica("decode", dead_decode)
         for s in streams:
             s.join(180)
