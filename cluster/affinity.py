@@ -99,5 +99,5 @@ class PromptHasher:
             return tokenize(self.tokenizer, prompt)
         return [int(t) for t in prompt or ()]
 
-    def prefix(self, req: dict[str, Any]) -> list[int]:
-        return prompt_prefix(self.token_ids(req), self.block_size, self.key)
+    def prefix(self, token_ids: list[int]) -> list[int]:
+        return prompt_prefix(token_ids, self.block_size, self.key)

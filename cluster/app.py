@@ -220,7 +220,8 @@ def start_serve(
 ) -> str | None:
     """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray on loopback, unless
     Ray is up already; then Serve's proxies (HTTP on ``cfg.host:cfg.http_port``, gRPC on
-    ``cfg.grpc_port``, on ``cfg.host`` too when this call started Ray: see ``netbind``). Returns the Ray dashboard's address when it started one."""
+    ``cfg.grpc_port``, on ``cfg.host`` too when this call started Ray: see ``netbind``).
+    Returns the Ray dashboard's address when it started one."""
     import ray
 
     url = None

@@ -265,8 +265,10 @@ class EngineReplica:
         params: SamplingParams = req["params"]
         arrival = time.monotonic()
         try:
-            if req.get("messages") is not None:
-                prompt: str | list[int] = self.engine.engine.apply_chat_template(req["messages"])
+            if req.get("prompt_ids") is not None:  # tokenized by the router (affinity)
+                prompt: str | list[int] = [int(t) for t in req["prompt_ids"]]
+            elif req.get("messages") is not None:
+                prompt = self.engine.engine.apply_chat_template(req["messages"])
             else:
                 prompt = req["prompt"]
             kv: dict[str, Any] = {"instance": self.replica_id}

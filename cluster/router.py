@@ -257,7 +257,9 @@ class Router:
     def _prefix(self, req: dict[str, Any]) -> list[int] | None:
         """The prompt's leading block hashes for the request router's prefix affinity;
         None until the engine's tokenizer is loaded here (in the background, after the
-        first request), or when the prompt does not tokenize (the engine says why)."""
+        first request), or when the prompt does not tokenize (the engine says why).
+        The token ids go along in ``req["prompt_ids"]``: the replica does not tokenize
+        the prompt again."""
         if self._hasher is None:
             if self._hasher_task is None:  # an empty context: not part of this request
                 self._hasher_task = asyncio.get_running_loop().create_task(
@@ -265,9 +267,11 @@ class Router:
                 )
             return None
         try:
-            return self._hasher.prefix(req)
+            ids = self._hasher.token_ids(req)
         except Exception:
             return None
+        req["prompt_ids"] = ids
+        return self._hasher.prefix(ids)
 
     async def _load_hasher(self) -> None:
         try:

@@ -28,7 +28,7 @@ def test_router_hashes_equal_what_the_engine_caches(smollm2_llm: Any, smollm2_di
     held = {short(h) for h in eng.prefix_hashes(4096)}
     for req in (chat, text):
         ids = hasher.token_ids(req)
-        prefix = hasher.prefix(req)
+        prefix = hasher.prefix(ids)
         assert len(prefix) == len(ids) // eng.args.block_size >= 2
         assert leading_hits(prefix, held) == len(prefix)
     assert hasher.token_ids({"prompt": [5, 6, 7]}) == [5, 6, 7]
