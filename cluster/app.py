@@ -17,6 +17,7 @@ own replica count or autoscaling config.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +35,9 @@ from engine.llm_engine import EngineArgs
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STREAM_CALL_SLOTS = 64  # Serve slots per engine replica for subscriptions and cancels
 MODES = ("colocated", "disaggregated")
+SERVE_START_ATTEMPTS = 2  # a proxy that misses Serve's 60 s readiness wait gets one more
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -234,8 +238,18 @@ def start_serve(
                            dashboard_host="127.0.0.1",
                            runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip
         url = getattr(ctx, "dashboard_url", None) or None
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
-                grpc_options=grpc_options(cfg))  # fmt: skip
+    for attempt in range(1, SERVE_START_ATTEMPTS + 1):
+        try:
+            serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+                        grpc_options=grpc_options(cfg))  # fmt: skip
+            break
+        except TimeoutError:
+            # Serve leaves the controller of a start whose proxy never came up behind;
+            # a later serve.start would join it and ignore the new ports. Remove it.
+            serve.shutdown()
+            if attempt == SERVE_START_ATTEMPTS:
+                raise
+            log.warning("Serve's proxy did not come up (attempt %d); starting again", attempt)
     return url
 
 

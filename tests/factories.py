@@ -110,8 +110,8 @@ def serving(**config: Any) -> Iterator[Any]:
     from cluster.app import ServeConfig, run
 
     cfg = ServeConfig(**{"device": "cpu", "http_port": free_port(), "grpc_port": 0, **config})
-    run(cfg)
     try:
+        run(cfg)
         yield cfg
     finally:
         serve.shutdown()
