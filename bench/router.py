@@ -155,6 +155,23 @@ def run_in_process(
         return pool.submit(_in_process_entry, kw, ps, args).result()
 
 
+def wait_ready(url: str, timeout_s: float = 600.0) -> None:
+    """Until ``/health`` is 200 and the router's prefix affinity is no longer loading (its
+    tokenizer load would otherwise run during the measured load)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/health", timeout=10)
+            if r.status_code == 200 and r.json().get("affinity") != "loading":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready within {timeout_s:g} s")
+
+
 def served(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
 ) -> tuple[tuple[Any, float], dict[str, float]]:
@@ -171,6 +188,7 @@ def served(
                       router_replicas=args.router_replicas)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
     asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
                                   args.concurrency, None, progress=False))  # fmt: skip
     with CPUSampler() as cpu:

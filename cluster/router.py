@@ -14,10 +14,10 @@ replica, which aborts it in the engine.
 """
 
 import asyncio
-import contextvars
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -251,36 +251,48 @@ class Router:
         self.mux = StreamMux(engine)
         self.model_name = model_name
         self.created = int(time.time())
-        self._hasher: PromptHasher | None = None  # prefix affinity (cluster.affinity) ...
-        self._hasher_task: asyncio.Task[None] | None = None  # ... once loaded
+        self._hasher: PromptHasher | None = None  # prefix affinity (cluster.affinity)
+        self.affinity = "loading"  # then "on", or "off: why"
+        threading.Thread(target=self._load_hasher, name="kvserve-affinity", daemon=True).start()
 
     def _prefix(self, req: dict[str, Any]) -> list[int] | None:
         """The prompt's leading block hashes for the request router's prefix affinity;
-        None until the engine's tokenizer is loaded here (in the background, after the
-        first request), or when the prompt does not tokenize (the engine says why).
-        The token ids go along in ``req["prompt_ids"]``: the replica does not tokenize
-        the prompt again."""
-        if self._hasher is None:
-            if self._hasher_task is None:  # an empty context: not part of this request
-                self._hasher_task = asyncio.get_running_loop().create_task(
-                    self._load_hasher(), context=contextvars.Context()
-                )
+        None until the engine's tokenizer is loaded here (``affinity`` says "on"), or
+        when the prompt does not tokenize (the engine says why). The token ids go along
+        in ``req["prompt_ids"]``: the replica does not tokenize the prompt again."""
+        hasher = self._hasher
+        if hasher is None:
             return None
         try:
-            ids = self._hasher.token_ids(req)
+            ids = hasher.token_ids(req)
         except Exception:
             return None
         req["prompt_ids"] = ids
-        return self._hasher.prefix(ids)
+        return hasher.prefix(ids)
 
-    async def _load_hasher(self) -> None:
+    def _load_hasher(self) -> None:
+        """From the router's start, on a thread of its own (importing transformers and
+        loading the tokenizer take seconds of CPU, which should not land on the first
+        requests): asks the pool for its engine's ``info`` until a replica answers, then
+        loads the tokenizer. ``affinity`` says how it went (``/health`` shows it)."""
+        delay = 0.5
+        while True:
+            try:
+                info = self.engine.info.remote().result(timeout_s=60)
+                break
+            except Exception as e:  # no replica up yet
+                logger.info("prefix affinity waits for an engine replica: %s", e)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        if info.get("role") == "decode":  # the whole prompt's K/V comes by transfer:
+            self.affinity = "off: decode pool (affinity applies on the prefill pool)"
+            return
         try:
-            info = await self.engine.info.remote()
-            if info.get("role") == "decode":  # the whole prompt's K/V comes by transfer:
-                return  # affinity pays on the prefill pool (the decode replicas ask it)
-            self._hasher = await asyncio.to_thread(PromptHasher, info)
+            self._hasher = PromptHasher(info)
+            self.affinity = "on"
         except Exception as e:  # e.g. the model directory is on another node
             logger.warning("no prefix affinity in this router: %s", e)
+            self.affinity = f"off: {type(e).__name__}: {str(e)[:200]}"
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -290,7 +302,7 @@ class Router:
         if not ok:
             return JSONResponse({"status": "unhealthy", "error": detail}, status_code=503,
                                 headers={"Retry-After": "5"})  # fmt: skip
-        return JSONResponse({"status": "ok", "instances": detail})
+        return JSONResponse({"status": "ok", "instances": detail, "affinity": self.affinity})
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import httpx
 from cluster.streams import merge
 from engine import LLM, SamplingParams
 from tests.factories import random_prompts, serving
+from tests.serve_helpers import wait_until
 
 MAX_TOKENS = 24
 
@@ -81,6 +82,9 @@ def test_shared_streams_two_replicas(ray_cluster: Any, tiny_dirs: dict[str, Path
         # Prefix affinity: 6 concurrent requests sharing 5 blocks of prompt all go where
         # those blocks are cached (least-loaded alone would split them 3/3); the
         # replicas' reports reach the request router about once a second.
+        # The router loads the engine's tokenizer from its start, in the background.
+        wait_until(lambda: httpx.get(f"{url}/health", timeout=10).json().get("affinity") == "on",
+                   60, "the router's prefix affinity")  # fmt: skip
         shared = random_prompts(1, 80, 80, vocab=512, seed=11)[0]
         first = _complete(url, [*shared, 1])
         assert first["kvserve"]["cached_tokens"] == 0
