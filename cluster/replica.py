@@ -54,6 +54,9 @@ PAIR_QUARANTINE_S = float(os.environ.get("KVSERVE_PAIR_QUARANTINE_S", "10"))
 # Prefill calls per disaggregated request: a failed one is re-placed on another live
 # prefill replica until this many were tried; then the decode replica recomputes.
 PREFILL_ATTEMPTS = int(os.environ.get("KVSERVE_PREFILL_ATTEMPTS", "2"))
+# Conditional disaggregation: a decode replica whose prefix cache leaves at most this many
+# prompt tokens uncomputed runs the request itself (no prefill call, no transfer).
+LOCAL_PREFILL_TOKENS = int(os.environ.get("KVSERVE_LOCAL_PREFILL_TOKENS", "0"))
 
 
 class PairQuarantined(RuntimeError):
@@ -311,7 +314,8 @@ class EngineReplica:
         """Prefill side of a disaggregated request (called by a decode replica).
 
         ``req``: ``prompt`` (token ids), ``params``, ``request_id``, ``decode`` (the
-        decode replica's id) and ``num_blocks`` (what it reserved). Yields, in order:
+        decode replica's id), ``num_blocks`` (what it reserved) and ``skip_blocks`` (the
+        prompt's leading blocks it has cached: not sent). Yields, in order:
         ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
         "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
         or ``{"error": message}``. ``req["stale_links"]``: (peer, gen) links the decode
@@ -333,11 +337,12 @@ class EngineReplica:
         except Exception as e:  # bad input or a dead engine: the decode side recomputes
             yield {"error": f"prefill failed: {e}"}
             return
-        blocks = out.kv_block_ids or []
+        held = out.kv_block_ids or []
+        blocks = held[int(req.get("skip_blocks", 0)) :]
         if len(blocks) != int(req["num_blocks"]):
             self.engine.release_kv_nowait(rid)
-            yield {"error": f"prefill holds {len(blocks)} blocks, the decode side reserved "
-                            f"{req['num_blocks']}"}  # fmt: skip
+            yield {"error": f"prefill holds {len(held)} blocks, the decode side has "
+                            f"{req.get('skip_blocks', 0)} and reserved {req['num_blocks']}"}  # fmt: skip
             return
         header: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -379,9 +384,20 @@ class EngineReplica:
         ``kv["prefill_failures"]``). When none is left, the reservation is released and
         the prompt is recomputed here (the client sees a normal response; ``kv["mode"]``
         says "recomputed"). No room, or n > 1: the request runs here from the start
-        ("local")."""
+        ("local").
+
+        Only what this replica lacks moves: the prompt's leading full blocks that are
+        in its prefix cache (a previous turn of the conversation, say) are not sent
+        (they count in the response's ``cached_tokens``). When at most ``LOCAL_PREFILL_TOKENS`` of the
+        prompt are left, it runs here ("local", no prefill call)."""
         ids = self.engine.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         blocks = await self.engine.reserve(ids, params, rid) if params.n == 1 else None
+        if blocks is not None:
+            bs = self.engine.engine.args.block_size
+            skip = -(-len(ids) // bs) - len(blocks)
+            if len(ids) - skip * bs <= LOCAL_PREFILL_TOKENS:
+                self.engine.abort(rid)  # the reservation; the hits stay cached
+                blocks, kv["reason"] = None, f"{len(ids) - skip * bs} tokens left to compute"
         if blocks is None:
             kv["mode"] = "local"
             async for out in self.engine.generate(ids, params, rid):
@@ -456,8 +472,10 @@ class EngineReplica:
         other prefill replicas exist, and receives its K/V into ``blocks``; the first
         token."""
         assert self.links is not None and self.prefill_pool is not None
+        bs = self.engine.engine.args.block_size
         req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
-               "num_blocks": len(blocks), "stale_links": self.links.stale_links()}  # fmt: skip
+               "num_blocks": len(blocks), "skip_blocks": -(-len(ids) // bs) - len(blocks),
+               "stale_links": self.links.stale_links()}  # fmt: skip
         now = time.monotonic()
         eng = self.engine.engine
         gen = self.prefill_pool.options(stream=True).prefill.remote(

@@ -165,8 +165,9 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     """kvserve's per-request KV accounting (an extension field of the response): the
     decode (or only) instance, prompt tokens found in its prefix cache, and for a
     disaggregated request the prefill instance and the bytes and seconds of the
-    transfer; ``mode`` is colocated, transferred, recomputed (prefill or transfer
-    failed), local (no room to reserve) or resumed (its first instance died; this one
+    transfer (only the prompt's blocks the decode instance had not cached move);
+    ``mode`` is colocated, transferred, recomputed (prefill or transfer failed), local
+    (no room to reserve, or little left to compute after prefix hits) or resumed (its first instance died; this one
     went on after ``resumed_tokens``; ``earlier`` holds the failed attempts'
     accounting). ``prefill_failures`` names prefill instances that failed the request
     (``prefill_retries`` of them were followed by another prefill instance)."""
@@ -284,10 +285,7 @@ class Router:
                 logger.info("prefix affinity waits for an engine replica: %s", e)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        if info.get("role") == "decode":  # the whole prompt's K/V comes by transfer:
-            self.affinity = "off: decode pool (affinity applies on the prefill pool)"
-            return
-        try:
+        try:  # a decode pool too: its replicas receive only the blocks they lack
             self._hasher = PromptHasher(info)
             self.affinity = "on"
         except Exception as e:  # e.g. the model directory is on another node

@@ -77,17 +77,27 @@ class KVCacheManager:
         self._cache_full_blocks(request, table, total, already=len(cached_blocks))
         return True
 
-    def allocate_for_transfer(self, request: Request, num_tokens: int) -> list[int] | None:
-        """Blocks for ``num_tokens`` of K/V that will arrive from another instance:
-        allocated but not hashed into the prefix cache (nobody may hit them before the
-        data lands; ``commit_transfer`` hashes them). None when the pool has no room."""
+    def allocate_for_transfer(
+        self, request: Request, num_tokens: int, cached_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Blocks for ``num_tokens`` of K/V that will arrive from another instance, after
+        ``cached_blocks`` (prefix hits here: ``find_cached_prefix``), which are taken by
+        reference and need no transfer. Returns only the blocks to receive into: they
+        are allocated but not hashed into the prefix cache (nobody may hit them before
+        the data lands; ``commit_transfer`` hashes them). None (nothing taken) when the
+        pool has no room."""
         assert request.request_id not in self._tables
-        n = self.num_blocks_for(num_tokens)
-        if n > self.pool.num_free_blocks:
+        hits = list(cached_blocks or [])
+        n = self.num_blocks_for(num_tokens) - len(hits)
+        evictable_hits = sum(1 for b in hits if self.pool.ref_cnt[b] == 0)
+        if n > self.pool.num_free_blocks - evictable_hits:
             return None
-        table = self.pool.allocate(n)
-        self._tables[request.request_id] = table
-        return list(table)
+        if hits:
+            self.pool.touch(hits)
+        fresh = self.pool.allocate(n)
+        self._tables[request.request_id] = [*hits, *fresh]
+        self._num_hashed[request.request_id] = len(hits)
+        return list(fresh)
 
     def commit_transfer(self, request: Request, num_tokens: int) -> None:
         """The transferred K/V of ``num_tokens`` tokens is in place: hash its full blocks."""

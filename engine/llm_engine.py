@@ -307,7 +307,10 @@ class LLMEngine:
     ) -> list[int] | None:  # fmt: skip
         """Decode side: registers a request whose prompt K/V comes from a prefill
         instance and returns the block ids to receive it into (None: no room now,
-        nothing registered). Call ``finish_transfer`` once the blocks are written."""
+        nothing registered). The prompt's leading full blocks that are in this
+        instance's prefix cache need no transfer: the ids are for the blocks after
+        them, so the sender skips its first ``ceil(len(prompt) / block_size) - len(ids)``
+        blocks. Call ``finish_transfer`` once the blocks are written."""
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("a disaggregated request has n=1")

@@ -67,8 +67,10 @@ class Scheduler:
 
     def add_transferred(self, request: Request) -> list[int] | None:
         """Registers a request whose prompt K/V will arrive from another instance; returns
-        the block ids to receive into (None: no room now). It is not scheduled until
-        ``transfer_done``."""
+        the block ids to receive into (None: no room now). Leading full blocks already in
+        this instance's prefix cache are taken from it: the ids returned are for the
+        blocks after them (``num_cached_tokens`` says how many tokens were hits). It is
+        not scheduled until ``transfer_done``."""
         assert self.kv is not None, "a transfer needs the KV cache"
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -77,9 +79,13 @@ class Scheduler:
         )
         if len(self.running) + incoming >= self.config.max_num_seqs:
             return None  # the batch is full: a transferred request would not be scheduled
-        blocks = self.kv.allocate_for_transfer(request, request.num_prompt_tokens)
+        hits = self.kv.find_cached_prefix(request)
+        blocks = self.kv.allocate_for_transfer(request, request.num_prompt_tokens, hits)
         if blocks is None:
             return None
+        request.num_cached_tokens = len(hits) * self.kv.block_size
+        self.prefix_cache_queries += request.num_prompt_tokens
+        self.prefix_cache_hits += request.num_cached_tokens
         request.status = RequestStatus.WAITING_FOR_KV
         self.requests[request.request_id] = request
         return blocks
@@ -88,7 +94,6 @@ class Scheduler:
         """The prompt's K/V is in place: the request decodes from here."""
         assert self.kv is not None and request.status == RequestStatus.WAITING_FOR_KV
         request.num_computed_tokens = request.num_prompt_tokens
-        request.num_cached_tokens = 0
         self.kv.commit_transfer(request, request.num_prompt_tokens)
         request.status = RequestStatus.RUNNING
         self.running.append(request)

@@ -21,6 +21,7 @@ from tests.factories import serving
 
 MODEL = "smol-disagg"
 MAX_TOKENS = 16
+BLOCK = 16  # the engine's default block size
 BASE = "The history of the printing press begins in the fifteenth century, when "
 PROMPTS = [
     "The capital of France is",
@@ -58,6 +59,13 @@ def _complete(base: str, prompt: str, stream: bool = False) -> dict[str, Any]:
             if chunk.get("usage"):
                 usage_chunk = chunk
     return {"choices": [{"text": text}], "kvserve": usage_chunk["kvserve"]}
+
+
+def _moved(out: dict[str, Any]) -> int:
+    """The blocks a transferred request's prompt took on the decode side that were not
+    prefix hits there: what its prefill replica sent."""
+    n, hit = out["usage"]["prompt_tokens"], out["kvserve"]["cached_tokens"]
+    return -(-n // BLOCK) - hit // BLOCK
 
 
 def _stats(name: str) -> dict[str, Any]:
@@ -113,12 +121,19 @@ def test_disaggregated_equals_colocated_over_http(
             assert kv["mode"] == "transferred", kv
             assert kv["transferred_bytes"] > 0 and kv["transfer_seconds"] > 0
             assert kv["prefill_instance"] and kv["prefill_instance"] != kv["instance"]
-        # Longer prompts move more bytes (whole blocks of every layer).
-        sizes = [o["kvserve"]["transferred_bytes"] for o in outs]
-        assert sizes[3] > sizes[2] > sizes[0]
+        # Whole blocks of every layer move, and only those the decode replica had not
+        # cached (the prompts share a prefix; one that ran earlier left its blocks).
+        per_block = {o["kvserve"]["transferred_bytes"] / _moved(o) for o in outs}
+        assert len(per_block) == 1, per_block
+        assert _moved(outs[3]) > _moved(outs[0])
+        # Again, streamed: the decode replica has the prompt cached but its last block.
         streamed = _complete(base, PROMPTS[3], stream=True)
         assert streamed["choices"][0]["text"] == reference[3]
-        assert streamed["kvserve"]["mode"] == "transferred"
+        kv = streamed["kvserve"]
+        assert kv["mode"] == "transferred"
+        n = outs[3]["usage"]["prompt_tokens"]
+        assert kv["cached_tokens"] == (n - 1) // BLOCK * BLOCK > 0
+        assert kv["transferred_bytes"] == per_block.pop() * (-(-n // BLOCK) - (n - 1) // BLOCK)
         # A client that leaves mid-stream: its blocks come back on both sides.
         body = {"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 200, "temperature": 0,
                 "stream": True, "ignore_eos": True}  # fmt: skip
@@ -201,3 +216,51 @@ def test_failing_pair_is_quarantined_then_rebuilt(
         assert pools["decode"]["pairs"] == {}  # the success cleared the record
         assert pools["decode"]["kv_bytes_received"] == pools["prefill"]["kv_bytes_sent"] > 0
         _ledger_agrees(ray_cluster, pools)
+
+
+def test_decode_side_prefix_hits_and_conditional_local_prefill(
+    ray_cluster: Any, tiny_dirs: dict[str, Path]
+) -> None:
+    """1 prefill + 2 decode replicas of a tiny model; a decode replica computes a prompt
+    itself when at most 20 tokens of it are not in its prefix cache. A short prompt runs
+    locally; a long one is transferred; its continuation (a next turn: the same prompt
+    and 5 more tokens) goes to the decode replica that holds the first turn's blocks
+    (prefix affinity on the decode pool) and runs there locally on 96 cached tokens, with
+    no prefill call. Every text equals the offline engine's greedy text."""
+    from engine import LLM
+    from tests.factories import random_prompts
+    from tests.serve_helpers import wait_until
+
+    model = tiny_dirs["llama3"]
+    short = random_prompts(1, 10, 10, 512, seed=3)[0]
+    first = random_prompts(1, 100, 100, 512, seed=5)[0]
+    turn2 = [*first, 7, 8, 9, 10, 11]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = [o.outputs[0].text for o in LLM(model, device="cpu").generate(
+        [short, first, turn2], greedy)]  # fmt: skip
+
+    def complete(base: str, prompt: list[int]) -> dict[str, Any]:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    with serving(model=str(model), model_name="tiny", mode="disaggregated", decode_replicas=2,
+                 engine={"max_model_len": 512},
+                 decode_env={"KVSERVE_LOCAL_PREFILL_TOKENS": "20"}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=10).json().get("affinity")
+                   == "on", 60, "the router's prefix affinity")  # fmt: skip
+        outs = [complete(base, short), complete(base, first)]
+        time.sleep(3)  # the decode replicas report their cached blocks about once a second
+        outs.append(complete(base, turn2))
+        assert [o["choices"][0]["text"] for o in outs] == want
+        kv = [o["kvserve"] for o in outs]
+        assert kv[0]["mode"] == "local" and "transferred_bytes" not in kv[0], kv[0]
+        assert kv[1]["mode"] == "transferred" and kv[1]["transferred_bytes"] > 0, kv[1]
+        assert kv[2]["mode"] == "local" and kv[2]["cached_tokens"] == 96, kv[2]
+        assert kv[2]["instance"] == kv[1]["instance"], kv
+        # One prefill call in all: only the long first turn's K/V moved.
+        pools = _pools_whole()
+        assert pools["prefill"]["kv_bytes_sent"] == kv[1]["transferred_bytes"]
