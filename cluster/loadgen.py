@@ -30,6 +30,7 @@ class Record:
     text: str = ""  # the streamed text, joined
     done: bool = False  # the stream ended as it should (``[DONE]`` / a finished response)
     prompt: str = ""
+    timing_ms: dict[str, float] = field(default_factory=dict)  # kvserve's first-token split
 
     @property
     def ttft(self) -> float | None:
@@ -85,6 +86,7 @@ async def _http_one(client: Any, url: str, model: str, prompt: str, max_tokens: 
                 if chunk.get("usage"):
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     rec.completion_tokens = chunk["usage"]["completion_tokens"]
+                    rec.timing_ms = dict((chunk.get("kvserve") or {}).get("timing_ms") or {})
                 for c in chunk.get("choices", []):
                     if c.get("text"):
                         rec.chunks.append((now, 1))
@@ -208,6 +210,13 @@ def summarize(records: list[Record], wall_s: float) -> dict[str, Any]:
     for name, xs in (("ttft_s", ttft), ("itl_s", itl), ("e2e_s", e2e)):
         out[name] = {"p50": _pct(xs, 50), "p90": _pct(xs, 90), "p99": _pct(xs, 99),
                      "mean": statistics.fmean(xs) if xs else float("nan")}  # fmt: skip
+    keys = sorted({k for r in ok for k in r.timing_ms})
+    if keys:  # the server's split of the first token's time (kvserve's timing_ms)
+        out["first_token_timing_ms"] = {
+            k: {"p50": _pct(xs, 50), "p90": _pct(xs, 90)}
+            for k in keys
+            if (xs := [r.timing_ms[k] for r in ok if k in r.timing_ms])
+        }
     return out
 
 

@@ -222,6 +222,7 @@ class EngineReplica:
             box = self._outboxes[router] = Outbox()
             asyncio.get_running_loop().call_later(SUBSCRIBE_GRACE_S, self._reap, router, box)
         rid = str(req["request_id"])
+        req["submitted_at"] = time.monotonic()  # this process's clock (timing_ms)
         box.tasks[rid] = asyncio.ensure_future(pump(rid, self.generate(req), box))
         self.submitted += 1
         return {"instance": self.replica_id}
@@ -293,10 +294,13 @@ class EngineReplica:
         sent = {0: (int(req.get("resume_text", 0)), len(resume))} if resume else {}
         timer = RequestTimer(self.metrics, arrival)
         out: RequestOutput | None = first
+        submitted = req.get("submitted_at")
         while out is not None:
             delta = self._delta(out, sent)
             delta["kv"] = kv
             now = time.monotonic()
+            if submitted is not None and timer.last is None and delta["choices"]:
+                kv["timing_ms"] = _first_token_timing(out, submitted, now)
             timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
             if out.finished:
                 timer.finish(now, delta["prompt_tokens"])
@@ -558,6 +562,17 @@ class EngineReplica:
 
     def _piece(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
+
+
+def _first_token_timing(out: RequestOutput, submitted: float, now: float) -> dict[str, float]:
+    """Where a request's first token spent its time in the replica (ms; see
+    ``cluster.router._kv_extension``)."""
+    arrival = out.metrics.get("arrival", submitted)
+    timing = {"replica_queue": (arrival - submitted) * 1e3,
+              "replica_first_delta": (now - submitted) * 1e3}  # fmt: skip
+    if "ttft_s" in out.metrics:
+        timing["engine_ttft"] = out.metrics["ttft_s"] * 1e3
+    return {k: round(v, 3) for k, v in timing.items()}
 
 
 EngineDeployment: Any = serve.deployment(name="engine")(EngineReplica)

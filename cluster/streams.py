@@ -135,6 +135,7 @@ class StreamMux:
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._last_instance: dict[str, str] = {}
+        self._placed_at: dict[str, float] = {}  # when the last attempt's submit returned
         self.failovers = 0  # requests moved off an instance that died
 
     async def open(self, req: dict[str, Any], prefix: list[int] | None = None
@@ -143,6 +144,8 @@ class StreamMux:
         ``prefix``: its prompt's leading block hashes (``cluster.affinity``), for the
         request router."""
         rid = str(req["request_id"])
+        opened = time.monotonic()
+        first_delta: float | None = None
         queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._queues[rid] = queue
         tokens: list[int] = []  # what the client has been sent (n = 1) ...
@@ -157,10 +160,15 @@ class StreamMux:
                                                   "resume_text": text}  # fmt: skip
                 try:
                     async for item in self._run(rid, attempt, queue, failed, prefix):
+                        if first_delta is None and item.get("choices"):
+                            first_delta = time.monotonic()
                         if "kv" in item:
                             kv = item["kv"]
                             if earlier:
                                 item = {**item, "kv": {**item["kv"], "earlier": earlier}}
+                            if _last(item) and first_delta is not None:
+                                placed = self._placed_at.get(rid, opened)
+                                item = _with_router_timing(item, opened, placed, first_delta)
                         choices = item.get("choices", ())  # none on an error item
                         if n == 1:
                             for c in choices:
@@ -183,6 +191,7 @@ class StreamMux:
         finally:
             self._queues.pop(rid, None)
             self._last_instance.pop(rid, None)
+            self._placed_at.pop(rid, None)
 
     async def _place(self, req: dict[str, Any], failed: list[str],
                      prefix: list[int] | None = None) -> str:  # fmt: skip
@@ -237,6 +246,7 @@ class StreamMux:
         while not queue.empty():  # what the failed attempt left (its instance's error)
             queue.get_nowait()
         instance = await self._place(req, failed, prefix)
+        self._placed_at[rid] = time.monotonic()
         self._where[rid] = instance
         self._last_instance[rid] = instance
         LIVE[instance] += 1
@@ -313,6 +323,18 @@ class StreamMux:
         for rid, where in list(self._where.items()):
             if where == instance and rid in self._queues:
                 self._queues[rid].put_nowait(err)
+
+
+def _with_router_timing(
+    item: dict[str, Any], opened: float, placed: float, first: float
+) -> dict[str, Any]:
+    """``item`` with the router's share of its request's first-token time in
+    ``kv["timing_ms"]`` (ms from ``open``): ``router_place`` until the replica's
+    ``submit`` answered, ``router_first_delta`` until the first delta arrived."""
+    timing = {**item["kv"].get("timing_ms", {}),
+              "router_place": round((placed - opened) * 1e3, 3),
+              "router_first_delta": round((first - opened) * 1e3, 3)}  # fmt: skip
+    return {**item, "kv": {**item["kv"], "timing_ms": timing}}
 
 
 def _last(item: dict[str, Any]) -> bool:

@@ -25,7 +25,7 @@ def _stream(url: str, prompt: list[int]) -> tuple[str, int]:
     """A streamed greedy completion's text and its number of chunks."""
     body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    text, chunks, usage = "", 0, {}
+    text, chunks, usage, kv = "", 0, {}, {}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -34,7 +34,13 @@ def _stream(url: str, prompt: list[int]) -> tuple[str, int]:
                 text += "".join(c["text"] for c in chunk["choices"])
                 chunks += bool(chunk["choices"])
                 usage = chunk.get("usage") or usage
+                kv = chunk.get("kvserve") or kv
     assert usage["completion_tokens"] == MAX_TOKENS
+    # The first token's time, split by where it went: each part within the one before.
+    t = kv["timing_ms"]
+    assert 0 <= t["replica_queue"] <= t["replica_first_delta"] <= t["router_first_delta"], t
+    assert 0 < t["router_place"] <= t["router_first_delta"], t
+    assert 0 < t["engine_ttft"] <= t["replica_first_delta"] - t["replica_queue"] + 2e-3, t
     return text, chunks
 
 
