@@ -392,10 +392,12 @@ class EngineReplica:
 
         Only what this replica lacks moves: the prompt's leading full blocks that are
         in its prefix cache (a previous turn of the conversation, say) are not sent
-        (they count in the response's ``cached_tokens``). When at most ``LOCAL_PREFILL_TOKENS`` of the
-        prompt are left, it runs here ("local", no prefill call)."""
+        (they count in the response's ``cached_tokens``). When at most
+        ``LOCAL_PREFILL_TOKENS`` of the prompt are left, it runs here ("local", no
+        prefill call)."""
         ids = self.engine.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         blocks = await self.engine.reserve(ids, params, rid) if params.n == 1 else None
+        skip = 0  # the prompt's leading blocks held here: not sent
         if blocks is not None:
             bs = self.engine.engine.args.block_size
             skip = -(-len(ids) // bs) - len(blocks)
@@ -410,7 +412,9 @@ class EngineReplica:
         ledger_res = await self._ledger_reserve(rid, len(blocks))
         failed: list[str] = []
         while True:
-            fetch = asyncio.ensure_future(self._fetch_kv(ids, params, rid, blocks, kv, failed))
+            fetch = asyncio.ensure_future(
+                self._fetch_kv(ids, params, rid, blocks, skip, kv, failed)
+            )
             try:
                 first = await asyncio.shield(fetch)
                 break
@@ -471,14 +475,14 @@ class EngineReplica:
         return bool(up(rows, self.model_name, ("prefill",), exclude))
 
     async def _fetch_kv(self, ids: list[int], params: SamplingParams, rid: str,
-                        blocks: list[int], kv: dict[str, Any], avoid: list[str]) -> int:  # fmt: skip
+                        blocks: list[int], skip: int, kv: dict[str, Any],
+                        avoid: list[str]) -> int:  # fmt: skip
         """Runs one prefill call, away from ``avoid`` and the quarantined pairs while
-        other prefill replicas exist, and receives its K/V into ``blocks``; the first
-        token."""
+        other prefill replicas exist, and receives its K/V into ``blocks`` (the prompt's
+        blocks after the first ``skip``, which are cached here); the first token."""
         assert self.links is not None and self.prefill_pool is not None
-        bs = self.engine.engine.args.block_size
         req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
-               "num_blocks": len(blocks), "skip_blocks": -(-len(ids) // bs) - len(blocks),
+               "num_blocks": len(blocks), "skip_blocks": skip,
                "stale_links": self.links.stale_links()}  # fmt: skip
         now = time.monotonic()
         eng = self.engine.engine

@@ -167,15 +167,18 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     disaggregated request the prefill instance and the bytes and seconds of the
     transfer (only the prompt's blocks the decode instance had not cached move);
     ``mode`` is colocated, transferred, recomputed (prefill or transfer failed), local
-    (no room to reserve, or little left to compute after prefix hits) or resumed (its first instance died; this one
-    went on after ``resumed_tokens``; ``earlier`` holds the failed attempts'
-    accounting). ``prefill_failures`` names prefill instances that failed the request
-    (``prefill_retries`` of them were followed by another prefill instance).
+    (no room to reserve, or little left to compute after prefix hits) or resumed (its
+    first instance died; this one went on after ``resumed_tokens``; ``earlier`` holds
+    the failed attempts' accounting). ``prefill_failures`` names prefill instances that
+    failed the request (``prefill_retries`` of them were followed by another prefill
+    instance).
+
     ``timing_ms`` splits the first token's latency (milliseconds, each within one
     process): ``router_first_delta`` from the router opening the request to its first
-    delta arriving there (``router_place``: to the replica's ``submit`` answering); ``replica_first_delta`` from the replica's ``submit`` to that
-    delta leaving it, of which ``replica_queue`` before the engine took the request and
-    ``engine_ttft`` from then to the first token. What ``router_first_delta`` has beyond
+    delta arriving there (``router_place``: to the replica's ``submit`` answering);
+    ``replica_first_delta`` from the replica's ``submit`` to that delta leaving it, of
+    which ``replica_queue`` before the engine took the request and ``engine_ttft`` from
+    then to the first token. What ``router_first_delta`` has beyond
     ``replica_first_delta`` is the two Serve calls' wire and queueing time."""
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")

@@ -28,7 +28,8 @@ Contracts
   run. The new instance's deltas carry the KV accounting of the failed attempts in
   ``kv["earlier"]``. At most ``MAX_FAILOVERS`` times; each waits up to
   ``FAILOVER_TIMEOUT_S`` for a replica to take it (Serve replaces the dead one), then
-  ``EngineGone`` (HTTP 503, retriable). A request with ``n`` > 1 fails over only before any sample was sent.
+  ``EngineGone`` (HTTP 503, retriable). A request with ``n`` > 1 fails over only
+  before any sample was sent.
 - A replica ends a router's stream when it has been idle ``IDLE_CLOSE_S`` with no
   request of that router left (a draining replica can stop; Serve counts an open stream
   as an ongoing request); the router reopens it when it has requests there again.

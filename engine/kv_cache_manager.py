@@ -65,17 +65,25 @@ class KVCacheManager:
         num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_new_blocks = self.num_blocks_for(total) - len(table) - len(cached_blocks)
-        evictable_hits = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)
-        if num_new_blocks > self.pool.num_free_blocks - evictable_hits:
+        if self._grow(request, cached_blocks, num_new_blocks) is None:
             return False
-        if cached_blocks:
-            self.pool.touch(cached_blocks)
-        table = self._tables.setdefault(request.request_id, table)
-        table.extend(cached_blocks)
-        if num_new_blocks > 0:
-            table.extend(self.pool.allocate(num_new_blocks))
+        table = self._tables[request.request_id]
         self._cache_full_blocks(request, table, total, already=len(cached_blocks))
         return True
+
+    def _grow(self, request: Request, cached_blocks: list[int], n: int) -> list[int] | None:
+        """Appends ``cached_blocks`` (taking references) and ``n`` fresh blocks to
+        ``request``'s table; the fresh ones, or None (nothing changed) when the pool
+        cannot supply them. Hits nobody holds are evictable, so they count against the
+        free blocks."""
+        evictable_hits = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)
+        if n > self.pool.num_free_blocks - evictable_hits:
+            return None
+        if cached_blocks:
+            self.pool.touch(cached_blocks)
+        fresh = self.pool.allocate(n) if n > 0 else []
+        self._tables.setdefault(request.request_id, []).extend([*cached_blocks, *fresh])
+        return fresh
 
     def allocate_for_transfer(
         self, request: Request, num_tokens: int, cached_blocks: list[int] | None = None
@@ -87,17 +95,11 @@ class KVCacheManager:
         the data lands; ``commit_transfer`` hashes them). None (nothing taken) when the
         pool has no room."""
         assert request.request_id not in self._tables
-        hits = list(cached_blocks or [])
-        n = self.num_blocks_for(num_tokens) - len(hits)
-        evictable_hits = sum(1 for b in hits if self.pool.ref_cnt[b] == 0)
-        if n > self.pool.num_free_blocks - evictable_hits:
-            return None
-        if hits:
-            self.pool.touch(hits)
-        fresh = self.pool.allocate(n)
-        self._tables[request.request_id] = [*hits, *fresh]
-        self._num_hashed[request.request_id] = len(hits)
-        return list(fresh)
+        hits = cached_blocks or []
+        fresh = self._grow(request, hits, self.num_blocks_for(num_tokens) - len(hits))
+        if fresh is not None:
+            self._num_hashed[request.request_id] = len(hits)
+        return fresh
 
     def commit_transfer(self, request: Request, num_tokens: int) -> None:
         """The transferred K/V of ``num_tokens`` tokens is in place: hash its full blocks."""
