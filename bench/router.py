@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ def wait_ready(url: str, timeout_s: float = 600.0) -> None:
 
 def served(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
-) -> tuple[tuple[Any, float], dict[str, float]]:
+) -> tuple[tuple[Any, float], dict[str, float], dict[str, Any] | None]:
+    """The served load; with it, the CPU use per process group and (``--profile``) the
+    py-spy summaries of the proxy, router and engine replica."""
     import ray
     from ray import serve
 
@@ -191,13 +194,35 @@ def served(
     wait_ready(url)
     asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
                                   args.concurrency, None, progress=False))  # fmt: skip
+    profiler = None
+    if args.profile is not None:
+        from bench.profile import Profiler
+
+        profiler = Profiler(CPUSampler.group, args.profile, seconds=args.profile_seconds)
     with CPUSampler() as cpu:
+        if profiler is not None:
+            profiler.start()
         result = asyncio.run(
             loadgen.http_load(url, "bench", ps, args.max_tokens, args.concurrency, None)
         )
+    profile = profiler.join() if profiler is not None else None
     serve.shutdown()
     ray.shutdown()
-    return result, cpu.summary()
+    return result, cpu.summary(), profile
+
+
+def _profile_tops(profile: Any, top: int = 12) -> dict[str, Any] | None:
+    """The first ``top`` frames of each profiled process's summary (the record keeps
+    these; ``profile.json`` keeps all)."""
+    if not isinstance(profile, dict):
+        return None
+    tops: dict[str, Any] = {}
+    for g, runs in profile.items():
+        if g == "error":
+            tops[g] = runs
+            continue
+        tops[g] = [{k: (v[:top] if isinstance(v, list) else v) for k, v in r.items()} for r in runs]
+    return tops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,12 +238,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
     p.add_argument("--router-replicas", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="py-spy the proxy, router and engine replica during the served load; "
+                   "raw stacks and profile.json go to this folder")  # fmt: skip
+    p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--tag", default="", help="suffix of the workload name (ROUTER-TAG)")
     args = p.parse_args(argv)
     kw = engine_args(args)
     ps = loadgen.prompts(args.requests, args.prompt_words)
     local_records, local_wall = run_in_process(dict(kw), ps, args)
-    (http_records, http_wall), cpu = served(dict(kw), ps, args)
+    (http_records, http_wall), cpu, profile = served(dict(kw), ps, args)
     local = loadgen.summarize(local_records, local_wall)
     http = loadgen.summarize(http_records, http_wall)
     ratios = {
@@ -230,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if args.device != "auto" else "cpu")
     result = {
         "peer": "the same engine in process (AsyncEngine, no HTTP, no Serve)",
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag")}
-        | {"model": args.model or "SmolLM2-135M-Instruct"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag", "profile")}
+        | {"model": args.model or "SmolLM2-135M-Instruct"}
+        | {"serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}},
         "raw": {"in_process": local, "served": http},
         "ratios": ratios,
         "served_cpu_percent": cpu,
+        "served_profile_gil_pct": _profile_tops(profile),
         "notes": {
             "served_cpu_percent": "mean CPU use per process group during the served load, "
             "percent of one core",
