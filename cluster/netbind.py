@@ -1,11 +1,14 @@
-"""Serve's gRPC proxy on the HTTP proxy's host instead of every interface.
+"""Serve's gRPC servers and HAProxy's side ports on the HTTP API's host instead of every
+interface.
 
-Ray Serve 2.60 binds its gRPC proxy to ``[::]`` and has no option for the host. In local
+Ray Serve 2.60 binds its gRPC proxy (and, behind HAProxy, the router replicas' own gRPC
+servers) to ``[::]`` and has no option for the host; with HAProxy it also binds the
+HAProxy stats page (8404) and Prometheus exporter (9101) to every interface. In local
 mode kvserve starts Ray with this module's ``bind_grpc_proxy`` as the job's
-``worker_process_setup_hook`` and ``KVSERVE_GRPC_HOST`` in its environment, so that the
-proxy actor (a worker of that job) listens on the same host as the HTTP API, 127.0.0.1 by
-default. Joining an existing cluster (``--address``, KubeRay) leaves Serve as it is: there
-the pod's network is the boundary.
+``worker_process_setup_hook`` and ``KVSERVE_GRPC_HOST`` in its environment, so that
+these servers (in workers of that job) listen on the same host as the HTTP API,
+127.0.0.1 by default. Joining an existing cluster (``--address``, KubeRay) leaves Serve
+as it is: there the pod's network is the boundary.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def bind_grpc_proxy() -> None:
 
     add_grpc_address._kvserve = True  # type: ignore[attr-defined]
     default_impl.add_grpc_address = add_grpc_address
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        from ray.serve._private import haproxy
+
+        haproxy.HAPROXY_CONFIG_TEMPLATE = haproxy_template(haproxy.HAPROXY_CONFIG_TEMPLATE, host)
+
+
+def haproxy_template(template: str, host: str) -> str:
+    """Serve's HAProxy config template with its stats and metrics listeners (bound to
+    every interface there) on ``host``; raises if the template no longer has them."""
+    h = f"[{host}]" if ":" in host else host
+    binds = {
+        "bind *:{{ config.stats_port }}": f"bind {h}:{{{{ config.stats_port }}}}",
+        "bind :{{ config.metrics_port }}": f"bind {h}:{{{{ config.metrics_port }}}}",
+    }
+    for old, new in binds.items():
+        if old not in template:
+            raise RuntimeError(f"Serve's HAProxy template has no {old!r}; netbind needs updating")
+        template = template.replace(old, new)
+    return template
 
 
 def runtime_env(host: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ SmolLM2, answers a chat request through its HTTP API, and stops."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -92,3 +93,107 @@ def test_grpc_proxy_address_rewrite() -> None:
     assert netbind.grpc_address("10.0.0.5:9000", "127.0.0.1") == "10.0.0.5:9000"
     assert netbind.runtime_env("0.0.0.0") == {}
     assert netbind.runtime_env("127.0.0.1")["env_vars"] == {netbind.HOST_ENV: "127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
+    """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica
+    (no Python proxy in the token path). Completions (whole and streamed) equal the
+    offline engine's, gRPC equals HTTP, a client that leaves mid-stream gets its blocks
+    back (read with ``kvserve status``), and every port HAProxy and the API listen on is
+    on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
+    interface)."""
+    import httpx
+
+    from engine import LLM
+    from engine.sampling_params import SamplingParams
+
+    model = tiny_dirs["llama3"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    http, grpc_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--haproxy", "--model", str(model),
+           "--model-name", "tiny", "--device", "cpu", "--max-model-len", "256",
+           "--port", str(http), "--grpc-port", str(grpc_port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    out: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if "serving; Ctrl-C stops" in line:
+                break
+        text = "".join(out)
+        assert "serving; Ctrl-C stops" in text and "HAProxy" in text, text[-4000:]
+        gcs = re.search(r"Ray cluster\s+(\S+)", text)[1]  # type: ignore[index]
+        base = f"http://127.0.0.1:{http}"
+
+        prompts = ["w1 w2 w3 w4 w5", "w9 w8 w7"]
+        refs = LLM(model, device="cpu", max_model_len=256).generate(
+            prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        )
+        for prompt, ref in zip(prompts, refs, strict=True):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            whole = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+            assert whole["choices"][0]["text"] == ref.outputs[0].text
+            streamed = ""
+            with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True},
+                              timeout=60) as r:  # fmt: skip
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        streamed += json.loads(line[6:])["choices"][0]["text"]
+            assert streamed == ref.outputs[0].text
+
+        import grpc
+
+        from protos import kvserve_pb2 as pb
+        from protos import kvserve_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = kvserve_pb2_grpc.KVServeStub(channel)
+            reply = stub.Generate(pb.GenerateRequest(model="tiny", text=prompts[0],
+                sampling=pb.SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True)),
+                timeout=60)  # fmt: skip
+            assert reply.choices[0].text == refs[0].outputs[0].text
+
+        # A client that leaves mid-stream: its request ends and its blocks come back.
+        body = {"model": "tiny", "prompt": "w3 " * 40, "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: {")
+                if seen >= 3:
+                    break
+        status = [sys.executable, "-m", "cluster.cli", "status", "--address", gcs, "--json"]
+        deadline = time.monotonic() + 30
+        while True:
+            done = subprocess.run(status, capture_output=True, text=True, timeout=60,
+                                  env={**env, "RAY_AUTH_MODE": "token"})  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+            row = json.loads(done.stdout)[0]
+            if row["running"] == 0 and row["free_blocks"] == row["num_blocks"]:
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(1)
+
+        haproxy_ports = {c.laddr.port: c.laddr.ip for p in psutil.process_iter(["name"])
+                         if p.info["name"] == "haproxy" for c in p.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        assert {http, grpc_port} <= set(haproxy_ports), haproxy_ports
+        assert all(_loopback(ip) for ip in haproxy_ports.values()), haproxy_ports
+        binds = _listening({http, grpc_port})
+        assert all(_loopback(ip) for ips in binds.values() for ip in ips), binds
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
