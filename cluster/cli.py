@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -185,6 +186,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         return 0
     console.print("[dim]serving; Ctrl-C stops[/dim]")
+    # SIGTERM (kill, Kubernetes, systemd) stops like Ctrl-C: Serve shuts down, and with
+    # it HAProxy, which would otherwise outlive this process and keep its ports.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)

@@ -14,10 +14,18 @@ as it is: there the pod's network is the boundary.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 HOST_ENV = "KVSERVE_GRPC_HOST"
 ALL_INTERFACES = "[::]:"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for servers a run or a test starts)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def grpc_address(address: str, host: str) -> str:

@@ -102,7 +102,7 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
     offline engine's, gRPC equals HTTP, a client that leaves mid-stream gets its blocks
     back (read with ``kvserve status``), and every port HAProxy and the API listen on is
     on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
-    interface)."""
+    interface); SIGTERM stops it and its HAProxy."""
     import httpx
 
     from engine import LLM
@@ -190,8 +190,16 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
         assert all(_loopback(ip) for ip in haproxy_ports.values()), haproxy_ports
         binds = _listening({http, grpc_port})
         assert all(_loopback(ip) for ips in binds.values() for ip in ips), binds
+
+        # SIGTERM stops it like Ctrl-C, HAProxy included (it would keep the ports).
+        haproxies = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        _, alive = psutil.wait_procs(haproxies, timeout=30)
+        assert not alive, alive
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
