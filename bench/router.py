@@ -89,7 +89,7 @@ class CPUSampler:
         for name in ("router", "engine", "decode", "prefill"):
             if f":kvserve:{name}" in cmdline or f"#{name}#" in cmdline:
                 return f"replica-{name}"
-        if "bench.router" in cmdline:
+        if "bench.router" in cmdline or "multiprocessing.spawn" in cmdline:
             return "driver+client"
         if "raylet" in cmdline or "gcs_server" in cmdline or "ServeController" in cmdline:
             return "ray-system"
@@ -204,9 +204,8 @@ def served(
     with CPUSampler() as cpu:
         if profiler is not None:
             profiler.start()
-        result = asyncio.run(
-            loadgen.http_load(url, "bench", ps, args.max_tokens, args.concurrency, None)
-        )
+        result = loadgen.http_load_procs(url, "bench", ps, args.max_tokens, args.concurrency,
+                                         args.client_procs)  # fmt: skip
     profile = profiler.join() if profiler is not None else None
     serve.shutdown()
     ray.shutdown()
@@ -239,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
     p.add_argument("--router-replicas", type=int, default=1)
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="load-generating processes for the served run (concurrency split)")  # fmt: skip
     p.add_argument("--haproxy", action="store_true", help="ServeConfig.haproxy: HAProxy in front")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--profile", type=Path, default=None,

@@ -190,6 +190,38 @@ async def http_load(url: str, model: str | None, prompt_list: list[str], max_tok
         )  # fmt: skip
 
 
+def _http_load_part(url: str, model: str | None, prompt_list: list[str], max_tokens: int,
+                    concurrency: int, api_key: str | None) -> list[Record]:  # fmt: skip
+    records, _ = asyncio.run(http_load(url, model, prompt_list, max_tokens, concurrency, None,
+                                       api_key, progress=False))  # fmt: skip
+    return records
+
+
+def http_load_procs(url: str, model: str | None, prompt_list: list[str], max_tokens: int,
+                    concurrency: int, procs: int, api_key: str | None = None,
+                    ) -> tuple[list[Record], float]:  # fmt: skip
+    """``http_load`` (concurrency mode) from ``procs`` client processes, each with an
+    equal share of the prompts and of the concurrency, so that the client's own event
+    loop (SSE parsing of every token) is not what a run measures. Times are
+    ``perf_counter`` (CLOCK_MONOTONIC, one clock for every process of the host); the
+    wall time runs from the first request sent to the last chunk received."""
+    if procs <= 1:
+        return asyncio.run(http_load(url, model, prompt_list, max_tokens, concurrency, None,
+                                     api_key, progress=False))  # fmt: skip
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    share = max(concurrency // procs, 1)
+    with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as pool:
+        parts = [pool.submit(_http_load_part, url, model, prompt_list[i::procs], max_tokens,
+                             share, api_key) for i in range(procs)]  # fmt: skip
+        records = [r for f in parts for r in f.result()]
+    start = min(r.sent for r in records)
+    end = max([r.chunks[-1][0] for r in records if r.chunks] or [start])
+    return records, end - start
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
