@@ -191,7 +191,10 @@ async def http_load(url: str, model: str | None, prompt_list: list[str], max_tok
 
 
 def _http_load_part(url: str, model: str | None, prompt_list: list[str], max_tokens: int,
-                    concurrency: int, api_key: str | None) -> list[Record]:  # fmt: skip
+                    concurrency: int, api_key: str | None, start_at: float) -> list[Record]:  # fmt: skip
+    import httpx  # noqa: F401  (imported before the start, not inside the measured run)
+
+    time.sleep(max(start_at - time.perf_counter(), 0.0))
     records, _ = asyncio.run(http_load(url, model, prompt_list, max_tokens, concurrency, None,
                                        api_key, progress=False))  # fmt: skip
     return records
@@ -202,7 +205,8 @@ def http_load_procs(url: str, model: str | None, prompt_list: list[str], max_tok
                     ) -> tuple[list[Record], float]:  # fmt: skip
     """``http_load`` (concurrency mode) from ``procs`` client processes, each with an
     equal share of the prompts and of the concurrency, so that the client's own event
-    loop (SSE parsing of every token) is not what a run measures. Times are
+    loop (SSE parsing of every token) is not what a run measures. They start sending
+    at one moment (after their imports). Times are
     ``perf_counter`` (CLOCK_MONOTONIC, one clock for every process of the host); the
     wall time runs from the first request sent to the last chunk received."""
     if procs <= 1:
@@ -214,8 +218,10 @@ def http_load_procs(url: str, model: str | None, prompt_list: list[str], max_tok
     ctx = multiprocessing.get_context("spawn")
     share = max(concurrency // procs, 1)
     with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as pool:
+        list(pool.map(time.sleep, [0.0] * procs))  # the processes are up
+        start_at = time.perf_counter() + 2.0  # every process starts sending together
         parts = [pool.submit(_http_load_part, url, model, prompt_list[i::procs], max_tokens,
-                             share, api_key) for i in range(procs)]  # fmt: skip
+                             share, api_key, start_at) for i in range(procs)]  # fmt: skip
         records = [r for f in parts for r in f.result()]
     start = min(r.sent for r in records)
     end = max([r.chunks[-1][0] for r in records if r.chunks] or [start])
