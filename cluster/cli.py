@@ -68,8 +68,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--decode-replicas", type=int, default=None, help="disaggregated: decode instances"
     )
-    s.add_argument("--haproxy", action="store_true", default=None,
-                   help="HAProxy in front instead of Serve's Python proxy (ServeConfig.haproxy)")  # fmt: skip
+    s.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
+                   help="HAProxy in front instead of Serve's Python proxy (default: on when "
+                   "this command starts Ray and HAProxy is installed)")  # fmt: skip
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
@@ -143,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import ServeConfig, run
+    from cluster.app import ServeConfig, haproxy_in_front, run
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     for field, value in (("model", args.model), ("model_name", args.model_name),
@@ -175,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"  Ray dashboard  http://{dashboard}")
     gcs = ray.get_runtime_context().gcs_address
     console.print(f"  Ray cluster    {gcs}   (RAY_AUTH_MODE=token kvserve status --address {gcs})")
-    if cfg.haproxy:
+    if haproxy_in_front():
         console.print("  front          HAProxy (Serve's direct ingress to the router replicas)")
     if args.chat:
         answer = _chat_http(base, [{"role": "user", "content": args.chat}], cfg.served_name,
