@@ -45,6 +45,7 @@ def test_kvserve_serve_answers_a_chat_on_loopback_only(smollm2_dir: Path) -> Non
         text = "".join(out)
         assert "serving; Ctrl-C stops" in text, text[-4000:]
         assert "kvserve is up" in text and "Paris" in text
+        assert "front          HAProxy" in text  # the default when kvserve starts Ray
         dashboard = int(re.search(r"Ray dashboard\s+http://127\.0\.0\.1:(\d+)", text)[1])  # type: ignore[index]
         binds = _listening({http, grpc, dashboard})
         assert set(binds) == {http, grpc, dashboard}, binds
