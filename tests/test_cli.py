@@ -100,7 +100,7 @@ def test_grpc_proxy_address_rewrite() -> None:
 def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
     """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica
     (no Python proxy in the token path). Completions (whole and streamed) equal the
-    offline engine's, gRPC equals HTTP, a client that leaves mid-stream gets its blocks
+    offline engine's, gRPC equals HTTP (reflection answers too), a client that leaves mid-stream gets its blocks
     back (read with ``kvserve status``), and every port HAProxy and the API listen on is
     on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
     interface); SIGTERM stops it and its HAProxy."""
@@ -162,6 +162,13 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
                 sampling=pb.SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True)),
                 timeout=60)  # fmt: skip
             assert reply.choices[0].text == refs[0].outputs[0].text
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            listed = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([ask]), timeout=30)  # fmt: skip
+            names = {s.name for r in listed for s in r.list_services_response.service}
+            assert "kvserve.v1.KVServe" in names, names  # reflection through HAProxy
 
         # A client that leaves mid-stream: its request ends and its blocks come back.
         body = {"model": "tiny", "prompt": "w3 " * 40, "max_tokens": 200, "temperature": 0,

@@ -365,6 +365,27 @@ def test_grpc_health(grpc_target: str) -> None:
         assert named.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_grpc_reflection(grpc_target: str) -> None:
+    """Server reflection (Serve's gRPC servers offer it): the service list names
+    KVServe and health, and the file that defines KVServe describes its three RPCs."""
+    import grpc
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest
+        listed = list(stub.ServerReflectionInfo(iter([ask(list_services="")]), timeout=30))
+        names = {s.name for r in listed for s in r.list_services_response.service}
+        assert {"kvserve.v1.KVServe", "grpc.health.v1.Health"} <= names, names
+        found = list(stub.ServerReflectionInfo(
+            iter([ask(file_containing_symbol="kvserve.v1.KVServe")]), timeout=30))  # fmt: skip
+        files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                 for r in found for b in r.file_descriptor_response.file_descriptor_proto]  # fmt: skip
+        service = next(s for f in files for s in f.service if s.name == "KVServe")
+        assert {m.name for m in service.method} == {"Generate", "GenerateStream", "ListModels"}
+
+
 def test_kvserve_bench_against_the_server(server: str, tmp_path: Path) -> None:
     import subprocess
     import sys
