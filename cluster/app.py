@@ -260,8 +260,11 @@ def start_serve(
     cfg: ServeConfig, address: str | None = None, dashboard: bool = False
 ) -> str | None:
     """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray on loopback, unless
-    Ray is up already; then Serve's proxies (HTTP on ``cfg.host:cfg.http_port``, gRPC on
+    Ray is up already; then Serve's front (HTTP on ``cfg.host:cfg.http_port``, gRPC on
     ``cfg.grpc_port``, on ``cfg.host`` too when this call started Ray: see ``netbind``).
+    The front is HAProxy when this call starts Ray and ``cfg.haproxy`` is not False (and
+    HAProxy is installed, or ``cfg.haproxy`` is True: then it must be), else Serve's
+    Python proxy; a Ray already running keeps its own (True and no HAProxy: ValueError).
     Returns the Ray dashboard's address when it started one."""
     import ray
 
