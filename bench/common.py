@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster.netbind import free_port  # noqa: F401  (re-exported: runs and tests use it)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SCHEMA_VERSION = 1
@@ -49,13 +51,6 @@ class Sizes:
     configs: dict[str, Any]
     copy_bytes: int
     matmul_n: int
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for servers a run or a test starts)."""
-    from cluster.netbind import free_port as free
-
-    return free()
 
 
 def git_commit() -> dict[str, Any]:

@@ -287,7 +287,7 @@ def start_serve(
                            dashboard_host="127.0.0.1",
                            runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip
         url = getattr(ctx, "dashboard_url", None) or None
-    elif cfg.haproxy and os.environ.get(HAPROXY_FLAG) != "1":
+    elif cfg.haproxy and not haproxy_in_front():
         raise ValueError(f"haproxy: Ray is running without {HAPROXY_FLAG}=1; set it "
                          "before Ray starts (use_haproxy_locally() does, for a local Ray)")  # fmt: skip
     for attempt in range(1, SERVE_START_ATTEMPTS + 1):

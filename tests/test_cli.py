@@ -3,6 +3,7 @@ SmolLM2, answers a chat request through its HTTP API, and stops."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -29,11 +31,27 @@ def test_kvserve_serve_answers_a_chat_on_loopback_only(smollm2_dir: Path) -> Non
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--device", "cpu", "--max-model-len",
            "1024", "--port", str(http), "--grpc-port", str(grpc),
            "--chat", "What is the capital of France?"]  # fmt: skip
+    with _kvserve_serve(cmd, env, timeout_s=400) as (_, text):
+        assert "kvserve is up" in text and "Paris" in text
+        assert "front          HAProxy" in text  # the default when kvserve starts Ray
+        dashboard = int(re.search(r"Ray dashboard\s+http://127\.0\.0\.1:(\d+)", text)[1])  # type: ignore[index]
+        binds = _listening({http, grpc, dashboard})
+        assert set(binds) == {http, grpc, dashboard}, binds
+        for port, ips in binds.items():
+            assert all(_loopback(ip) for ip in ips), (port, ips)
+
+
+@contextlib.contextmanager
+def _kvserve_serve(cmd: list[str], env: dict[str, str],
+                   timeout_s: float) -> Iterator[tuple[subprocess.Popen[str], str]]:  # fmt: skip
+    """Runs ``kvserve serve`` (``cmd``) until it says it is serving; yields the process
+    and its output so far. Afterwards Ctrl-C stops it (if the body did not), killed
+    after 90 s."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     out: list[str] = []
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + timeout_s
         assert proc.stdout is not None
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -44,17 +62,12 @@ def test_kvserve_serve_answers_a_chat_on_loopback_only(smollm2_dir: Path) -> Non
                 break
         text = "".join(out)
         assert "serving; Ctrl-C stops" in text, text[-4000:]
-        assert "kvserve is up" in text and "Paris" in text
-        assert "front          HAProxy" in text  # the default when kvserve starts Ray
-        dashboard = int(re.search(r"Ray dashboard\s+http://127\.0\.0\.1:(\d+)", text)[1])  # type: ignore[index]
-        binds = _listening({http, grpc, dashboard})
-        assert set(binds) == {http, grpc, dashboard}, binds
-        for port, ips in binds.items():
-            assert all(_loopback(ip) for ip in ips), (port, ips)
+        yield proc, text
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -100,9 +113,9 @@ def test_grpc_proxy_address_rewrite() -> None:
 def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
     """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica
     (no Python proxy in the token path). Completions (whole and streamed) equal the
-    offline engine's, gRPC equals HTTP (reflection answers too), a client that leaves mid-stream gets its blocks
-    back (read with ``kvserve status``), and every port HAProxy and the API listen on is
-    on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
+    offline engine's, gRPC equals HTTP (reflection answers too), a client that leaves
+    mid-stream gets its blocks back (read with ``kvserve status``), and every port
+    HAProxy and the API listen on is on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
     interface); SIGTERM stops it and its HAProxy."""
     import httpx
 
@@ -115,21 +128,8 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--haproxy", "--model", str(model),
            "--model-name", "tiny", "--device", "cpu", "--max-model-len", "256",
            "--port", str(http), "--grpc-port", str(grpc_port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)  # fmt: skip
-    out: list[str] = []
-    try:
-        deadline = time.monotonic() + 300
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            out.append(line)
-            if "serving; Ctrl-C stops" in line:
-                break
-        text = "".join(out)
-        assert "serving; Ctrl-C stops" in text and "HAProxy" in text, text[-4000:]
+    with _kvserve_serve(cmd, env, timeout_s=300) as (proc, text):
+        assert "HAProxy" in text, text[-4000:]
         gcs = re.search(r"Ray cluster\s+(\S+)", text)[1]  # type: ignore[index]
         base = f"http://127.0.0.1:{http}"
 
@@ -205,11 +205,3 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
         assert proc.wait(timeout=90) == 0
         _, alive = psutil.wait_procs(haproxies, timeout=30)
         assert not alive, alive
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
