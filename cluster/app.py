@@ -27,14 +27,15 @@ from ray import serve
 from ray.serve import Application
 
 from cluster import netbind
-from cluster.replica import EngineDeployment
+from cluster.replica import EngineDeployment, EngineIngressDeployment
 from cluster.request_router import router_config
-from cluster.router import Router
+from cluster.router import RouterDeployment
 from engine.llm_engine import EngineArgs
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STREAM_CALL_SLOTS = 64  # Serve slots per engine replica for subscriptions and cancels
 MODES = ("colocated", "disaggregated")
+INGRESSES = ("router", "engine")
 SERVE_START_ATTEMPTS = 2  # a proxy that misses Serve's 60 s readiness wait gets one more
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 # A router replica behind HAProxy drains at least this long before it stops (Serve's
@@ -89,6 +90,12 @@ class ServeConfig:
     # (KubeRay: the pods' env). None: on when ``start_serve`` starts a local Ray and
     # HAProxy is installed, else whatever the running Ray has. True: required.
     haproxy: bool | None = None
+    # Who serves the API: "router", a deployment of its own in front of the engine pool
+    # (placement by prefix cache and KV use, failover to another replica; two Ray calls
+    # per request), or "engine", the engine replicas themselves (the colocated pool, or
+    # the decode pool): no Ray call between the front and the engine, the front picks
+    # the replica (see cluster.replica.EngineIngress).
+    ingress: str = "router"
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -102,6 +109,10 @@ class ServeConfig:
             raise ValueError("tensor_parallel_size, num_replicas and router_replicas must be >= 1")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.ingress not in INGRESSES:
+            raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
+        if self.ingress == "engine" and self.router_replicas != 1:
+            raise ValueError("router_replicas: there is no router when ingress is 'engine'")
         if self.mode == "disaggregated" and min(self.prefill_replicas, self.decode_replicas) < 1:
             raise ValueError("prefill_replicas and decode_replicas must be >= 1")
 
@@ -144,9 +155,9 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[
                   streams: bool = False, resources: dict[str, float] | None = None,
                   env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Serve options of a pool (routed by ``cluster.request_router``). ``streams``: the
-    router reaches it through ``cluster.streams`` (submit + one stream per router), so
-    Serve's own limits only bound those short calls; the replica itself refuses requests
-    beyond ``max_ongoing_requests + max_queued_requests`` (HTTP 429)."""
+    router reaches it through ``cluster.streams`` (submit + one stream per router), or
+    it is the ingress, so Serve's own limits only bound those calls; the replica itself
+    refuses requests beyond ``max_ongoing_requests + max_queued_requests`` (HTTP 429)."""
     options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
                                "max_queued_requests": cfg.max_queued_requests,
                                "health_check_period_s": 5, "health_check_timeout_s": 30,
@@ -176,15 +187,21 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[
 def build_app(cfg: ServeConfig) -> Application:
     gpu = _uses_gpu(cfg)
     live = cfg.max_ongoing_requests + cfg.max_queued_requests
+    front_env = dict(cfg.router_env)  # the API's processes: the router's, or the pool's
+    if cfg.api_key:
+        front_env["KVSERVE_API_KEY"] = cfg.api_key
+    ingress = cfg.ingress == "engine"
+    pool: Any = EngineIngressDeployment if ingress else EngineDeployment
     if cfg.mode == "disaggregated":
         p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling,
                                resources=cfg.prefill_resources, env=cfg.prefill_env)  # fmt: skip
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
             cfg.engine_args(), cfg.served_name, "prefill", cfg.stream_interval_s
         )
+        env = {**cfg.decode_env, **front_env} if ingress else cfg.decode_env
         d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True,
-                               cfg.decode_resources, cfg.decode_env)  # fmt: skip
-        engine = EngineDeployment.options(name="decode", **d_opts).bind(
+                               cfg.decode_resources, env)  # fmt: skip
+        engine = pool.options(name="decode", **d_opts).bind(
             cfg.engine_args(),
             cfg.served_name,
             "decode",
@@ -193,19 +210,19 @@ def build_app(cfg: ServeConfig) -> Application:
             live,
         )
     else:
+        env = {**cfg.env, **front_env} if ingress else cfg.env
         options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True, cfg.resources,
-                                cfg.env)  # fmt: skip
-        engine = EngineDeployment.options(**options).bind(
+                                env)  # fmt: skip
+        engine = pool.options(**options).bind(
             cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s, None, live
         )
-    router: Any = Router
+    if ingress:
+        return engine
+    router: Any = RouterDeployment
     router_options: dict[str, Any] = {"num_replicas": cfg.router_replicas,
                                       "max_ongoing_requests": 4096}  # fmt: skip
-    router_env = dict(cfg.router_env)
-    if cfg.api_key:
-        router_env["KVSERVE_API_KEY"] = cfg.api_key
-    if router_env:
-        router_options["ray_actor_options"] = {"runtime_env": {"env_vars": router_env}}
+    if front_env:
+        router_options["ray_actor_options"] = {"runtime_env": {"env_vars": front_env}}
     return router.options(**router_options).bind(engine, cfg.served_name)
 
 

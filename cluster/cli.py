@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
                    help="HAProxy in front instead of Serve's Python proxy (default: on when "
                    "this command starts Ray and HAProxy is installed)")  # fmt: skip
+    s.add_argument("--ingress", choices=["router", "engine"], default=None,
+                   help="who serves the API: a router deployment in front of the pool "
+                   "(default), or the engine replicas themselves (no Ray call per request)")  # fmt: skip
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
@@ -154,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          ("grpc_port", args.grpc_port), ("mode", args.mode),
                          ("prefill_replicas", args.prefill_replicas),
                          ("decode_replicas", args.decode_replicas),
-                         ("haproxy", args.haproxy)):  # fmt: skip
+                         ("haproxy", args.haproxy), ("ingress", args.ingress)):  # fmt: skip
         if value is not None:
             setattr(cfg, field, value)
     if args.device != "auto":
@@ -176,8 +179,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"  Ray dashboard  http://{dashboard}")
     gcs = ray.get_runtime_context().gcs_address
     console.print(f"  Ray cluster    {gcs}   (RAY_AUTH_MODE=token kvserve status --address {gcs})")
+    ingress = "engine replicas" if cfg.ingress == "engine" else "router replicas"
     if haproxy_in_front():
-        console.print("  front          HAProxy (Serve's direct ingress to the router replicas)")
+        console.print(f"  front          HAProxy (Serve's direct ingress to the {ingress})")
+    elif cfg.ingress == "engine":
+        console.print("  front          Serve's proxy, to the engine replicas")
     if args.chat:
         answer = _chat_http(base, [{"role": "user", "content": args.chat}], cfg.served_name,
                             {"max_tokens": 128, "temperature": 0}, None)  # fmt: skip

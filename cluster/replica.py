@@ -29,11 +29,12 @@ from ray import serve
 
 from cluster import affinity
 from cluster.async_engine import AsyncEngine
+from cluster.front import OpenAIFront, ingress_app
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.pair_health import PairHealth
-from cluster.streams import IDLE_CLOSE_S, SUBSCRIBE_GRACE_S, Outbox, pump
+from cluster.streams import IDLE_CLOSE_S, SUBSCRIBE_GRACE_S, EngineGone, Outbox, PoolFull, pump
 from engine.llm_engine import EngineArgs
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -295,22 +296,25 @@ class EngineReplica:
         timer = RequestTimer(self.metrics, arrival)
         out: RequestOutput | None = first
         submitted = req.get("submitted_at")
-        while out is not None:
-            delta = self._delta(out, sent)
-            delta["kv"] = kv
-            now = time.monotonic()
-            if submitted is not None and timer.last is None and delta["choices"]:
-                kv["timing_ms"] = _first_token_timing(out, submitted, now)
-            timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
-            if out.finished:
-                timer.finish(now, delta["prompt_tokens"])
-            if delta["choices"] or out.finished:
-                yield delta
-            if out.finished:
-                break
-            if self.stream_interval_s and timer.last is not None:
-                await asyncio.sleep(self.stream_interval_s)  # outputs pile up; newest wins
-            out = await anext(stream, None)
+        try:
+            while out is not None:
+                delta = self._delta(out, sent)
+                delta["kv"] = kv
+                now = time.monotonic()
+                if submitted is not None and timer.last is None and delta["choices"]:
+                    kv["timing_ms"] = _first_token_timing(out, submitted, now)
+                timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
+                if out.finished:
+                    timer.finish(now, delta["prompt_tokens"])
+                if delta["choices"] or out.finished:
+                    yield delta
+                if out.finished:
+                    break
+                if self.stream_interval_s and timer.last is not None:
+                    await asyncio.sleep(self.stream_interval_s)  # outputs pile up; newest wins
+                out = await anext(stream, None)
+        finally:  # left early (aclose, cancelled): the engine aborts the request
+            await stream.aclose()  # type: ignore[attr-defined]
 
     # --- disaggregated pools --------------------------------------------------------------
     async def prefill(self, req: dict[str, Any], avoid: list[str] | None = None,
@@ -580,3 +584,59 @@ def _first_token_timing(out: RequestOutput, submitted: float, now: float) -> dic
 
 
 EngineDeployment: Any = serve.deployment(name="engine")(EngineReplica)
+
+
+class EngineIngress(OpenAIFront, EngineReplica):
+    """An engine replica that is the Serve ingress itself (``ServeConfig.ingress =
+    "engine"``): the routes and RPCs of ``cluster.front`` run in this process, on the
+    engine's own stream of each request, so no Ray call lies between the client's
+    connection and the engine. Behind HAProxy (Serve's direct ingress) the client's
+    connection reaches this replica's own HTTP/gRPC server; behind Serve's Python proxy
+    the proxy calls it (one Ray streaming call per request).
+
+    What the ``cluster.router.Router`` deployment adds is given up: the front (HAProxy:
+    least connections; Serve's proxy: its own choice) picks the replica, not by prefix
+    cache or KV use, and a request whose replica dies fails (503) rather than moving to
+    another. With one replica per model, or replicas that share no prefixes, nothing is
+    lost. The same class serves a disaggregated decode pool (``role="decode"``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        EngineReplica.__init__(self, *args, **kwargs)
+        self.created = int(time.time())
+        self.affinity = "off: the engine replicas are the ingress (the front picks one)"
+        self._direct = 0  # requests of this replica's own front, live
+
+    def _live(self) -> int:
+        return super()._live() + self._direct
+
+    async def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        try:
+            self.engine.check_health()
+        except Exception as e:
+            raise EngineGone(f"engine instance {self.replica_id} failed: {e}") from None
+        if self._live() >= self.max_live_requests:
+            raise PoolFull(f"engine instance {self.replica_id} has {self.max_live_requests} "
+                           "requests; retry shortly")  # fmt: skip
+        req["submitted_at"] = time.monotonic()
+        self._direct += 1
+        self.submitted += 1
+        gen = self.generate(req)
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            self._direct -= 1
+            await gen.aclose()  # type: ignore[attr-defined]
+
+    async def _engine_info(self) -> dict[str, Any]:
+        return await self.info()
+
+    async def _serving(self) -> tuple[bool, str]:
+        if self._healthy():
+            return True, f"engine instance {self.replica_id} up"
+        return False, f"engine instance {self.replica_id} failed (engine or worker group)"
+
+
+EngineIngressDeployment: Any = serve.deployment(name="engine")(
+    serve.ingress(ingress_app())(EngineIngress)
+)

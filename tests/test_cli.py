@@ -110,9 +110,11 @@ def test_grpc_proxy_address_rewrite() -> None:
 
 
 @pytest.mark.slow
-def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
-    """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica
-    (no Python proxy in the token path). Completions (whole and streamed) equal the
+@pytest.mark.parametrize("ingress", ["router", "engine"])
+def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) -> None:
+    """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica,
+    or of the engine replica itself (``--ingress engine``: no Ray call between HAProxy
+    and the engine; no Python proxy in the token path either way). Completions (whole and streamed) equal the
     offline engine's, gRPC equals HTTP (reflection answers too), a client that leaves
     mid-stream gets its blocks back (read with ``kvserve status``), and every port
     HAProxy and the API listen on is on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
@@ -127,9 +129,9 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
     http, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--haproxy", "--model", str(model),
            "--model-name", "tiny", "--device", "cpu", "--max-model-len", "256",
-           "--port", str(http), "--grpc-port", str(grpc_port)]  # fmt: skip
+           "--port", str(http), "--grpc-port", str(grpc_port), "--ingress", ingress]  # fmt: skip
     with _kvserve_serve(cmd, env, timeout_s=300) as (proc, text):
-        assert "HAProxy" in text, text[-4000:]
+        assert f"HAProxy (Serve's direct ingress to the {ingress} replicas)" in text, text[-4000:]
         gcs = re.search(r"Ray cluster\s+(\S+)", text)[1]  # type: ignore[index]
         base = f"http://127.0.0.1:{http}"
 

@@ -24,11 +24,13 @@ LONG_PROMPT = (
 )
 
 
-@pytest.fixture(scope="module")
-def app(ray_cluster: Any, smollm2_dir: Path) -> Any:
-    """The application's ServeConfig, once /health answers."""
+@pytest.fixture(scope="module", params=["router", "engine"])
+def app(request: pytest.FixtureRequest, ray_cluster: Any, smollm2_dir: Path) -> Any:
+    """The application's ServeConfig, once /health answers: every test runs against
+    each ingress (``ServeConfig.ingress``: the router deployment, the engine replicas)."""
     with serving(model=str(smollm2_dir), model_name=MODEL, grpc_port=free_port(),
-                 engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2}) as cfg:  # fmt: skip
+                 engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2},
+                 ingress=request.param) as cfg:  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
