@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 # Fault injection (tests): sleep this long before each engine step, so that streams live
 # long enough for a test to kill something under them.
 FAULT_STEP_DELAY_S = float(os.environ.get("KVSERVE_FAULT_STEP_DELAY_S", "0"))
+# The interpreter's GIL switch interval while an engine runs in this process (seconds;
+# empty: Python's own, 5 ms). The step thread gives the GIL up while the GPU works and
+# wants it back the moment it is done; a thread of the API holding it meanwhile keeps
+# it up to this long, and every stream's next token waits that much.
+GIL_SWITCH_INTERVAL_S = os.environ.get("KVSERVE_GIL_SWITCH_INTERVAL_S", "")
 
 
 class EngineDeadError(RuntimeError):
@@ -56,6 +62,8 @@ class AsyncEngine:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self.num_steps = 0
+        if GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(min(sys.getswitchinterval(), float(GIL_SWITCH_INTERVAL_S)))
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
