@@ -36,6 +36,16 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STREAM_CALL_SLOTS = 64  # Serve slots per engine replica for subscriptions and cancels
 MODES = ("colocated", "disaggregated")
 INGRESSES = ("router", "engine")
+# Defaults of an engine replica that is the ingress (ServeConfig.ingress = "engine"); the
+# pool's env (ServeConfig.env / decode_env / router_env) overrides them. The API's
+# per-token work (SSE events, HTTP writes) runs in the engine's process, and every
+# stream's next token waits while it holds the GIL: Serve runs the user code on the
+# replica's own event loop, beside its HTTP server (not on a second thread: one
+# cross-thread hop per streamed event less), and the interpreter hands the GIL back to
+# the engine's step thread after 0.1 ms instead of Python's 5 ms. On one H100 (8B shape,
+# 64 streams) these took served throughput from 0.66 to 0.82 of in-process.
+ENGINE_INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                      "KVSERVE_GIL_SWITCH_INTERVAL_S": "0.0001"}  # fmt: skip
 SERVE_START_ATTEMPTS = 2  # a proxy that misses Serve's 60 s readiness wait gets one more
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 # A router replica behind HAProxy drains at least this long before it stops (Serve's
@@ -198,7 +208,7 @@ def build_app(cfg: ServeConfig) -> Application:
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
             cfg.engine_args(), cfg.served_name, "prefill", cfg.stream_interval_s
         )
-        env = {**cfg.decode_env, **front_env} if ingress else cfg.decode_env
+        env = {**ENGINE_INGRESS_ENV, **cfg.decode_env, **front_env} if ingress else cfg.decode_env
         d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling, True,
                                cfg.decode_resources, env)  # fmt: skip
         engine = pool.options(name="decode", **d_opts).bind(
@@ -210,7 +220,7 @@ def build_app(cfg: ServeConfig) -> Application:
             live,
         )
     else:
-        env = {**cfg.env, **front_env} if ingress else cfg.env
+        env = {**ENGINE_INGRESS_ENV, **cfg.env, **front_env} if ingress else cfg.env
         options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True, cfg.resources,
                                 env)  # fmt: skip
         engine = pool.options(**options).bind(

@@ -107,11 +107,13 @@ def _ledger_agrees(ray_cluster: Any, pools: dict[str, dict[str, Any]]) -> None:
     assert totals["capacity"] == sum(r["num_blocks"] for r in rows.values())
 
 
+@pytest.mark.parametrize("ingress", ["router", "engine"])
 def test_disaggregated_equals_colocated_over_http(
-    ray_cluster: Any, smollm2_dir: Path, reference: list[str]
+    ray_cluster: Any, smollm2_dir: Path, reference: list[str], ingress: str
 ) -> None:
+    """Through the router, and with the decode replicas as the ingress themselves."""
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
-                 engine={"max_model_len": 1024}) as cfg:  # fmt: skip
+                 engine={"max_model_len": 1024}, ingress=ingress) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent, varied lengths
             outs = list(pool.map(lambda p: _complete(base, p), PROMPTS))
