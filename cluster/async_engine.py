@@ -254,13 +254,18 @@ class AsyncEngine:
         self._publish(outputs)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Hands a step's outputs to their streams: one thread-safe call per event loop
+        and step (each wakes the loop through its self-pipe), not one per request."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _die(self, err: BaseException) -> None:
         logger.exception("engine step loop failed; the instance is dead")
@@ -298,6 +303,11 @@ class AsyncEngine:
             "steps": self.num_steps,
             "dead": self._dead is not None,
         }
+
+
+def _deliver(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for q, out in batch:
+        q.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
