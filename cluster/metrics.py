@@ -4,7 +4,8 @@ each node's metrics export port with its own ``ray_`` prefix:
 ``ray_kvserve_time_to_first_token_seconds_bucket{model=...,replica=...}``.
 
 Per request (observed by the replica as tokens stream out): time to first token,
-inter-token latency, end-to-end latency, prompt and generation tokens. Per instance
+inter-token latency, end-to-end latency, prompt and generation tokens (the generation
+counter advances once a second by the tokens streamed since). Per instance
 (sampled every second from the engine's counters): requests running and waiting, KV
 cache usage, prefix-cache queries and hits (tokens), preemptions.
 """
@@ -91,9 +92,18 @@ class EngineMetrics:
                 with contextlib.suppress(Exception):  # newer Ray: appears at its first event
                     record(0.0)
         self._last: dict[str, float] = {}
+        # Tokens generated: ``RequestTimer`` adds here (one thread, the event loop that
+        # streams them; a plain add per delta) and ``sample`` (another thread) advances
+        # the counter by what grew, once a second, instead of a Ray metric call per token.
+        self.generated_total = 0
+        self._generated_reported = 0
 
     def sample(self, stats: dict[str, Any]) -> None:
         """Gauges from a stats snapshot; counters advance by what grew since the last."""
+        total = self.generated_total  # read once: the loop thread may add meanwhile
+        if total > self._generated_reported:
+            self.generation_tokens.inc(total - self._generated_reported)
+            self._generated_reported = total
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
@@ -117,7 +127,7 @@ class RequestTimer:
     def tokens(self, n: int, now: float) -> None:
         if n <= 0:
             return
-        self.m.generation_tokens.inc(n)
+        self.m.generated_total += n  # EngineMetrics.sample reports it
         if self.last is None:
             self.m.ttft.observe(now - self.arrival)
             n -= 1
