@@ -41,7 +41,6 @@ from cluster.streams import EngineGone, PoolFull
 
 logger = logging.getLogger(__name__)
 
-HEALTH_CALL_TIMEOUT_S = 3.0
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
 
@@ -174,7 +173,9 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     ``replica_first_delta`` from the replica's ``submit`` to that delta leaving it, of
     which ``replica_queue`` before the engine took the request and ``engine_ttft`` from
     then to the first token. What ``router_first_delta`` has beyond
-    ``replica_first_delta`` is the two Serve calls' wire and queueing time."""
+    ``replica_first_delta`` is the two Serve calls' wire and queueing time. With the
+    engine as the ingress (``cluster.replica.EngineIngress``) there is no router: the
+    ``replica_*`` figures run from the request's arrival at the replica's API."""
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")
     acct["cached_tokens"] = int(item.get("cached_tokens", 0))
@@ -275,8 +276,8 @@ class OpenAIFront:
         raise NotImplementedError
 
     async def health(self) -> JSONResponse:
-        """200 while at least one engine instance of the pool this router calls is up
-        (see ``_serving``), else 503 saying why."""
+        """200 while an engine instance this ingress sends requests to is up (see the
+        subclass's ``_serving``), else 503 saying why."""
         ok, detail = await self._serving()
         if not ok:
             return JSONResponse({"status": "unhealthy", "error": detail}, status_code=503,

@@ -22,10 +22,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.affinity import PromptHasher
-from cluster.front import HEALTH_CALL_TIMEOUT_S, OpenAIFront, ingress_app
+from cluster.front import OpenAIFront, ingress_app
 from cluster.streams import StreamMux
 
 logger = logging.getLogger(__name__)
+
+HEALTH_CALL_TIMEOUT_S = 3.0
 
 
 class Router(OpenAIFront):
