@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -206,6 +206,12 @@ class EngineReplica:
     def _live(self) -> int:
         return sum(len(box.tasks) for box in self._outboxes.values())
 
+    def _full(self) -> str | None:
+        """Why a new request is refused (``max_live_requests`` live), or None."""
+        if self._live() < self.max_live_requests:
+            return None
+        return f"engine instance {self.replica_id} has {self.max_live_requests} requests; retry shortly"
+
     async def submit(self, req: dict[str, Any], router: str, avoid: list[str] | None = None,
                      prefix: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
         """Starts ``req`` (its ``request_id`` set by the router); its deltas go to
@@ -215,9 +221,9 @@ class EngineReplica:
         ``prefix``: the prompt's leading block hashes, for the request router's prefix
         affinity (``cluster.affinity``)."""
         self.engine.check_health()
-        if self._live() >= self.max_live_requests:
-            return {"full": f"engine instance {self.replica_id} has {self.max_live_requests} "
-                            "requests; retry shortly"}  # fmt: skip
+        full = self._full()
+        if full is not None:
+            return {"full": full}
         box = self._outboxes.get(router)
         if box is None:
             box = self._outboxes[router] = Outbox()
@@ -266,7 +272,7 @@ class EngineReplica:
         if task is not None:
             task.cancel()
 
-    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         params: SamplingParams = req["params"]
         arrival = time.monotonic()
         try:
@@ -614,19 +620,18 @@ class EngineIngress(OpenAIFront, EngineReplica):
             self.engine.check_health()
         except Exception as e:
             raise EngineGone(f"engine instance {self.replica_id} failed: {e}") from None
-        if self._live() >= self.max_live_requests:
-            raise PoolFull(f"engine instance {self.replica_id} has {self.max_live_requests} "
-                           "requests; retry shortly")  # fmt: skip
+        full = self._full()
+        if full is not None:
+            raise PoolFull(full)
         req["submitted_at"] = time.monotonic()
         self._direct += 1
         self.submitted += 1
-        gen = self.generate(req)
         try:
-            async for item in gen:
-                yield item
+            async with contextlib.aclosing(self.generate(req)) as gen:
+                async for item in gen:
+                    yield item
         finally:
             self._direct -= 1
-            await gen.aclose()  # type: ignore[attr-defined]
 
     async def _engine_info(self) -> dict[str, Any]:
         return await self.info()
