@@ -191,7 +191,7 @@ def served(
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
                       grpc_port=0, engine=kw, stream_interval_s=args.stream_interval,
                       router_replicas=args.router_replicas, haproxy=args.haproxy,
-                      ingress=args.ingress)  # fmt: skip
+                      ingress=args.ingress, engine_process=args.engine_process)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haproxy", action="store_true", help="ServeConfig.haproxy: HAProxy in front")
     p.add_argument("--ingress", choices=["router", "engine"], default="router",
                    help="ServeConfig.ingress: the router deployment, or the engine replicas")  # fmt: skip
+    p.add_argument("--engine-process", action="store_true",
+                   help="ServeConfig.engine_process: the served engine's step loop in a child "
+                   "process of its replica")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy the proxy, router and engine replica during the served load; "

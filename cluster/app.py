@@ -106,6 +106,9 @@ class ServeConfig:
     # the decode pool): no Ray call between the front and the engine, the front picks
     # the replica (see cluster.replica.EngineIngress).
     ingress: str = "router"
+    # The colocated pool's engines run their step loop in a child process of each
+    # replica (cluster.engine_process), apart from the API's per-token work; TP 1.
+    engine_process: bool = False
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -123,6 +126,9 @@ class ServeConfig:
             raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
         if self.ingress == "engine" and self.router_replicas != 1:
             raise ValueError("router_replicas: there is no router when ingress is 'engine'")
+        if self.engine_process and (self.mode != "colocated" or self.tensor_parallel_size != 1):
+            raise ValueError("engine_process: the colocated pool at TP 1 only (the KV transfer "
+                             "and a worker group's rank actors need the engine in the replica)")  # fmt: skip
         if self.mode == "disaggregated" and min(self.prefill_replicas, self.decode_replicas) < 1:
             raise ValueError("prefill_replicas and decode_replicas must be >= 1")
 
@@ -224,7 +230,13 @@ def build_app(cfg: ServeConfig) -> Application:
         options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, True, cfg.resources,
                                 env)  # fmt: skip
         engine = pool.options(**options).bind(
-            cfg.engine_args(), cfg.served_name, "both", cfg.stream_interval_s, None, live
+            cfg.engine_args(),
+            cfg.served_name,
+            "both",
+            cfg.stream_interval_s,
+            None,
+            live,
+            cfg.engine_process,
         )
     if ingress:
         return engine

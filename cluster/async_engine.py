@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,28 +90,9 @@ class AsyncEngine:
         async for item in self._consume(rid, stream):
             yield item
 
-    async def _consume(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    def _consume(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         """The outputs of a registered request until it finishes; leaving early aborts it."""
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                # Outputs are cumulative: a consumer that fell behind gets the newest one
-                # only (one message for several steps, no added latency when it keeps up).
-                while not isinstance(item, BaseException) and not item.finished:
-                    try:
-                        item = stream.queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        break
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self._cmds.put(("abort", rid))
+        return consume(stream.queue, lambda: self._cmds.put(("abort", rid)))
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
@@ -285,24 +266,56 @@ class AsyncEngine:
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """A snapshot for status tables and metrics (read without a lock: counters only)."""
-        eng = self.engine
-        sched = eng.scheduler
-        pool = eng.kv.pool if eng.kv is not None else None
-        return {
-            "time": time.time(),
-            "tp": eng.args.tensor_parallel_size,
-            "block_size": eng.args.block_size,
-            "running": len(sched.running),
-            "waiting": len(sched.waiting),
-            "num_blocks": pool.num_blocks if pool is not None else 0,
-            "free_blocks": pool.num_free_blocks if pool is not None else 0,
-            "kv_usage": eng.kv_usage(),
-            "prefix_cache_queries": sched.prefix_cache_queries,
-            "prefix_cache_hits": sched.prefix_cache_hits,
-            "preemptions": sched.num_preemptions,
-            "steps": self.num_steps,
-            "dead": self._dead is not None,
-        }
+        return engine_stats(self.engine, self.num_steps, self._dead is not None)
+
+
+def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
+    """An engine's figures as ``stats()`` reports them (``kvserve status``, metrics)."""
+    sched = eng.scheduler
+    pool = eng.kv.pool if eng.kv is not None else None
+    return {
+        "time": time.time(),
+        "tp": eng.args.tensor_parallel_size,
+        "block_size": eng.args.block_size,
+        "running": len(sched.running),
+        "waiting": len(sched.waiting),
+        "num_blocks": pool.num_blocks if pool is not None else 0,
+        "free_blocks": pool.num_free_blocks if pool is not None else 0,
+        "kv_usage": eng.kv_usage(),
+        "prefix_cache_queries": sched.prefix_cache_queries,
+        "prefix_cache_hits": sched.prefix_cache_hits,
+        "preemptions": sched.num_preemptions,
+        "steps": num_steps,
+        "dead": dead,
+    }
+
+
+async def consume(
+    q: asyncio.Queue[RequestOutput | BaseException], on_leave: Callable[[], None]
+) -> AsyncIterator[RequestOutput]:
+    """A request's outputs from its queue until the finished one; an exception in the
+    queue is raised. Leaving before the finished output (client gone, ``aclose``,
+    cancellation) calls ``on_leave`` (it aborts the request)."""
+    finished = False
+    try:
+        while True:
+            item = await q.get()
+            # Outputs are cumulative: a consumer that fell behind gets the newest one
+            # only (one message for several steps, no added latency when it keeps up).
+            while not isinstance(item, BaseException) and not item.finished:
+                try:
+                    item = q.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            if isinstance(item, BaseException):
+                raise item
+            finished = item.finished
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            on_leave()
 
 
 def _deliver(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:

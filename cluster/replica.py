@@ -29,6 +29,7 @@ from ray import serve
 
 from cluster import affinity
 from cluster.async_engine import AsyncEngine
+from cluster.engine_process import EngineProcess
 from cluster.front import OpenAIFront, ingress_app
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
@@ -80,12 +81,17 @@ def _replica_id() -> str:
 class EngineReplica:
     def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both",
                  stream_interval_s: float = 0.0, prefill: Any = None,
-                 max_live_requests: int = 1 << 30) -> None:  # fmt: skip
+                 max_live_requests: int = 1 << 30, engine_process: bool = False) -> None:  # fmt: skip
         """``role``: "both" (colocated), "prefill" or "decode" (disaggregated pools; a
         decode replica gets the prefill pool's handle as ``prefill``).
-        ``max_live_requests``: ``submit`` refuses requests beyond this many live ones."""
+        ``max_live_requests``: ``submit`` refuses requests beyond this many live ones.
+        ``engine_process``: the engine's step loop runs in a child process
+        (``cluster.engine_process``; colocated, TP = 1), not on a thread of this one."""
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {role!r}")
+        if engine_process and role != "both":
+            raise ValueError("engine_process: the colocated pool only (the KV transfer "
+                             "needs the engine in the replica's process)")  # fmt: skip
         if role == "decode" and prefill is None:
             raise ValueError("a decode replica needs the prefill pool's handle")
         self.model_name = model_name
@@ -100,7 +106,10 @@ class EngineReplica:
         self.stream_deltas = 0  # ... carrying this many request deltas
         self.submitted = 0
         self.replica_id = _replica_id()
-        self.engine = AsyncEngine(EngineArgs(**engine_args))
+        args = EngineArgs(**engine_args)
+        self.engine: AsyncEngine | EngineProcess = (
+            EngineProcess(args) if engine_process else AsyncEngine(args)
+        )
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
         self.metrics = EngineMetrics(model_name, self.replica_id)
@@ -108,14 +117,20 @@ class EngineReplica:
         self.pairs = PairHealth(PAIR_MAX_FAILURES, PAIR_QUARANTINE_S, max(PAIR_QUARANTINE_S, 300.0))
         self._faults_left = FAULT_FAIL_PREFILLS
         if role != "both":
-            backend = "nccl" if self.engine.engine.runner.device.type == "cuda" else "gloo"
-            executor = self.engine.engine.executor
+            backend = "nccl" if self._local.engine.runner.device.type == "cuda" else "gloo"
+            executor = self._local.engine.executor
             ranks = executor.rank_actors() if hasattr(executor, "rank_actors") else []
             self.links = KVLinks(self.replica_id, _node_ip(), backend, ranks=ranks)
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="kvserve-report",
                                           daemon=True)  # fmt: skip
         self._reporter.start()
+
+    @property
+    def _local(self) -> AsyncEngine:
+        """The engine in this process (the prefill and decode roles always have one)."""
+        assert isinstance(self.engine, AsyncEngine), "the colocated role runs no KV transfer"
+        return self.engine
 
     def _report_loop(self) -> None:
         """Every second: metrics gauges/counters and a ledger report."""
@@ -125,8 +140,7 @@ class EngineReplica:
         last: Any = None  # the previous report: a failed one means a new ledger handle
         while True:  # the first report at once: health (cluster.router) reads the ledger
             stats = {**self.engine.stats(), **self._stream_stats(), "dead": not self._healthy()}
-            self.metrics.sample(stats)
-            try:
+            try:  # the ledger first: placement and ``kvserve status`` read it
                 if last is not None and ray.wait([last], timeout=0)[0]:
                     ray.get(last)
                 ledger = ledger or get_ledger()
@@ -135,6 +149,10 @@ class EngineReplica:
             except Exception as e:  # the ledger is advisory: serving goes on without it
                 logger.warning("ledger report failed: %s", e)
                 ledger, last = None, None
+            try:
+                self.metrics.sample(stats)
+            except Exception as e:  # metrics are advisory too: the reports go on
+                logger.warning("metrics sample failed: %s", e)
             if self._stop.wait(REPORT_PERIOD_S):
                 return
 
@@ -347,14 +365,14 @@ class EngineReplica:
             yield {"error": "injected prefill failure (KVSERVE_FAULT_FAIL_PREFILLS)"}
             return
         try:
-            out = await self.engine.prefill(req["prompt"], req["params"], rid)
+            out = await self._local.prefill(req["prompt"], req["params"], rid)
         except Exception as e:  # bad input or a dead engine: the decode side recomputes
             yield {"error": f"prefill failed: {e}"}
             return
         held = out.kv_block_ids or []
         blocks = held[int(req.get("skip_blocks", 0)) :]
         if len(blocks) != int(req["num_blocks"]):
-            self.engine.release_kv_nowait(rid)
+            self._local.release_kv_nowait(rid)
             yield {"error": f"prefill holds {len(held)} blocks, the decode side has "
                             f"{req.get('skip_blocks', 0)} and reserved {req['num_blocks']}"}  # fmt: skip
             return
@@ -368,9 +386,9 @@ class EngineReplica:
                 await asyncio.sleep(FAULT_SEND_DELAY_S)
 
         send = asyncio.ensure_future(
-            self.links.send(peer, self.engine.kv_caches(), blocks, announce)
+            self.links.send(peer, self._local.kv_caches(), blocks, announce)
         )
-        send.add_done_callback(lambda _: self.engine.release_kv_nowait(rid))
+        send.add_done_callback(lambda _: self._local.release_kv_nowait(rid))
         got = asyncio.ensure_future(header.get())
         try:
             await asyncio.wait([send, got], return_when=asyncio.FIRST_COMPLETED)
@@ -406,7 +424,7 @@ class EngineReplica:
         ``LOCAL_PREFILL_TOKENS`` of the prompt are left, it runs here ("local", no
         prefill call)."""
         ids = self.engine.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        blocks = await self.engine.reserve(ids, params, rid) if params.n == 1 else None
+        blocks = await self._local.reserve(ids, params, rid) if params.n == 1 else None
         skip = 0  # the prompt's leading blocks held here: not sent
         if blocks is not None:
             bs = self.engine.engine.args.block_size
@@ -456,7 +474,7 @@ class EngineReplica:
         kv["mode"] = "transferred"
         self.metrics.kv_transfer_bytes.inc(max(1, kv["transferred_bytes"]))
         self.metrics.kv_transfer_seconds.observe(kv["transfer_seconds"])
-        async for out in self.engine.transferred(rid, first):
+        async for out in self._local.transferred(rid, first):
             yield out
 
     def _prefill_failed(self, rid: str, peer: str | None, e: Exception,
@@ -517,7 +535,7 @@ class EngineReplica:
                 elif "seq" in item:
                     assert key is not None, "the prefill side sent no link"
                     nbytes, secs = await self.links.recv(key, int(item["seq"]),
-                                                         self.engine.kv_caches(), blocks)  # fmt: skip
+                                                         self._local.kv_caches(), blocks)  # fmt: skip
                     kv.update({"transferred_bytes": nbytes, "transfer_seconds": secs,
                                "prefill_cached_tokens": int(item["cached_tokens"])})  # fmt: skip
                     return int(item["first_token"])

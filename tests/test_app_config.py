@@ -49,3 +49,21 @@ def test_bad_ingress_settings_are_refused() -> None:
         ServeConfig(ingress="proxy")
     with pytest.raises(ValueError, match="no router"):
         ServeConfig(ingress="engine", router_replicas=2)
+
+
+def test_engine_process_reaches_the_colocated_replicas() -> None:
+    """``engine_process`` is the last argument the colocated pool's replicas get; the
+    disaggregated pools and TP > 1 refuse it (their engine must be in the replica)."""
+    for ingress in ("router", "engine"):
+        app = build_app(ServeConfig(device="cpu", ingress=ingress, engine_process=True))
+        pool = app._bound_deployment
+        if ingress == "router":
+            pool = pool.init_args[0]._bound_deployment
+        assert pool.init_args[-1] is True and pool.init_args[2] == "both"
+    with pytest.raises(ValueError, match="colocated pool at TP 1"):
+        ServeConfig(engine_process=True, mode="disaggregated")
+    with pytest.raises(ValueError, match="colocated pool at TP 1"):
+        ServeConfig(engine_process=True, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="colocated pool only"):
+        EngineReplica.__init__(object.__new__(EngineReplica), {}, "m", "decode", 0.0,  # type: ignore[arg-type]
+                               prefill=object(), engine_process=True)  # fmt: skip

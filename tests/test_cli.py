@@ -73,6 +73,15 @@ def _kvserve_serve(cmd: list[str], env: dict[str, str],
             proc.wait()
 
 
+def _serve_status(gcs: str, env: dict[str, str]) -> str:
+    """Serve's view of the applications (what a failed assertion shows beside its rows)."""
+    code = (f"import ray; from ray import serve; ray.init(address={gcs!r}, "
+            "logging_level='ERROR'); print(serve.status())")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**env, "RAY_AUTH_MODE": "token"})  # fmt: skip
+    return (done.stdout + done.stderr)[-4000:]
+
+
 def _listening(ports: set[int]) -> dict[int, list[str]]:
     """The addresses listening on ``ports`` (TCP, any process of this user)."""
     found: dict[int, list[str]] = {}
@@ -110,11 +119,12 @@ def test_grpc_proxy_address_rewrite() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ingress", ["router", "engine"])
+@pytest.mark.parametrize("ingress", ["router", "engine", "engine-process"])
 def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) -> None:
     """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica,
     or of the engine replica itself (``--ingress engine``: no Ray call between HAProxy
-    and the engine; no Python proxy in the token path either way). Completions (whole and streamed) equal the
+    and the engine; no Python proxy in the token path either way), whose engine may run
+    in a child process (``--engine-process``). Completions (whole and streamed) equal the
     offline engine's, gRPC equals HTTP (reflection answers too), a client that leaves
     mid-stream gets its blocks back (read with ``kvserve status``), and every port
     HAProxy and the API listen on is on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
@@ -129,7 +139,10 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
     http, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--haproxy", "--model", str(model),
            "--model-name", "tiny", "--device", "cpu", "--max-model-len", "256",
-           "--port", str(http), "--grpc-port", str(grpc_port), "--ingress", ingress]  # fmt: skip
+           "--port", str(http), "--grpc-port", str(grpc_port)]  # fmt: skip
+    cmd += ["--ingress", "engine", "--engine-process"] if ingress == "engine-process" else [
+        "--ingress", ingress]  # fmt: skip
+    ingress = ingress.removesuffix("-process")
     with _kvserve_serve(cmd, env, timeout_s=300) as (proc, text):
         assert f"HAProxy (Serve's direct ingress to the {ingress} replicas)" in text, text[-4000:]
         gcs = re.search(r"Ray cluster\s+(\S+)", text)[1]  # type: ignore[index]
@@ -187,10 +200,10 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
             done = subprocess.run(status, capture_output=True, text=True, timeout=60,
                                   env={**env, "RAY_AUTH_MODE": "token"})  # fmt: skip
             assert done.returncode == 0, done.stderr[-2000:]
-            row = json.loads(done.stdout)[0]
-            if row["running"] == 0 and row["free_blocks"] == row["num_blocks"]:
+            rows = json.loads(done.stdout)  # [] until the replica's report is in
+            if rows and rows[0]["running"] == 0 and rows[0]["free_blocks"] == rows[0]["num_blocks"]:
                 break
-            assert time.monotonic() < deadline, row
+            assert time.monotonic() < deadline, (rows, _serve_status(gcs, env))
             time.sleep(1)
 
         haproxy_ports = {c.laddr.port: c.laddr.ip for p in psutil.process_iter(["name"])

@@ -1,0 +1,481 @@
+"""One engine instance in a child process: the step loop alone with its interpreter.
+
+``EngineProcess`` offers a colocated replica what ``AsyncEngine`` offers (``generate``,
+``abort``, ``stats``, ``check_health``, ``shutdown``, and ``engine``: the tokenizer and
+the figures the API needs), but the ``LLMEngine`` and its step loop run in a child
+process (``python -m cluster.engine_process``, started by the replica). The replica's
+process keeps the API: HTTP, gRPC, SSE events, metrics. Each process has its own GIL,
+so the per-token work of many streams no longer delays the next step (vLLM V1 splits
+its API server and engine core the same way).
+
+Protocol, two pipes of pickled messages (``multiprocessing.connection``):
+
+- replica → core: ``("add", rid, prompt, params, resume)``, ``("abort", rid)``,
+  ``("stop",)``.
+- core → replica: ``("ready", info)`` once loaded (or ``("failed", message)``);
+  ``("added", rid, error)`` for each add (``error``: the ``ValueError`` of bad input, or
+  None); ``("out", deltas, stats, hashes)`` after each step, and about once a second
+  while idle (``deltas`` empty); ``("dead", message)`` when a step raised.
+
+A step's outputs travel as deltas: per request and sample, the token ids, text and
+logprobs added since the last message (``_Sent`` keeps what each side has), so a
+message's size does not grow with the outputs' length. The replica rebuilds the
+cumulative ``RequestOutput`` that ``AsyncEngine`` would have handed out.
+
+The core stops when the replica says so or its pipe closes (the replica's process
+died). If the core dies, every open stream raises ``EngineDeadError`` and
+``check_health`` fails (Serve replaces the replica). TP = 1 and the colocated role
+only: a worker group's rank actors (TP > 1) and the KV transfer of the disaggregated
+pools need the engine in the replica's process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from cluster.async_engine import (
+    FAULT_STEP_DELAY_S,
+    EngineDeadError,
+    _deliver,
+    _set_exception,
+    _set_result,
+    consume,
+    engine_stats,
+)
+from engine.llm_engine import EngineArgs, render_chat, tokenize
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 900.0  # loading a model (GGUF dequantization, a large checkpoint)
+IDLE_REPORT_S = 1.0  # the core's stats while no request runs, at most this stale
+HASHES_EVERY_S = 1.0  # prefix-cache hashes (for the router's placement) this often
+PREFIX_REPORT_MAX = 256  # at most this many hashes per report (cluster.affinity's cap)
+
+
+@dataclass(slots=True)
+class _SampleDelta:
+    """What one sample gained since the last message (``text_cut``: the receiver keeps
+    that much of its text before appending ``text``; it is the whole length unless the
+    visible text changed before its end)."""
+
+    index: int
+    token_ids: list[int]
+    text_cut: int
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+
+
+@dataclass(slots=True)
+class _Delta:
+    request_id: str
+    finished: bool
+    num_cached_tokens: int
+    metrics: dict[str, float]
+    samples: list[_SampleDelta]
+    prompt: str | None = None  # the first message of a request only
+    prompt_token_ids: list[int] = field(default_factory=list)  # likewise
+
+
+@dataclass(slots=True)
+class _Sent:
+    """Per sample: tokens, text and logprobs one side holds of a request."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+
+
+def encode(out: RequestOutput, sent: dict[str, list[_Sent]]) -> _Delta:
+    """``out`` as the delta from what ``sent`` holds of it (which it updates)."""
+    have = sent.get(out.request_id)
+    first = have is None
+    if have is None:
+        have = sent[out.request_id] = [_Sent() for _ in out.outputs]
+    samples = []
+    for c, h in zip(out.outputs, have, strict=True):
+        ntok, nlp = len(h.tokens), len(h.logprobs or ())
+        cut = len(h.text) if c.text.startswith(h.text) else 0
+        samples.append(_SampleDelta(c.index, c.token_ids[ntok:], cut, c.text[cut:],
+                                    c.finish_reason, c.stop_reason, c.cumulative_logprob,
+                                    None if c.logprobs is None else c.logprobs[nlp:]))  # fmt: skip
+        h.tokens, h.text, h.logprobs = c.token_ids, c.text, c.logprobs
+    if out.finished:
+        del sent[out.request_id]
+    return _Delta(out.request_id, out.finished, out.num_cached_tokens, out.metrics, samples,
+                  out.prompt if first else None, out.prompt_token_ids if first else [])  # fmt: skip
+
+
+@dataclass(slots=True)
+class _Built:
+    """The receiver's cumulative view of one request."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[_Sent]
+
+
+def decode(d: _Delta, built: dict[str, _Built]) -> RequestOutput:
+    """The cumulative ``RequestOutput`` after delta ``d`` (``built``: what came before)."""
+    b = built.get(d.request_id)
+    if b is None:
+        b = built[d.request_id] = _Built(d.prompt, d.prompt_token_ids,
+                                         [_Sent(logprobs=[]) for _ in d.samples])  # fmt: skip
+    outs = []
+    for s, h in zip(d.samples, b.samples, strict=True):
+        h.tokens.extend(s.token_ids)
+        h.text = h.text[: s.text_cut] + s.text
+        if s.logprobs is not None and h.logprobs is not None:
+            h.logprobs.extend(s.logprobs)
+        outs.append(CompletionOutput(s.index, h.text, list(h.tokens), s.finish_reason,
+                                     s.stop_reason, s.cumulative_logprob,
+                                     None if s.logprobs is None else list(h.logprobs or ())))  # fmt: skip
+    if d.finished:
+        del built[d.request_id]
+    return RequestOutput(d.request_id, b.prompt, b.prompt_token_ids, outs, d.finished,
+                         d.num_cached_tokens, d.metrics)  # fmt: skip
+
+
+# --- the replica's side ------------------------------------------------------------------
+class EngineView:
+    """What the API reads of the engine (``AsyncEngine.engine``'s attributes it uses):
+    the tokenizer, loaded in this process too, and the core's figures."""
+
+    def __init__(self, args: EngineArgs, info: dict[str, Any], owner: EngineProcess) -> None:
+        from transformers import AutoTokenizer
+
+        self.args = args
+        self.model_dir = Path(info["model_dir"])
+        self.prefix_key: bytes = info["prefix_key"]
+        self.scheduler_config = info["scheduler_config"]
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
+        self.executor = None  # no worker group: the core runs the model itself
+        self._owner = owner
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return tokenize(self.tokenizer, prompt)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        return render_chat(self.tokenizer, messages)
+
+    def prefix_hashes(self, limit: int) -> list[bytes]:
+        """The newest prefix-cache hashes of the core's last report (≤ 1 s old)."""
+        return self._owner.hashes[-limit:] if limit > 0 else []
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class EngineProcess:
+    def __init__(self, args: EngineArgs, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        """Starts the core and waits until its engine is loaded; ``RuntimeError`` with
+        its message if it fails to load, ``ValueError`` for TP > 1."""
+        if args.tensor_parallel_size != 1:
+            raise ValueError("an engine process runs TP = 1 only (rank actors need the "
+                             "replica's process)")  # fmt: skip
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.engine_process", str(cmd_r), str(out_w)],
+            pass_fds=(cmd_r, out_w), env=env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(cmd_r)
+        os.close(out_w)
+        self._cmd = Connection(cmd_w, readable=False)
+        self._out = Connection(out_r, writable=False)
+        self._send_lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._adds: dict[str, tuple[_Stream, asyncio.Future[str]]] = {}
+        self._built: dict[str, _Built] = {}
+        self._dead: EngineDeadError | None = None
+        self._ids = itertools.count(1)
+        self._stats: dict[str, Any] = {}
+        self._closing = False  # shutdown() asked: the core's exit is no failure
+        self.hashes: list[bytes] = []
+        self._send(("args", args))
+        if not self._out.poll(start_timeout_s):
+            self._proc.kill()
+            raise RuntimeError(f"the engine process did not load in {start_timeout_s:.0f} s")
+        try:
+            kind, payload = self._out.recv()
+        except EOFError:
+            kind, payload = "failed", f"it exited with {self._proc.wait()}"
+        if kind != "ready":
+            raise RuntimeError(f"the engine process failed to load: {payload}")
+        self._stats = payload["stats"]
+        self.engine = EngineView(args, payload, self)
+        self._reader = threading.Thread(target=self._read, name="kvserve-engine-pipe",
+                                        daemon=True)  # fmt: skip
+        self._reader.start()
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        resume: Sequence[int] = (),
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """As ``AsyncEngine.generate``: cumulative outputs, the last one finished;
+        ``ValueError`` for bad input; leaving early aborts the request."""
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        rid = request_id or self.new_request_id()
+        stream = _Stream(loop, asyncio.Queue())
+        added: asyncio.Future[str] = loop.create_future()
+        self._adds[rid] = (stream, added)
+        self._send(("add", rid, prompt, params, tuple(resume)))
+        try:
+            await added
+        except asyncio.CancelledError:  # the caller left before the core answered
+            if self._adds.pop(rid, None) is None:
+                self.abort(rid)  # the answer came: its stream is registered
+            else:
+                self._send(("abort", rid))  # the core drops it once added
+            raise
+        async for item in consume(stream.queue, lambda: self.abort(rid)):
+            yield item
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None and self._dead is None:
+            self._send(("abort", request_id))
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    def check_health(self) -> None:
+        """Raises ``EngineDeadError`` once the core failed or exited."""
+        if self._dead is None and self._proc.poll() is not None:
+            self._die(f"the engine process exited with {self._proc.returncode}")
+        if self._dead is not None:
+            raise self._dead
+
+    def stats(self) -> dict[str, Any]:
+        """The core's figures as of its last message (each step, or ≤ 1 s when idle)."""
+        return {**self._stats, "dead": self._dead is not None}
+
+    def shutdown(self) -> None:
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._send(("stop",))
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._cmd.close()
+
+    def __del__(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    # --- the pipe's reader thread -------------------------------------------------------
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            self._cmd.send_bytes(data)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = self._out.recv()
+                kind = msg[0]
+                if kind == "out":
+                    _, deltas, self._stats, hashes = msg
+                    if hashes is not None:
+                        self.hashes = hashes
+                    self._publish(deltas)
+                elif kind == "added":
+                    _, rid, err = msg
+                    entry = self._adds.pop(rid, None)
+                    if entry is None:  # its caller left meanwhile (and sent an abort)
+                        continue
+                    stream, fut = entry
+                    if err is None:
+                        self._streams[rid] = stream
+                        stream.loop.call_soon_threadsafe(_set_result, fut, rid)
+                    else:
+                        stream.loop.call_soon_threadsafe(_set_exception, fut, err)
+                elif kind == "dead":
+                    self._die(msg[1])
+                    return
+        except (EOFError, OSError):
+            self._proc.wait()
+            self._die(f"the engine process exited with {self._proc.returncode}")
+        except BaseException as e:  # a message this side cannot take: no silent hang
+            logger.exception("engine process pipe failed")
+            self._proc.kill()
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _publish(self, deltas: list[_Delta]) -> None:
+        """One thread-safe call per event loop and message (see ``AsyncEngine``)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for d in deltas:
+            out = decode(d, self._built)
+            stream = self._streams.get(d.request_id)
+            if stream is None:  # aborted here: the core drops it with the abort
+                self._built.pop(d.request_id, None)
+                continue
+            if d.finished:
+                self._streams.pop(d.request_id, None)
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
+
+    def _die(self, message: str) -> None:
+        if self._dead is not None:
+            return
+        log = logger.info if self._closing else logger.error
+        log("engine process failed; the instance is dead: %s", message)
+        self._dead = EngineDeadError(f"engine failed: {message}")
+        for stream in list(self._streams.values()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, self._dead)
+        self._streams.clear()
+        for stream, fut in list(self._adds.values()):
+            stream.loop.call_soon_threadsafe(_set_exception, fut, self._dead)
+        self._adds.clear()
+
+
+# --- the core (the child process) ----------------------------------------------------------
+class _Core:
+    def __init__(self, cmd: Connection, out: Connection) -> None:
+        from engine.llm_engine import LLMEngine
+
+        self.cmd, self.out = cmd, out
+        args: EngineArgs = cmd.recv()[1]
+        self.engine = LLMEngine(args)
+        self.sent: dict[str, list[_Sent]] = {}
+        self.live: set[str] = set()
+        self.steps = 0
+        self.hashes_at = 0.0
+
+    def info(self) -> dict[str, Any]:
+        e = self.engine
+        return {"model_dir": str(e.model_dir), "prefix_key": e.prefix_key,
+                "scheduler_config": e.scheduler_config, "stats": self.stats()}  # fmt: skip
+
+    def stats(self) -> dict[str, Any]:
+        return engine_stats(self.engine, self.steps, False)
+
+    def report(self, deltas: list[_Delta]) -> None:
+        now = time.monotonic()
+        hashes = None
+        if now - self.hashes_at >= HASHES_EVERY_S:
+            self.hashes_at = now
+            hashes = self.engine.prefix_hashes(PREFIX_REPORT_MAX)
+        self.out.send(("out", deltas, self.stats(), hashes))
+
+    def run(self) -> None:
+        last_report = time.monotonic()
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            if not busy and not self.cmd.poll(IDLE_REPORT_S):
+                self.report([])  # idle: figures (after aborts) and hashes stay fresh
+                last_report = time.monotonic()
+                continue
+            while self.cmd.poll():
+                if not self.apply(self.cmd.recv()):
+                    return
+            if self.engine.has_unfinished_requests():
+                if FAULT_STEP_DELAY_S:
+                    time.sleep(FAULT_STEP_DELAY_S)
+                outputs = self.engine.step()
+                self.steps += 1
+                deltas = [encode(o, self.sent) for o in outputs if o.request_id in self.live]
+                for d in deltas:
+                    if d.finished:
+                        self.live.discard(d.request_id)
+                self.report(deltas)
+                last_report = time.monotonic()
+            elif time.monotonic() - last_report >= IDLE_REPORT_S:
+                self.report([])
+                last_report = time.monotonic()
+
+    def apply(self, msg: tuple[Any, ...]) -> bool:
+        """One command; False on stop."""
+        kind = msg[0]
+        if kind == "add":
+            _, rid, prompt, params, resume = msg
+            try:
+                self.engine.add_request(prompt, params, rid, resume)
+            except Exception as e:  # bad input: the caller gets it, nothing queued
+                self.out.send(("added", rid, _portable(e)))
+                return True
+            self.live.add(rid)
+            self.out.send(("added", rid, None))
+        elif kind == "abort":
+            rid = msg[1]
+            if rid in self.live:
+                self.live.discard(rid)
+                self.sent.pop(rid, None)
+                self.engine.abort(rid)
+        elif kind == "stop":
+            return False
+        return True
+
+
+def _portable(e: Exception) -> Exception:
+    """``e`` if it survives pickling, else a ``ValueError`` with its message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        return ValueError(str(e))
+    return e
+
+
+def main(cmd_fd: int, out_fd: int) -> int:
+    """The core: reads its ``EngineArgs`` from the command pipe, loads, then serves
+    until told to stop or the pipe closes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(message)s")
+    cmd = Connection(cmd_fd, writable=False)
+    out = Connection(out_fd, readable=False)
+    try:
+        core = _Core(cmd, out)
+    except BaseException as e:
+        out.send(("failed", f"{type(e).__name__}: {e}"))
+        return 1
+    out.send(("ready", core.info()))
+    try:
+        core.run()
+    except (EOFError, BrokenPipeError):
+        return 0  # the replica is gone
+    except BaseException as e:
+        logger.exception("engine step loop failed")
+        with contextlib.suppress(OSError):
+            out.send(("dead", f"{type(e).__name__}: {e}"))
+        return 1
+    finally:
+        core.engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    # The module's own name, not __main__: the messages' classes must unpickle in the
+    # replica as ``cluster.engine_process``'s.
+    from cluster import engine_process
+
+    sys.exit(engine_process.main(int(sys.argv[1]), int(sys.argv[2])))

@@ -1,0 +1,175 @@
+"""The engine in a child process (cluster.engine_process): the same outputs as the
+engine in process, bad input refused, an abort frees the blocks, a dead core fails its
+streams; the delta encoding round-trips."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.async_engine import EngineDeadError
+from cluster.engine_process import EngineProcess, _Built, _Sent, decode, encode
+from engine import LLM
+from engine.llm_engine import EngineArgs
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs: dict[str, Path]) -> Path:
+    return tiny_dirs["llama3"]
+
+
+@pytest.fixture(scope="module")
+def proc(tiny: Path) -> Any:
+    engine = EngineProcess(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN))
+    yield engine
+    engine.shutdown()
+
+
+def _key(out: RequestOutput) -> list[tuple[Any, ...]]:
+    return [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs,
+             c.cumulative_logprob) for c in out.outputs]  # fmt: skip
+
+
+def _same(got: RequestOutput, ref: RequestOutput) -> None:
+    """Equal samples; logprobs to float tolerance (a batch of other shapes runs them)."""
+    assert len(got.outputs) == len(ref.outputs)
+    for g, r in zip(got.outputs, ref.outputs, strict=True):
+        assert (g.index, g.text, g.token_ids, g.finish_reason, g.stop_reason) == (
+            r.index, r.text, r.token_ids, r.finish_reason, r.stop_reason)  # fmt: skip
+        assert (g.logprobs is None) == (r.logprobs is None)
+        for gl, rl in zip(g.logprobs or [], r.logprobs or [], strict=True):
+            assert gl.keys() == rl.keys()
+            assert all(abs(gl[k] - rl[k]) < 1e-4 for k in gl), (gl, rl)
+        if r.cumulative_logprob is not None:
+            assert g.cumulative_logprob == pytest.approx(r.cumulative_logprob, abs=1e-3)
+
+
+async def _run(engine: EngineProcess, prompt: str, params: SamplingParams) -> list[RequestOutput]:
+    return [out async for out in engine.generate(prompt, params)]
+
+
+def test_same_outputs_as_in_process(tiny: Path, proc: EngineProcess) -> None:
+    """Greedy, a stop string, seeded sampling with n = 2 and logprobs: the core's
+    outputs, rebuilt from its deltas, equal the in-process engine's; each stream's
+    outputs grow and end with the one finished output."""
+    llm = LLM(tiny, device="cpu", max_model_len=MAX_LEN)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = llm.generate(["w1 w2 w3", "w7 w8"], greedy)
+    stop = base[0].outputs[0].text.split()[3]  # a word the greedy text reaches
+    cases = [
+        ("w1 w2 w3", greedy),
+        ("w7 w8", greedy),
+        ("w1 w2 w3", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,))),
+        ("w5 w6 w4", SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, n=2, seed=7,
+                                    logprobs=2, ignore_eos=True)),
+    ]  # fmt: skip
+    refs = [llm.generate([p], sp)[0] for p, sp in cases]
+
+    async def main() -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(_run(proc, p, sp) for p, sp in cases))
+
+    streams = asyncio.run(main())
+    for ref, outs in zip(refs, streams, strict=True):
+        last = outs[-1]
+        assert last.finished and not any(o.finished for o in outs[:-1])
+        _same(last, ref)
+        assert last.prompt_token_ids == ref.prompt_token_ids
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        assert lengths == sorted(lengths) and lengths[0] >= 1
+    assert refs[2].outputs[0].finish_reason == "stop"  # the stop string matched
+
+
+def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
+    """A prompt over the context raises ValueError (the core's message) and disturbs
+    no other stream; a stream left early aborts its request, and the core's figures
+    show every block back in the pool."""
+
+    async def main() -> None:
+        good = asyncio.ensure_future(
+            _run(proc, "w1 w2", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        )
+        with pytest.raises(ValueError, match=f"max_model_len is {MAX_LEN}"):
+            await _run(proc, "w1 " * (MAX_LEN + 10), SamplingParams(max_tokens=4))
+        assert (await good)[-1].finished
+
+        gen = proc.generate("w3 " * 40, SamplingParams(temperature=0, max_tokens=200,
+                                                       ignore_eos=True))  # fmt: skip
+        seen = 0
+        async for out in gen:
+            seen += 1
+            assert not out.finished
+            if seen == 3:
+                break
+        await gen.aclose()
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while True:
+        s = proc.stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["free_blocks"] == s["num_blocks"]:
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    assert s["num_blocks"] > 0 and s["steps"] > 0
+    proc.check_health()
+
+
+def test_dead_core_fails_streams(tiny: Path) -> None:
+    """The core killed mid-stream: the open stream raises EngineDeadError, health
+    fails, and new requests are refused with it."""
+    engine = EngineProcess(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN))
+    params = SamplingParams(temperature=0, max_tokens=MAX_LEN - 8, ignore_eos=True)
+
+    async def main() -> None:
+        gen = engine.generate("w1", params)
+        with pytest.raises(EngineDeadError):
+            async for _ in gen:
+                engine._proc.kill()
+        with pytest.raises(EngineDeadError):
+            await _run(engine, "w2", params)
+
+    try:
+        asyncio.run(main())
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+        assert engine.stats()["dead"]
+    finally:
+        engine.shutdown()
+
+
+_texts = st.text(alphabet="ab c", max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.lists(st.integers(0, 9), max_size=3), _texts,
+                                st.integers(0, 3)), min_size=1, max_size=8))  # fmt: skip
+def test_delta_round_trip(steps: list[tuple[list[int], str, int]]) -> None:
+    """Cumulative outputs (tokens and logprobs append, the visible text grows and may
+    change before its end) survive encode → decode unchanged, step by step."""
+    sent: dict[str, list[_Sent]] = {}
+    built: dict[str, _Built] = {}
+    tokens: list[int] = []
+    logprobs: list[dict[int, float]] = []
+    text = ""
+    for i, (new, tail, keep_back) in enumerate(steps):
+        tokens = tokens + new
+        logprobs = logprobs + [{t: -0.5} for t in new]
+        text = text[: max(0, len(text) - keep_back)] + tail
+        last = i == len(steps) - 1
+        c = CompletionOutput(0, text, list(tokens), "length" if last else None, None, -1.0,
+                             list(logprobs))  # fmt: skip
+        out = RequestOutput("r", "p", [1, 2], [c], last, 1, {"arrival": 1.0})
+        got = decode(encode(out, sent), built)
+        assert _key(got) == _key(out) and got.finished == last
+        assert got.prompt_token_ids == [1, 2] and got.prompt == "p"
+    assert not sent and not built  # a finished request leaves nothing behind
