@@ -41,6 +41,12 @@ FAULT_STEP_DELAY_S = float(os.environ.get("KVSERVE_FAULT_STEP_DELAY_S", "0"))
 GIL_SWITCH_INTERVAL_S = os.environ.get("KVSERVE_GIL_SWITCH_INTERVAL_S", "")
 
 
+def apply_gil_switch_interval() -> None:
+    """``GIL_SWITCH_INTERVAL_S`` for this process, when set (and shorter than now)."""
+    if GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(min(sys.getswitchinterval(), float(GIL_SWITCH_INTERVAL_S)))
+
+
 class EngineDeadError(RuntimeError):
     """The engine's step loop failed; this instance serves nothing more."""
 
@@ -62,8 +68,7 @@ class AsyncEngine:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self.num_steps = 0
-        if GIL_SWITCH_INTERVAL_S:
-            sys.setswitchinterval(min(sys.getswitchinterval(), float(GIL_SWITCH_INTERVAL_S)))
+        apply_gil_switch_interval()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 

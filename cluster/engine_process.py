@@ -53,6 +53,7 @@ from cluster.async_engine import (
     _deliver,
     _set_exception,
     _set_result,
+    apply_gil_switch_interval,
     consume,
     engine_stats,
 )
@@ -226,6 +227,9 @@ class EngineProcess:
             raise RuntimeError(f"the engine process failed to load: {payload}")
         self._stats = payload["stats"]
         self.engine = EngineView(args, payload, self)
+        # The pipe's reader thread hands each step to the event loop: it should get the
+        # GIL back from the API's per-token work soon (``KVSERVE_GIL_SWITCH_INTERVAL_S``).
+        apply_gil_switch_interval()
         self._reader = threading.Thread(target=self._read, name="kvserve-engine-pipe",
                                         daemon=True)  # fmt: skip
         self._reader.start()
@@ -332,9 +336,11 @@ class EngineProcess:
             self._die(f"{type(e).__name__}: {e}")
 
     def _publish(self, deltas: list[_Delta]) -> None:
-        """One thread-safe call per event loop and message (see ``AsyncEngine``)."""
+        """One thread-safe call per event loop and message (see ``AsyncEngine``). A
+        request's first output goes first: its stream's task wakes before the others, so
+        its first token is not sent after a step's worth of other streams' events."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for d in deltas:
+        for d in sorted(deltas, key=lambda d: not d.prompt_token_ids):  # firsts carry the prompt
             out = decode(d, self._built)
             stream = self._streams.get(d.request_id)
             if stream is None:  # aborted here: the core drops it with the abort
