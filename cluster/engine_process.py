@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -53,7 +54,6 @@ from cluster.async_engine import (
     _deliver,
     _set_exception,
     _set_result,
-    apply_gil_switch_interval,
     consume,
     engine_stats,
 )
@@ -227,9 +227,9 @@ class EngineProcess:
             raise RuntimeError(f"the engine process failed to load: {payload}")
         self._stats = payload["stats"]
         self.engine = EngineView(args, payload, self)
-        # The pipe's reader thread hands each step to the event loop: it should get the
-        # GIL back from the API's per-token work soon (``KVSERVE_GIL_SWITCH_INTERVAL_S``).
-        apply_gil_switch_interval()
+        # No short GIL switch interval here (``KVSERVE_GIL_SWITCH_INTERVAL_S`` is for a
+        # step thread): with one, the served TTFT p50 at 64 streams rose from 34 ms to
+        # 50-55 ms on one H100 (docs/serving.md); the API's loop is preempted more often.
         self._reader = threading.Thread(target=self._read, name="kvserve-engine-pipe",
                                         daemon=True)  # fmt: skip
         self._reader.start()
@@ -299,6 +299,8 @@ class EngineProcess:
 
     # --- the pipe's reader thread -------------------------------------------------------
     def _send(self, msg: tuple[Any, ...]) -> None:
+        """Writes one command; blocks while the pipe is full (the core drains it
+        between steps, so at most about a step)."""
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
             self._cmd.send_bytes(data)
@@ -457,6 +459,9 @@ def main(cmd_fd: int, out_fd: int) -> int:
     """The core: reads its ``EngineArgs`` from the command pipe, loads, then serves
     until told to stop or the pipe closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(message)s")
+    # Ctrl-C in a terminal reaches the whole process group; the core's life follows its
+    # replica's pipe instead (end-of-file: the replica is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cmd = Connection(cmd_fd, writable=False)
     out = Connection(out_fd, readable=False)
     try:
