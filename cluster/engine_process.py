@@ -228,8 +228,9 @@ class EngineProcess:
         self._stats = payload["stats"]
         self.engine = EngineView(args, payload, self)
         # No short GIL switch interval here (``KVSERVE_GIL_SWITCH_INTERVAL_S`` is for a
-        # step thread): with one, the served TTFT p50 at 64 streams rose from 34 ms to
-        # 50-55 ms on one H100 (docs/serving.md); the API's loop is preempted more often.
+        # step thread): the GPU calls that had one here served TTFT p50 at 50-55 ms at 64
+        # streams, the call without it 34 ms (docs/serving.md; not yet measured apart
+        # from the first-output ordering that came with it).
         self._reader = threading.Thread(target=self._read, name="kvserve-engine-pipe",
                                         daemon=True)  # fmt: skip
         self._reader.start()
