@@ -189,12 +189,17 @@ class _Stream:
 
 
 class EngineProcess:
+    """The replica's side. One lock (``_lock``) guards the request tables (``_adds``:
+    sent, not yet answered; ``_streams``: admitted; ``_built``: their outputs so far)
+    and ``_dead``, so that a caller leaving, the pipe's reader and a failure see each
+    request in exactly one state."""
+
     def __init__(self, args: EngineArgs, start_timeout_s: float = START_TIMEOUT_S) -> None:
         """Starts the core and waits until its engine is loaded; ``RuntimeError`` with
-        its message if it fails to load, ``ValueError`` for TP > 1."""
-        if args.tensor_parallel_size != 1:
-            raise ValueError("an engine process runs TP = 1 only (rank actors need the "
-                             "replica's process)")  # fmt: skip
+        its message if it fails to load, ``ValueError`` for TP > 1 or a Ray executor."""
+        if args.tensor_parallel_size != 1 or args.distributed_executor_backend == "ray":
+            raise ValueError("an engine process runs TP = 1 on its own device only (rank "
+                             "actors need the replica's process)")  # fmt: skip
         cmd_r, cmd_w = os.pipe()
         out_r, out_w = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -207,6 +212,7 @@ class EngineProcess:
         self._cmd = Connection(cmd_w, readable=False)
         self._out = Connection(out_r, writable=False)
         self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._adds: dict[str, tuple[_Stream, asyncio.Future[str]]] = {}
         self._built: dict[str, _Built] = {}
@@ -215,16 +221,22 @@ class EngineProcess:
         self._stats: dict[str, Any] = {}
         self._closing = False  # shutdown() asked: the core's exit is no failure
         self.hashes: list[bytes] = []
-        self._send(("args", args))
-        if not self._out.poll(start_timeout_s):
-            self._proc.kill()
-            raise RuntimeError(f"the engine process did not load in {start_timeout_s:.0f} s")
         try:
-            kind, payload = self._out.recv()
-        except EOFError:
-            kind, payload = "failed", f"it exited with {self._proc.wait()}"
-        if kind != "ready":
-            raise RuntimeError(f"the engine process failed to load: {payload}")
+            self._send(("args", args))
+            if not self._out.poll(start_timeout_s):
+                raise RuntimeError(f"the engine process did not load in {start_timeout_s:.0f} s")
+            try:
+                kind, payload = self._out.recv()
+            except EOFError:
+                kind, payload = "failed", f"it exited with {self._proc.wait()}"
+            if kind != "ready":
+                raise RuntimeError(f"the engine process failed to load: {payload}")
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            self._cmd.close()
+            self._out.close()
+            raise
         self._stats = payload["stats"]
         self.engine = EngineView(args, payload, self)
         # No short GIL switch interval here (``KVSERVE_GIL_SWITCH_INTERVAL_S`` is for a
@@ -243,28 +255,42 @@ class EngineProcess:
         resume: Sequence[int] = (),
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """As ``AsyncEngine.generate``: cumulative outputs, the last one finished;
-        ``ValueError`` for bad input; leaving early aborts the request."""
-        if self._dead is not None:
-            raise self._dead
+        ``ValueError`` for bad input (an id in use too); leaving early aborts it."""
         loop = asyncio.get_running_loop()
         rid = request_id or self.new_request_id()
         stream = _Stream(loop, asyncio.Queue())
         added: asyncio.Future[str] = loop.create_future()
-        self._adds[rid] = (stream, added)
-        self._send(("add", rid, prompt, params, tuple(resume)))
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            if rid in self._adds or rid in self._streams:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            self._adds[rid] = (stream, added)
+        try:
+            self._send(("add", rid, prompt, params, tuple(resume)))
+        except OSError:
+            with self._lock:
+                self._adds.pop(rid, None)
+            self.check_health()
+            raise
         try:
             await added
-        except asyncio.CancelledError:  # the caller left before the core answered
-            if self._adds.pop(rid, None) is None:
-                self.abort(rid)  # the answer came: its stream is registered
-            else:
-                self._send(("abort", rid))  # the core drops it once added
+        except asyncio.CancelledError:  # left before the core answered: drop it there too
+            self.abort(rid)
             raise
         async for item in consume(stream.queue, lambda: self.abort(rid)):
             yield item
 
     def abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None and self._dead is None:
+        """Forgets the request here and has the core abort it (a no-op there for one it
+        does not run: finished, refused, or never added)."""
+        with self._lock:
+            self._adds.pop(request_id, None)
+            self._streams.pop(request_id, None)
+            self._built.pop(request_id, None)
+            if self._dead is not None:
+                return
+        with contextlib.suppress(OSError):  # the core is gone: nothing runs there
             self._send(("abort", request_id))
 
     @property
@@ -317,16 +343,7 @@ class EngineProcess:
                         self.hashes = hashes
                     self._publish(deltas)
                 elif kind == "added":
-                    _, rid, err = msg
-                    entry = self._adds.pop(rid, None)
-                    if entry is None:  # its caller left meanwhile (and sent an abort)
-                        continue
-                    stream, fut = entry
-                    if err is None:
-                        self._streams[rid] = stream
-                        stream.loop.call_soon_threadsafe(_set_result, fut, rid)
-                    else:
-                        stream.loop.call_soon_threadsafe(_set_exception, fut, err)
+                    self._admitted(msg[1], msg[2])
                 elif kind == "dead":
                     self._die(msg[1])
                     return
@@ -338,35 +355,53 @@ class EngineProcess:
             self._proc.kill()
             self._die(f"{type(e).__name__}: {e}")
 
+    def _admitted(self, rid: str, err: BaseException | None) -> None:
+        with self._lock:
+            entry = self._adds.pop(rid, None)
+            if entry is None:  # its caller left meanwhile (and sent an abort)
+                return
+            stream, fut = entry
+            if err is None:
+                self._streams[rid] = stream
+        if err is None:
+            stream.loop.call_soon_threadsafe(_set_result, fut, rid)
+        else:
+            stream.loop.call_soon_threadsafe(_set_exception, fut, err)
+
     def _publish(self, deltas: list[_Delta]) -> None:
         """One thread-safe call per event loop and message (see ``AsyncEngine``). A
         request's first output goes first: its stream's task wakes before the others, so
         its first token is not sent after a step's worth of other streams' events."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for d in sorted(deltas, key=lambda d: not d.prompt_token_ids):  # firsts carry the prompt
-            out = decode(d, self._built)
-            stream = self._streams.get(d.request_id)
-            if stream is None:  # aborted here: the core drops it with the abort
-                self._built.pop(d.request_id, None)
-                continue
-            if d.finished:
-                self._streams.pop(d.request_id, None)
-            batches.setdefault(stream.loop, []).append((stream.queue, out))
+        with self._lock:
+            for d in sorted(deltas, key=lambda d: not d.prompt_token_ids):  # firsts: prompt
+                stream = self._streams.get(d.request_id)
+                if stream is None:  # aborted here: the core drops it with the abort
+                    self._built.pop(d.request_id, None)
+                    continue
+                out = decode(d, self._built)
+                if d.finished:
+                    del self._streams[d.request_id]
+                batches.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_deliver, batch)
 
     def _die(self, message: str) -> None:
-        if self._dead is not None:
-            return
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = EngineDeadError(f"engine failed: {message}")
+            streams = list(self._streams.values())
+            adds = list(self._adds.values())
+            self._streams.clear()
+            self._adds.clear()
+            self._built.clear()
         log = logger.info if self._closing else logger.error
         log("engine process failed; the instance is dead: %s", message)
-        self._dead = EngineDeadError(f"engine failed: {message}")
-        for stream in list(self._streams.values()):
+        for stream in streams:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, self._dead)
-        self._streams.clear()
-        for stream, fut in list(self._adds.values()):
+        for stream, fut in adds:
             stream.loop.call_soon_threadsafe(_set_exception, fut, self._dead)
-        self._adds.clear()
 
 
 # --- the core (the child process) ----------------------------------------------------------
@@ -418,8 +453,9 @@ class _Core:
                 for d in deltas:
                     if d.finished:
                         self.live.discard(d.request_id)
-                self.report(deltas)
-                last_report = time.monotonic()
+                if deltas or time.monotonic() - last_report >= IDLE_REPORT_S:
+                    self.report(deltas)  # a step with nothing to stream sends nothing
+                    last_report = time.monotonic()
             elif time.monotonic() - last_report >= IDLE_REPORT_S:
                 self.report([])
                 last_report = time.monotonic()
@@ -456,6 +492,14 @@ def _portable(e: Exception) -> Exception:
     return e
 
 
+def _orphan_watch(parent: int, loaded: threading.Event) -> None:
+    """While the engine loads (the pipes are not read then), exits the process once
+    its replica is gone, rather than finish loading onto a device a new replica wants."""
+    while not loaded.wait(1.0):
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def main(cmd_fd: int, out_fd: int) -> int:
     """The core: reads its ``EngineArgs`` from the command pipe, loads, then serves
     until told to stop or the pipe closes."""
@@ -465,13 +509,18 @@ def main(cmd_fd: int, out_fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cmd = Connection(cmd_fd, writable=False)
     out = Connection(out_fd, readable=False)
+    loaded = threading.Event()
+    threading.Thread(target=_orphan_watch, args=(os.getppid(), loaded), daemon=True).start()
     try:
         core = _Core(cmd, out)
     except BaseException as e:
-        out.send(("failed", f"{type(e).__name__}: {e}"))
+        with contextlib.suppress(OSError):
+            out.send(("failed", f"{type(e).__name__}: {e}"))
         return 1
-    out.send(("ready", core.info()))
+    finally:
+        loaded.set()
     try:
+        out.send(("ready", core.info()))
         core.run()
     except (EOFError, BrokenPipeError):
         return 0  # the replica is gone

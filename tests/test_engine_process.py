@@ -50,7 +50,9 @@ def _same(got: RequestOutput, ref: RequestOutput) -> None:
         for gl, rl in zip(g.logprobs or [], r.logprobs or [], strict=True):
             assert gl.keys() == rl.keys()
             assert all(abs(gl[k] - rl[k]) < 1e-4 for k in gl), (gl, rl)
-        if r.cumulative_logprob is not None:
+        if r.cumulative_logprob is None:
+            assert g.cumulative_logprob is None
+        else:
             assert g.cumulative_logprob == pytest.approx(r.cumulative_logprob, abs=1e-3)
 
 
@@ -90,11 +92,13 @@ def test_same_outputs_as_in_process(tiny: Path, proc: EngineProcess) -> None:
 
 
 def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
-    """A prompt over the context raises ValueError (the core's message) and disturbs
-    no other stream; a stream left early aborts its request, and the core's figures
-    show every block back in the pool."""
+    """A prompt over the context, or a request id in use, raises ValueError (the
+    core's message) and disturbs no other stream; a stream left early aborts its
+    request in the core (it stops stepping it, and every block is back in the pool)
+    and leaves nothing behind in the replica's tables."""
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
-    async def main() -> None:
+    async def main() -> int:
         good = asyncio.ensure_future(
             _run(proc, "w1 w2", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         )
@@ -102,17 +106,21 @@ def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
             await _run(proc, "w1 " * (MAX_LEN + 10), SamplingParams(max_tokens=4))
         assert (await good)[-1].finished
 
-        gen = proc.generate("w3 " * 40, SamplingParams(temperature=0, max_tokens=200,
-                                                       ignore_eos=True))  # fmt: skip
+        gen = proc.generate("w3 " * 40, long, "taken")
         seen = 0
         async for out in gen:
             seen += 1
             assert not out.finished
+            if seen == 1:
+                dup = proc.generate("w4", SamplingParams(max_tokens=2), "taken")
+                with pytest.raises(ValueError, match="already in use"):
+                    await anext(dup)
             if seen == 3:
                 break
         await gen.aclose()
+        return int(proc.stats()["steps"])
 
-    asyncio.run(main())
+    left_at = asyncio.run(main())
     deadline = time.monotonic() + 10
     while True:
         s = proc.stats()
@@ -120,7 +128,9 @@ def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
             break
         assert time.monotonic() < deadline, s
         time.sleep(0.2)
-    assert s["num_blocks"] > 0 and s["steps"] > 0
+    assert s["num_blocks"] > 0
+    assert s["steps"] - left_at < 100, (left_at, s)  # not run on to its 200 tokens
+    assert not proc._streams and not proc._adds and not proc._built
     proc.check_health()
 
 
@@ -148,28 +158,46 @@ def test_dead_core_fails_streams(tiny: Path) -> None:
 
 
 _texts = st.text(alphabet="ab c", max_size=6)
+_step = st.tuples(st.lists(st.integers(0, 9), max_size=3), _texts, st.integers(0, 3))
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps=st.lists(st.tuples(st.lists(st.integers(0, 9), max_size=3), _texts,
-                                st.integers(0, 3)), min_size=1, max_size=8))  # fmt: skip
-def test_delta_round_trip(steps: list[tuple[list[int], str, int]]) -> None:
-    """Cumulative outputs (tokens and logprobs append, the visible text grows and may
-    change before its end) survive encode → decode unchanged, step by step."""
+@given(requests=st.lists(st.tuples(st.lists(st.lists(_step, min_size=1, max_size=6),
+                                            min_size=1, max_size=2), st.booleans()),
+                         min_size=1, max_size=2))  # fmt: skip
+def test_delta_round_trip(
+    requests: list[tuple[list[list[tuple[list[int], str, int]]], bool]],
+) -> None:
+    """Cumulative outputs of interleaved requests (n = 1 or 2 samples; tokens and
+    logprobs, or no logprobs, append; the visible text grows and may change before its
+    end) survive encode → decode unchanged, step by step; finished requests leave
+    nothing behind on either side."""
     sent: dict[str, list[_Sent]] = {}
     built: dict[str, _Built] = {}
-    tokens: list[int] = []
-    logprobs: list[dict[int, float]] = []
-    text = ""
-    for i, (new, tail, keep_back) in enumerate(steps):
-        tokens = tokens + new
-        logprobs = logprobs + [{t: -0.5} for t in new]
-        text = text[: max(0, len(text) - keep_back)] + tail
-        last = i == len(steps) - 1
-        c = CompletionOutput(0, text, list(tokens), "length" if last else None, None, -1.0,
-                             list(logprobs))  # fmt: skip
-        out = RequestOutput("r", "p", [1, 2], [c], last, 1, {"arrival": 1.0})
-        got = decode(encode(out, sent), built)
-        assert _key(got) == _key(out) and got.finished == last
-        assert got.prompt_token_ids == [1, 2] and got.prompt == "p"
-    assert not sent and not built  # a finished request leaves nothing behind
+    state = {f"r{j}": [([], [], "") for _ in samples] for j, (samples, _) in enumerate(requests)}
+    length = max(len(steps) for samples, _ in requests for steps in samples)
+    for i in range(length):
+        for j, (samples, with_lp) in enumerate(requests):
+            rid = f"r{j}"
+            if rid not in state:
+                continue
+            outs = []
+            for k, steps in enumerate(samples):
+                tokens, lps, text = state[rid][k]
+                if i < len(steps):
+                    new, tail, keep_back = steps[i]
+                    tokens, lps = tokens + new, lps + [{t: -0.5} for t in new]
+                    text = text[: max(0, len(text) - keep_back)] + tail
+                    state[rid][k] = (tokens, lps, text)
+                done = i >= len(steps) - 1
+                outs.append(CompletionOutput(k, text, list(tokens), "length" if done else None,
+                                             None, -1.0 if with_lp else None,
+                                             list(lps) if with_lp else None))  # fmt: skip
+            finished = all(o.finished for o in outs)
+            out = RequestOutput(rid, "p", [1, j], outs, finished, 1, {"arrival": 1.0})
+            got = decode(encode(out, sent), built)
+            assert _key(got) == _key(out) and got.finished == finished
+            assert got.prompt_token_ids == [1, j] and got.prompt == "p"
+            if finished:
+                del state[rid]
+    assert not state and not sent and not built
