@@ -15,6 +15,7 @@ each request's outputs to the asyncio loop that asked for them. Callers see:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -91,7 +92,11 @@ class AsyncEngine:
         stream = _Stream(loop, asyncio.Queue())
         added: asyncio.Future[str] = loop.create_future()
         self._cmds.put(("add", prompt, params, rid, stream, added, tuple(resume)))
-        await added  # ValueError for bad input: nothing was queued
+        try:
+            await added  # ValueError for bad input: nothing was queued
+        except asyncio.CancelledError:  # left before the engine took it: abort it there
+            self._cmds.put(("abort", rid))
+            raise
         async for item in self._consume(rid, stream):
             yield item
 
@@ -197,10 +202,10 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(prompt, params, rid, resume)
                 except Exception as e:  # bad input: the caller gets it, nothing queued
-                    stream.loop.call_soon_threadsafe(_set_exception, added, e)
+                    post(stream.loop, _set_exception, added, e)
                     continue
                 self._streams[rid] = stream
-                stream.loop.call_soon_threadsafe(_set_result, added, rid)
+                post(stream.loop, _set_result, added, rid)
             elif kind in ("add_prefill", "reserve"):
                 _, prompt, params, rid, stream, added = cmd
                 try:
@@ -209,13 +214,13 @@ class AsyncEngine:
                     else:
                         result = self.engine.add_transferred_request(prompt, params, rid)
                 except Exception as e:
-                    stream.loop.call_soon_threadsafe(_set_exception, added, e)
+                    post(stream.loop, _set_exception, added, e)
                     continue
                 if kind == "add_prefill":
                     self._streams[rid] = stream
                 elif result is not None:
                     self._streams_pending[rid] = stream
-                stream.loop.call_soon_threadsafe(_set_result, added, result)
+                post(stream.loop, _set_result, added, result)
             elif kind == "transferred":
                 _, rid, token, stream = cmd
                 self._streams[rid] = stream
@@ -251,13 +256,13 @@ class AsyncEngine:
                 del self._streams[out.request_id]
             batches.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            post(loop, _deliver, batch)
 
     def _die(self, err: BaseException) -> None:
         logger.exception("engine step loop failed; the instance is dead")
         self._dead = EngineDeadError(f"engine failed: {type(err).__name__}: {err}")
         for stream in [*self._streams.values(), *self._streams_pending.values()]:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, self._dead)
+            post(stream.loop, stream.queue.put_nowait, self._dead)
         self._streams.clear()
         self._streams_pending.clear()
         while True:  # refuse whatever was queued meanwhile
@@ -266,7 +271,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if cmd[0] in ("add", "add_prefill", "reserve"):
-                cmd[4].loop.call_soon_threadsafe(_set_exception, cmd[5], self._dead)
+                post(cmd[4].loop, _set_exception, cmd[5], self._dead)
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -321,6 +326,13 @@ async def consume(
     finally:
         if not finished:
             on_leave()
+
+
+def post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)`` on ``loop`` from another thread; nothing if that loop is closed (its
+    callers are gone: the engine goes on for everyone else)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _deliver(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:

@@ -56,6 +56,7 @@ from cluster.async_engine import (
     _set_result,
     consume,
     engine_stats,
+    post,
 )
 from engine.llm_engine import EngineArgs, render_chat, tokenize
 from engine.outputs import CompletionOutput, RequestOutput
@@ -364,9 +365,9 @@ class EngineProcess:
             if err is None:
                 self._streams[rid] = stream
         if err is None:
-            stream.loop.call_soon_threadsafe(_set_result, fut, rid)
+            post(stream.loop, _set_result, fut, rid)
         else:
-            stream.loop.call_soon_threadsafe(_set_exception, fut, err)
+            post(stream.loop, _set_exception, fut, err)
 
     def _publish(self, deltas: list[_Delta]) -> None:
         """One thread-safe call per event loop and message (see ``AsyncEngine``). A
@@ -384,7 +385,7 @@ class EngineProcess:
                     del self._streams[d.request_id]
                 batches.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            post(loop, _deliver, batch)
 
     def _die(self, message: str) -> None:
         with self._lock:
@@ -399,9 +400,9 @@ class EngineProcess:
         log = logger.info if self._closing else logger.error
         log("engine process failed; the instance is dead: %s", message)
         for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, self._dead)
+            post(stream.loop, stream.queue.put_nowait, self._dead)
         for stream, fut in adds:
-            stream.loop.call_soon_threadsafe(_set_exception, fut, self._dead)
+            post(stream.loop, _set_exception, fut, self._dead)
 
 
 # --- the core (the child process) ----------------------------------------------------------

@@ -134,6 +134,43 @@ def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
     proc.check_health()
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_cancel_while_admitting(tiny: Path, kind: str) -> None:
+    """A caller cancelled while its request is being admitted (before any output):
+    the engine aborts the request rather than run it to ``max_tokens`` (both engines:
+    on a thread, in a process)."""
+    from cluster.async_engine import AsyncEngine
+
+    args = EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN)
+    engine: Any = AsyncEngine(args) if kind == "thread" else EngineProcess(args)
+    params = SamplingParams(temperature=0, max_tokens=MAX_LEN - 8, ignore_eos=True)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(anext(engine.generate("w1 w2", params)))
+        await asyncio.sleep(0)  # the add is sent; its answer cannot run before the cancel
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+        # Long enough for the request to run all its 248 steps had it not been aborted
+        # (a step of the tiny model takes milliseconds); then figures newer than that.
+        time.sleep(2.5)
+        seen_after = time.time()
+        deadline = time.monotonic() + 10
+        while True:
+            s = engine.stats()
+            if s["time"] >= seen_after and s["running"] == 0 and s["waiting"] == 0:
+                break
+            assert time.monotonic() < deadline, s
+            time.sleep(0.1)
+        assert s["free_blocks"] == s["num_blocks"], s
+        assert s["steps"] < 60, s  # aborted early, not stepped to its 248 tokens
+    finally:
+        engine.shutdown()
+
+
 def test_dead_core_fails_streams(tiny: Path) -> None:
     """The core killed mid-stream: the open stream raises EngineDeadError, health
     fails, and new requests are refused with it."""
