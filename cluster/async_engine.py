@@ -245,18 +245,16 @@ class AsyncEngine:
         self._publish(outputs)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        """Hands a step's outputs to their streams: one thread-safe call per event loop
-        and step (each wakes the loop through its self-pipe), not one per request."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        """Hands a step's outputs to their streams (``hand_over``)."""
+        items: list[tuple[_Stream, Any]] = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            batches.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, batch in batches.items():
-            post(loop, _deliver, batch)
+            items.append((stream, out))
+        hand_over(items)
 
     def _die(self, err: BaseException) -> None:
         logger.exception("engine step loop failed; the instance is dead")
@@ -333,6 +331,17 @@ def post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) ->
     callers are gone: the engine goes on for everyone else)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
+
+
+def hand_over(items: list[tuple[_Stream, Any]]) -> None:
+    """Puts each output in its stream's queue, from the engine's thread: one thread-safe
+    call per event loop (each wakes its loop through the self-pipe), not one per stream;
+    in the order given, which is the order the streams' tasks wake in."""
+    batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+    for stream, out in items:
+        batches.setdefault(stream.loop, []).append((stream.queue, out))
+    for loop, batch in batches.items():
+        post(loop, _deliver, batch)
 
 
 def _deliver(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:

@@ -51,11 +51,12 @@ from typing import Any
 from cluster.async_engine import (
     FAULT_STEP_DELAY_S,
     EngineDeadError,
-    _deliver,
     _set_exception,
     _set_result,
+    _Stream,
     consume,
     engine_stats,
+    hand_over,
     post,
 )
 from engine.llm_engine import EngineArgs, render_chat, tokenize
@@ -181,12 +182,6 @@ class EngineView:
     def prefix_hashes(self, limit: int) -> list[bytes]:
         """The newest prefix-cache hashes of the core's last report (≤ 1 s old)."""
         return self._owner.hashes[-limit:] if limit > 0 else []
-
-
-@dataclass(slots=True)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
 
 
 class EngineProcess:
@@ -370,10 +365,10 @@ class EngineProcess:
             post(stream.loop, _set_exception, fut, err)
 
     def _publish(self, deltas: list[_Delta]) -> None:
-        """One thread-safe call per event loop and message (see ``AsyncEngine``). A
-        request's first output goes first: its stream's task wakes before the others, so
-        its first token is not sent after a step's worth of other streams' events."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        """A message's outputs to their streams (``hand_over``). A request's first
+        output goes first: its stream's task wakes before the others, so its first token
+        is not sent after a step's worth of other streams' events."""
+        items: list[tuple[_Stream, Any]] = []
         with self._lock:
             for d in sorted(deltas, key=lambda d: not d.prompt_token_ids):  # firsts: prompt
                 stream = self._streams.get(d.request_id)
@@ -383,9 +378,8 @@ class EngineProcess:
                 out = decode(d, self._built)
                 if d.finished:
                     del self._streams[d.request_id]
-                batches.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, batch in batches.items():
-            post(loop, _deliver, batch)
+                items.append((stream, out))
+        hand_over(items)
 
     def _die(self, message: str) -> None:
         with self._lock:
@@ -435,31 +429,33 @@ class _Core:
         self.out.send(("out", deltas, self.stats(), hashes))
 
     def run(self) -> None:
+        """Commands, then a step while any request is unfinished (idle: wait up to
+        ``IDLE_REPORT_S`` for a command). A message goes out when a step has outputs to
+        stream, and at least every ``IDLE_REPORT_S`` (the figures after aborts, the
+        hashes, stay fresh)."""
         last_report = time.monotonic()
         while True:
-            busy = self.engine.has_unfinished_requests()
-            if not busy and not self.cmd.poll(IDLE_REPORT_S):
-                self.report([])  # idle: figures (after aborts) and hashes stay fresh
-                last_report = time.monotonic()
-                continue
+            if not self.engine.has_unfinished_requests():
+                self.cmd.poll(IDLE_REPORT_S)
             while self.cmd.poll():
                 if not self.apply(self.cmd.recv()):
                     return
-            if self.engine.has_unfinished_requests():
-                if FAULT_STEP_DELAY_S:
-                    time.sleep(FAULT_STEP_DELAY_S)
-                outputs = self.engine.step()
-                self.steps += 1
-                deltas = [encode(o, self.sent) for o in outputs if o.request_id in self.live]
-                for d in deltas:
-                    if d.finished:
-                        self.live.discard(d.request_id)
-                if deltas or time.monotonic() - last_report >= IDLE_REPORT_S:
-                    self.report(deltas)  # a step with nothing to stream sends nothing
-                    last_report = time.monotonic()
-            elif time.monotonic() - last_report >= IDLE_REPORT_S:
-                self.report([])
+            deltas = self.step() if self.engine.has_unfinished_requests() else []
+            if deltas or time.monotonic() - last_report >= IDLE_REPORT_S:
+                self.report(deltas)
                 last_report = time.monotonic()
+
+    def step(self) -> list[_Delta]:
+        """One engine step; the deltas of the requests still live here."""
+        if FAULT_STEP_DELAY_S:
+            time.sleep(FAULT_STEP_DELAY_S)
+        outputs = self.engine.step()
+        self.steps += 1
+        deltas = [encode(o, self.sent) for o in outputs if o.request_id in self.live]
+        for d in deltas:
+            if d.finished:
+                self.live.discard(d.request_id)
+        return deltas
 
     def apply(self, msg: tuple[Any, ...]) -> bool:
         """One command; False on stop."""
