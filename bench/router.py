@@ -47,11 +47,12 @@ def engine_args(args: argparse.Namespace) -> dict[str, Any]:
 async def in_process(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
 ) -> tuple[Any, float]:
-    from cluster.async_engine import AsyncEngine
+    from cluster.async_engine import AsyncEngine, freeze_heap
     from engine.llm_engine import EngineArgs
     from engine.sampling_params import SamplingParams
 
     engine = AsyncEngine(EngineArgs(**kw))
+    freeze_heap()  # as the served processes do after their start
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> loadgen.Record:
@@ -86,6 +87,8 @@ class CPUSampler:
     def group(cmdline: str) -> str | None:
         if "ProxyActor" in cmdline:
             return "serve-proxy"
+        if "cluster.engine_process" in cmdline:
+            return "engine-core"
         for name in ("router", "engine", "decode", "prefill"):
             if f":kvserve:{name}" in cmdline or f"#{name}#" in cmdline:
                 return f"replica-{name}"
@@ -132,6 +135,54 @@ class CPUSampler:
         }
 
 
+class LagSampler:
+    """The engine replicas' event-loop lag during the served load, from their ledger
+    reports (each covers the second before it): the median of the reports' p50 and
+    p99, and the largest lag seen."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.reports: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import ray
+
+        from cluster.ledger import get_ledger
+
+        seen: set[tuple[str, float]] = set()
+        while not self._stop.wait(1.0):
+            try:
+                rows = ray.get(get_ledger().instances.remote(), timeout=5)
+            except Exception:
+                continue
+            for r in rows:
+                key = (str(r["instance_id"]), float(r.get("time", 0.0)))
+                if "loop_lag_p50_ms" in r and key not in seen:
+                    seen.add(key)
+                    self.reports.append({k: r[k] for k in r if k.startswith("loop_lag_")})
+
+    def __enter__(self) -> LagSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        import statistics
+
+        if not self.reports:
+            return {}
+        return {"p50_ms": statistics.median(r["loop_lag_p50_ms"] for r in self.reports),
+                "p99_ms": statistics.median(r["loop_lag_p99_ms"] for r in self.reports),
+                "max_ms": max(r["loop_lag_max_ms"] for r in self.reports),
+                "reports": len(self.reports)}  # fmt: skip
+
+
 def _in_process_entry(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
 ) -> tuple[Any, float]:
@@ -173,11 +224,27 @@ def wait_ready(url: str, timeout_s: float = 600.0) -> None:
     raise TimeoutError(f"{url} was not ready within {timeout_s:g} s")
 
 
+def replica_url() -> str:
+    """The HTTP server of the one engine-ingress replica behind HAProxy (Serve's direct
+    ingress binds it from port 30000 on): the load goes there, past HAProxy."""
+    import httpx
+
+    for port in range(30000, 30100):
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        except httpx.HTTPError:
+            continue
+        if r.status_code == 200 and "instances" in r.json():
+            return f"http://127.0.0.1:{port}"
+    raise RuntimeError("no engine replica answers on ports 30000-30099")
+
+
 def served(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
-) -> tuple[tuple[Any, float], dict[str, float], dict[str, Any] | None]:
-    """The served load; with it, the CPU use per process group and (``--profile``) the
-    py-spy summaries of the proxy, router and engine replica."""
+) -> tuple[tuple[Any, float], dict[str, float], dict[str, Any] | None, dict[str, float]]:
+    """The served load; with it, the CPU use per process group, (``--profile``) the
+    py-spy summaries of the proxy, router and engine replica, and the engine replicas'
+    event-loop lag (``LagSampler``)."""
     import ray
     from ray import serve
 
@@ -195,6 +262,8 @@ def served(
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
+    if args.bypass_haproxy:
+        url = replica_url()
     asyncio.run(loadgen.http_load(url, "bench", loadgen.prompts(4, 16, seed=99), args.max_tokens,
                                   args.concurrency, None, progress=False))  # fmt: skip
     profiler = None
@@ -202,7 +271,7 @@ def served(
         from bench.profile import Profiler
 
         profiler = Profiler(CPUSampler.group, args.profile, seconds=args.profile_seconds)
-    with CPUSampler() as cpu:
+    with CPUSampler() as cpu, LagSampler() as lag:
         if profiler is not None:
             profiler.start()
         result = loadgen.http_load_procs(url, "bench", ps, args.max_tokens, args.concurrency,
@@ -210,7 +279,7 @@ def served(
     profile = profiler.join() if profiler is not None else None
     serve.shutdown()
     ray.shutdown()
-    return result, cpu.summary(), profile
+    return result, cpu.summary(), profile, lag.summary()
 
 
 def _profile_tops(profile: Any, top: int = 12) -> dict[str, Any] | None:
@@ -252,12 +321,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="py-spy the proxy, router and engine replica during the served load; "
                    "raw stacks and profile.json go to this folder")  # fmt: skip
     p.add_argument("--profile-seconds", type=float, default=10.0)
+    p.add_argument("--bypass-haproxy", action="store_true",
+                   help="with --haproxy --ingress engine: load the replica's own HTTP server "
+                   "(what HAProxy adds, apart)")  # fmt: skip
+    p.add_argument("--save-records", action="store_true",
+                   help="write both runs' per-request records (sent, chunks, timing_ms) to "
+                   "OUT/records-TAG.json")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the workload name (ROUTER-TAG)")
     args = p.parse_args(argv)
     kw = engine_args(args)
     ps = loadgen.prompts(args.requests, args.prompt_words)
     local_records, local_wall = run_in_process(dict(kw), ps, args)
-    (http_records, http_wall), cpu, profile = served(dict(kw), ps, args)
+    (http_records, http_wall), cpu, profile, lag = served(dict(kw), ps, args)
+    if args.save_records:
+        import json
+
+        recs = {"in_process": loadgen.records_json(local_records),
+                "served": loadgen.records_json(http_records)}  # fmt: skip
+        (args.out / f"records-{args.tag or 'router'}.json").write_text(json.dumps(recs))
     local = loadgen.summarize(local_records, local_wall)
     http = loadgen.summarize(http_records, http_wall)
     ratios = {
@@ -269,16 +350,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if args.device != "auto" else "cpu")
     result = {
         "peer": "the same engine in process (AsyncEngine, no HTTP, no Serve)",
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag", "profile")}
+        "config": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "tag", "profile", "save_records")
+        }
         | {"model": args.model or "SmolLM2-135M-Instruct"}
         | {"serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}},
         "raw": {"in_process": local, "served": http},
         "ratios": ratios,
         "served_cpu_percent": cpu,
+        "served_loop_lag_ms": lag,
         "served_profile_gil_pct": _profile_tops(profile),
         "notes": {
             "served_cpu_percent": "mean CPU use per process group during the served load, "
             "percent of one core",
+            "served_loop_lag_ms": "the engine replicas' event-loop lag during the served load "
+            "(median of their per-second p50 and p99, and the largest)",
             "*_added_ms": "served − in-process at that percentile (what the router, Serve's "
             "proxy and the handle add); goal on GPU: <= 3 ms at the median, 64 streams",
             "throughput_served_over_in_process": "output tokens/s through HTTP over in process; "
@@ -287,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     name = f"ROUTER-{args.tag}" if args.tag else "ROUTER"
     path = write_result(args.out, "router", name, environment(device), {}, result)
-    print(ratios, cpu, "->", path)
+    print(ratios, cpu, lag, "->", path)
     return 0
 
 

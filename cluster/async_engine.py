@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import queue
@@ -46,6 +47,19 @@ def apply_gil_switch_interval() -> None:
     """``GIL_SWITCH_INTERVAL_S`` for this process, when set (and shorter than now)."""
     if GIL_SWITCH_INTERVAL_S:
         sys.setswitchinterval(min(sys.getswitchinterval(), float(GIL_SWITCH_INTERVAL_S)))
+
+
+def freeze_heap() -> None:
+    """After a serving process's startup (a replica, the engine process, a router):
+    collects, then moves every object alive (the libraries, the model's modules, the
+    tokenizer) to the collector's permanent generation. A full collection then walks
+    only what was allocated since: in a process that imports torch, transformers and
+    Ray it took 0.1-0.2 s of a stopped event loop or step loop, several times a minute
+    under load (vLLM freezes its engine core and API server the same way). Cycles among
+    frozen objects are never collected: for processes that live as long as what they
+    loaded, not for a library's callers."""
+    gc.collect()
+    gc.freeze()
 
 
 class EngineDeadError(RuntimeError):

@@ -14,8 +14,9 @@ Protocol, two pipes of pickled messages (``multiprocessing.connection``):
   ``("stop",)``.
 - core → replica: ``("ready", info)`` once loaded (or ``("failed", message)``);
   ``("added", rid, error)`` for each add (``error``: the ``ValueError`` of bad input, or
-  None); ``("out", deltas, stats, hashes)`` after each step, and about once a second
-  while idle (``deltas`` empty); ``("dead", message)`` when a step raised.
+  None); ``("out", deltas, stats, hashes, sent_at)`` after each step, and about once a
+  second while idle (``deltas`` empty; ``sent_at``: the core's ``time.monotonic()`` as
+  it sends); ``("dead", message)`` when a step raised.
 
 A step's outputs travel as deltas: per request and sample, the token ids, text and
 logprobs added since the last message (``_Sent`` keeps what each side has), so a
@@ -56,6 +57,7 @@ from cluster.async_engine import (
     _Stream,
     consume,
     engine_stats,
+    freeze_heap,
     hand_over,
     post,
 )
@@ -192,7 +194,12 @@ class EngineProcess:
 
     def __init__(self, args: EngineArgs, start_timeout_s: float = START_TIMEOUT_S) -> None:
         """Starts the core and waits until its engine is loaded; ``RuntimeError`` with
-        its message if it fails to load, ``ValueError`` for TP > 1 or a Ray executor."""
+        its message if it fails to load, ``ValueError`` for TP > 1 or a Ray executor.
+
+        A thread of this process reads the core's messages: it unpickles and rebuilds a
+        step's outputs while the event loop runs the streams. (Reading them on the
+        event loop itself, ``add_reader``, made the loop's turns longer: at 64 streams
+        on the GPU, median TTFT was 2-12 ms worse in each of three same-call runs.)"""
         if args.tensor_parallel_size != 1 or args.distributed_executor_backend == "ray":
             raise ValueError("an engine process runs TP = 1 on its own device only (rank "
                              "actors need the replica's process)")  # fmt: skip
@@ -239,9 +246,7 @@ class EngineProcess:
         # step thread): the GPU calls that had one here served TTFT p50 at 50-55 ms at 64
         # streams, the call without it 34 ms (docs/serving.md; not yet measured apart
         # from the first-output ordering that came with it).
-        self._reader = threading.Thread(target=self._read, name="kvserve-engine-pipe",
-                                        daemon=True)  # fmt: skip
-        self._reader.start()
+        threading.Thread(target=self._read, name="kvserve-engine-pipe", daemon=True).start()
 
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -334,10 +339,10 @@ class EngineProcess:
                 msg = self._out.recv()
                 kind = msg[0]
                 if kind == "out":
-                    _, deltas, self._stats, hashes = msg
+                    _, deltas, self._stats, hashes, sent_at = msg
                     if hashes is not None:
                         self.hashes = hashes
-                    self._publish(deltas)
+                    self._publish(deltas, sent_at, time.monotonic())
                 elif kind == "added":
                     self._admitted(msg[1], msg[2])
                 elif kind == "dead":
@@ -364,22 +369,32 @@ class EngineProcess:
         else:
             post(stream.loop, _set_exception, fut, err)
 
-    def _publish(self, deltas: list[_Delta]) -> None:
-        """A message's outputs to their streams (``hand_over``). A request's first
-        output goes first: its stream's task wakes before the others, so its first token
-        is not sent after a step's worth of other streams' events."""
-        items: list[tuple[_Stream, Any]] = []
+    def _publish(self, deltas: list[_Delta], sent_at: float, read_at: float) -> None:
+        """A message's outputs to their streams (``hand_over``). An output carrying a
+        request's first tokens goes first: its stream's task wakes before the others,
+        so its first token is not sent after a step's worth of other streams' events.
+        Its ``metrics`` gain ``core_sent`` and ``pipe_read`` (``time.monotonic()`` of
+        the message's send and of its read here: the replica's ``timing_ms`` splits
+        them)."""
+        firsts: list[tuple[_Stream, Any]] = []
+        rest: list[tuple[_Stream, Any]] = []
         with self._lock:
-            for d in sorted(deltas, key=lambda d: not d.prompt_token_ids):  # firsts: prompt
+            for d in deltas:
                 stream = self._streams.get(d.request_id)
                 if stream is None:  # aborted here: the core drops it with the abort
                     self._built.pop(d.request_id, None)
                     continue
+                had = self._built.get(d.request_id)
+                first = any(s.token_ids for s in d.samples) and (
+                    had is None or not any(h.tokens for h in had.samples)
+                )  # (a prompt's first chunks may come before any token)
                 out = decode(d, self._built)
+                if first:
+                    out.metrics = {**out.metrics, "core_sent": sent_at, "pipe_read": read_at}
                 if d.finished:
                     del self._streams[d.request_id]
-                items.append((stream, out))
-        hand_over(items)
+                (firsts if first else rest).append((stream, out))
+        hand_over(firsts + rest)
 
     def _die(self, message: str) -> None:
         with self._lock:
@@ -426,7 +441,7 @@ class _Core:
         if now - self.hashes_at >= HASHES_EVERY_S:
             self.hashes_at = now
             hashes = self.engine.prefix_hashes(PREFIX_REPORT_MAX)
-        self.out.send(("out", deltas, self.stats(), hashes))
+        self.out.send(("out", deltas, self.stats(), hashes, time.monotonic()))
 
     def run(self) -> None:
         """Commands, then a step while any request is unfinished (idle: wait up to
@@ -516,6 +531,7 @@ def main(cmd_fd: int, out_fd: int) -> int:
         return 1
     finally:
         loaded.set()
+    freeze_heap()  # the loaded engine: out of the collector's full passes
     try:
         out.send(("ready", core.info()))
         core.run()

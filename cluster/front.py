@@ -22,6 +22,7 @@ one class).
 """
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -41,6 +42,11 @@ from cluster.streams import EngineGone, PoolFull
 
 logger = logging.getLogger(__name__)
 
+# When this request's HTTP call reached the app (``time.monotonic()``; ``_Guard`` sets it
+# in the request's context, which the route runs in): ``timing_ms``'s ``api_parse``.
+API_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "kvserve_api_arrived", default=None
+)
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
 
@@ -122,6 +128,7 @@ class _Guard:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            API_ARRIVED.set(time.monotonic())
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}  # fmt: skip
             key = _api_key()
@@ -175,7 +182,12 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     then to the first token. What ``router_first_delta`` has beyond
     ``replica_first_delta`` is the two Serve calls' wire and queueing time. With the
     engine as the ingress (``cluster.replica.EngineIngress``) there is no router: the
-    ``replica_*`` figures run from the request's arrival at the replica's API."""
+    ``replica_*`` figures run from the request's arrival at the replica's API. With the
+    engine in its own process, ``core_out``, ``pipe`` and ``replica_wake`` split what
+    follows ``engine_ttft``; ``api_parse`` is the HTTP API's own time before
+    ``replica_*`` starts (routing, body parsing). ``replica_received_at`` is no duration but the request's
+    arrival at the replica on its host's monotonic clock (ms; ``cluster.loadgen`` on the
+    same host turns it into the time outside the replica, in and out)."""
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")
     acct["cached_tokens"] = int(item.get("cached_tokens", 0))

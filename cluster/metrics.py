@@ -52,6 +52,11 @@ class EngineMetrics:
         self.kv_usage = metrics.Gauge(
             "kvserve_kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", tag_keys=TAGS
         )
+        self.loop_lag = metrics.Gauge(
+            "kvserve_api_event_loop_lag_seconds",
+            "How late the replica's event loop ran what was due (p99 over the last second)",
+            tag_keys=TAGS,
+        )  # fmt: skip
         self.prefix_queries = metrics.Counter(
             "kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
             tag_keys=TAGS,
@@ -77,7 +82,7 @@ class EngineMetrics:
             tag_keys=TAGS,
         )  # fmt: skip
         for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
-                  self.running, self.waiting, self.kv_usage, self.prefix_queries,
+                  self.running, self.waiting, self.kv_usage, self.loop_lag, self.prefix_queries,
                   self.prefix_hits, self.preemptions, self.kv_transfer_bytes,
                   self.kv_transfer_seconds, self.kv_transfer_failures):  # fmt: skip
             m.set_default_tags(self.tags)
@@ -107,6 +112,8 @@ class EngineMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
+        if "loop_lag_p99_ms" in stats:
+            self.loop_lag.set(stats["loop_lag_p99_ms"] / 1e3)
         for key, counter in (("prefix_cache_queries", self.prefix_queries),
                              ("prefix_cache_hits", self.prefix_hits),
                              ("preemptions", self.preemptions)):  # fmt: skip

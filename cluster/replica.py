@@ -28,9 +28,9 @@ from typing import Any
 from ray import serve
 
 from cluster import affinity
-from cluster.async_engine import AsyncEngine
+from cluster.async_engine import AsyncEngine, freeze_heap
 from cluster.engine_process import EngineProcess
-from cluster.front import OpenAIFront, ingress_app
+from cluster.front import API_ARRIVED, OpenAIFront, ingress_app
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
 from cluster.metrics import EngineMetrics, RequestTimer
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 
 REPORT_PERIOD_S = 1.0
+LAG_PROBE_S = 0.005  # the event loop's lag is sampled this often
 # Fault injection (tests): a prefill replica waits this long between announcing a
 # transfer and sending it, so that a test can kill it mid-transfer.
 FAULT_SEND_DELAY_S = float(os.environ.get("KVSERVE_FAULT_SEND_DELAY_S", "0"))
@@ -122,15 +123,38 @@ class EngineReplica:
             ranks = executor.rank_actors() if hasattr(executor, "rank_actors") else []
             self.links = KVLinks(self.replica_id, _node_ip(), backend, ranks=ranks)
         self._stop = threading.Event()
+        self._lags: list[float] = []  # the event loop's lag (s) since the last report
+        loop = _running_loop()
+        if loop is not None:
+            self._lag_probe = loop.create_task(self._probe_loop_lag())
         self._reporter = threading.Thread(target=self._report_loop, name="kvserve-report",
                                           daemon=True)  # fmt: skip
         self._reporter.start()
+        freeze_heap()  # the libraries, the tokenizer and an engine in this process
 
     @property
     def _local(self) -> AsyncEngine:
         """The engine in this process (the prefill and decode roles always have one)."""
         assert isinstance(self.engine, AsyncEngine), "the colocated role runs no KV transfer"
         return self.engine
+
+    async def _probe_loop_lag(self) -> None:
+        """How late this replica's event loop runs what is due: the wait that every
+        request's arrival, each streamed chunk and the engine's outputs meet here
+        (``loop_lag_*_ms`` in the reports, and a gauge)."""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(LAG_PROBE_S)
+            self._lags.append(time.monotonic() - t - LAG_PROBE_S)
+
+    def _lag_stats(self) -> dict[str, float]:
+        lags, self._lags = self._lags, []
+        if not lags:
+            return {}
+        lags.sort()
+        return {"loop_lag_p50_ms": round(lags[len(lags) // 2] * 1e3, 3),
+                "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1e3, 3),
+                "loop_lag_max_ms": round(lags[-1] * 1e3, 3)}  # fmt: skip
 
     def _report_loop(self) -> None:
         """Every second: metrics gauges/counters and a ledger report."""
@@ -139,7 +163,8 @@ class EngineReplica:
         ledger = None
         last: Any = None  # the previous report: a failed one means a new ledger handle
         while True:  # the first report at once: health (cluster.router) reads the ledger
-            stats = {**self.engine.stats(), **self._stream_stats(), "dead": not self._healthy()}
+            stats = {**self.engine.stats(), **self._stream_stats(), **self._lag_stats(),
+                     "dead": not self._healthy()}  # fmt: skip
             try:  # the ledger first: placement and ``kvserve status`` read it
                 if last is not None and ray.wait([last], timeout=0)[0]:
                     ray.get(last)
@@ -166,7 +191,9 @@ class EngineReplica:
         return True
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # None: the constructor failed before it
+        if stop is not None:
+            stop.set()
 
     async def info(self) -> dict[str, Any]:
         """The served model, its context, and how this engine hashes prefix blocks (the
@@ -320,13 +347,14 @@ class EngineReplica:
         timer = RequestTimer(self.metrics, arrival)
         out: RequestOutput | None = first
         submitted = req.get("submitted_at")
+        api_at = req.get("api_arrived_at")
         try:
             while out is not None:
                 delta = self._delta(out, sent)
                 delta["kv"] = kv
                 now = time.monotonic()
                 if submitted is not None and timer.last is None and delta["choices"]:
-                    kv["timing_ms"] = _first_token_timing(out, submitted, now)
+                    kv["timing_ms"] = _first_token_timing(out, submitted, now, api_at)
                 timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
                 if out.finished:
                     timer.finish(now, delta["prompt_tokens"])
@@ -596,14 +624,38 @@ class EngineReplica:
         return str(self.tokenizer.decode([token_id]))
 
 
-def _first_token_timing(out: RequestOutput, submitted: float, now: float) -> dict[str, float]:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop this runs on (Serve constructs a replica on its user-code loop,
+    where its requests run too), or None (the lag probe runs there)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _first_token_timing(out: RequestOutput, submitted: float, now: float,
+                        api_at: float | None = None) -> dict[str, float]:  # fmt: skip
     """Where a request's first token spent its time in the replica (ms; see
-    ``cluster.router._kv_extension``)."""
-    arrival = out.metrics.get("arrival", submitted)
+    ``cluster.front._kv_extension``). With the engine in its own process
+    (``cluster.engine_process``), what follows the first token splits further:
+    ``core_out`` until the core sent it, ``pipe`` until this process read it, and
+    ``replica_wake`` until its stream here took it. ``api_parse``: from the HTTP call
+    reaching this replica's API (``api_at``) to ``submitted``. ``replica_received_at`` is the
+    request's arrival on this host's ``time.monotonic()`` clock (ms), so that a client
+    on the same host can split what lies outside the replica."""
+    m = out.metrics
+    arrival = m.get("arrival", submitted)
     timing = {"replica_queue": (arrival - submitted) * 1e3,
-              "replica_first_delta": (now - submitted) * 1e3}  # fmt: skip
-    if "ttft_s" in out.metrics:
-        timing["engine_ttft"] = out.metrics["ttft_s"] * 1e3
+              "replica_first_delta": (now - submitted) * 1e3,
+              "replica_received_at": submitted * 1e3}  # fmt: skip
+    if api_at is not None:
+        timing["api_parse"] = (submitted - api_at) * 1e3
+    if "ttft_s" in m:
+        timing["engine_ttft"] = m["ttft_s"] * 1e3
+        if "core_sent" in m and "pipe_read" in m:
+            timing["core_out"] = (m["core_sent"] - arrival - m["ttft_s"]) * 1e3
+            timing["pipe"] = (m["pipe_read"] - m["core_sent"]) * 1e3
+            timing["replica_wake"] = (now - m["pipe_read"]) * 1e3
     return {k: round(v, 3) for k, v in timing.items()}
 
 
@@ -642,6 +694,7 @@ class EngineIngress(OpenAIFront, EngineReplica):
         if full is not None:
             raise PoolFull(full)
         req["submitted_at"] = time.monotonic()
+        req["api_arrived_at"] = API_ARRIVED.get()
         self._direct += 1
         self.submitted += 1
         try:

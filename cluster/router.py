@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.affinity import PromptHasher
+from cluster.async_engine import freeze_heap
 from cluster.front import OpenAIFront, ingress_app
 from cluster.streams import StreamMux
 
@@ -75,6 +76,7 @@ class Router(OpenAIFront):
         except Exception as e:  # e.g. the model directory is on another node
             logger.warning("no prefix affinity in this router: %s", e)
             self.affinity = f"off: {type(e).__name__}: {str(e)[:200]}"
+        freeze_heap()  # what the router's start loaded: out of the collector's full passes
 
     def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self.mux.open(req, self._prefix(req))

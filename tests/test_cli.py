@@ -3,6 +3,7 @@ SmolLM2, answers a chat request through its HTTP API, and stops."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import netbind
+from cluster import loadgen, netbind
 from tests.factories import free_port
 
 
@@ -142,7 +143,7 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
            "--port", str(http), "--grpc-port", str(grpc_port)]  # fmt: skip
     cmd += ["--ingress", "engine", "--engine-process"] if ingress == "engine-process" else [
         "--ingress", ingress]  # fmt: skip
-    ingress = ingress.removesuffix("-process")
+    engine_process, ingress = ingress == "engine-process", ingress.removesuffix("-process")
     with _kvserve_serve(cmd, env, timeout_s=300) as (proc, text):
         assert f"HAProxy (Serve's direct ingress to the {ingress} replicas)" in text, text[-4000:]
         gcs = re.search(r"Ray cluster\s+(\S+)", text)[1]  # type: ignore[index]
@@ -165,6 +166,21 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
                     if line.startswith("data: {"):
                         streamed += json.loads(line[6:])["choices"][0]["text"]
             assert streamed == ref.outputs[0].text
+        # The load client (aiohttp, as ``kvserve bench``) and the first token's split:
+        # each part of the replica's within its whole; the time outside it, both ways.
+        records, _ = asyncio.run(loadgen.http_load(base, "tiny", prompts, 12, 2, None,
+                                                   progress=False))  # fmt: skip
+        for rec in records:
+            assert rec.error is None and rec.text == refs[prompts.index(rec.prompt)].outputs[0].text
+            t = rec.timing_ms
+            assert 0 <= t["replica_queue"] < t["replica_first_delta"], t
+            assert t["client_to_replica"] >= 0 and t["replica_to_client"] >= 0, t
+            if ingress == "engine":
+                assert 0 <= t["api_parse"] < t["client_to_replica"], t
+            if engine_process:
+                parts = ("replica_queue", "engine_ttft", "core_out", "pipe", "replica_wake")
+                assert all(t[k] >= 0 for k in parts), t
+                assert abs(sum(t[k] for k in parts) - t["replica_first_delta"]) < 0.1, t
 
         import grpc
 
@@ -202,6 +218,7 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
             assert done.returncode == 0, done.stderr[-2000:]
             rows = json.loads(done.stdout)  # [] until the replica's report is in
             if rows and rows[0]["running"] == 0 and rows[0]["free_blocks"] == rows[0]["num_blocks"]:
+                assert 0 <= rows[0]["loop_lag_p50_ms"] <= rows[0]["loop_lag_max_ms"], rows
                 break
             assert time.monotonic() < deadline, (rows, _serve_status(gcs, env))
             time.sleep(1)

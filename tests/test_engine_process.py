@@ -28,11 +28,42 @@ def tiny(tiny_dirs: dict[str, Path]) -> Path:
     return tiny_dirs["llama3"]
 
 
+class Harness:
+    """The engine in a child process (``process``: ``EngineProcess``) or on a thread of
+    this one (``in-process``: ``AsyncEngine``), and one event loop for its callers
+    (``run`` runs a coroutine there) across a test's calls."""
+
+    def __init__(self, args: EngineArgs, mode: str) -> None:
+        from cluster.async_engine import AsyncEngine
+
+        self.loop = asyncio.new_event_loop()
+        self.engine: Any = AsyncEngine(args) if mode == "in-process" else EngineProcess(args)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.loop.close()
+
+
 @pytest.fixture(scope="module")
-def proc(tiny: Path) -> Any:
-    engine = EngineProcess(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN))
-    yield engine
-    engine.shutdown()
+def harness(tiny: Path) -> Any:
+    h = Harness(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN), "process")
+    yield h
+    h.close()
+
+
+async def _settled(engine: Any, since: float = 0.0) -> dict[str, Any]:
+    """The engine's figures once nothing runs or waits (newer than ``since``, wall
+    time), polled where its messages are read."""
+    deadline = time.monotonic() + 10
+    while True:
+        s: dict[str, Any] = engine.stats()
+        if s["time"] >= since and s["running"] == 0 and s["waiting"] == 0:
+            return s
+        assert time.monotonic() < deadline, s
+        await asyncio.sleep(0.1)
 
 
 def _key(out: RequestOutput) -> list[tuple[Any, ...]]:
@@ -60,7 +91,7 @@ async def _run(engine: EngineProcess, prompt: str, params: SamplingParams) -> li
     return [out async for out in engine.generate(prompt, params)]
 
 
-def test_same_outputs_as_in_process(tiny: Path, proc: EngineProcess) -> None:
+def test_same_outputs_as_in_process(tiny: Path, harness: Harness) -> None:
     """Greedy, a stop string, seeded sampling with n = 2 and logprobs: the core's
     outputs, rebuilt from its deltas, equal the in-process engine's; each stream's
     outputs grow and end with the one finished output."""
@@ -78,9 +109,9 @@ def test_same_outputs_as_in_process(tiny: Path, proc: EngineProcess) -> None:
     refs = [llm.generate([p], sp)[0] for p, sp in cases]
 
     async def main() -> list[list[RequestOutput]]:
-        return await asyncio.gather(*(_run(proc, p, sp) for p, sp in cases))
+        return await asyncio.gather(*(_run(harness.engine, p, sp) for p, sp in cases))
 
-    streams = asyncio.run(main())
+    streams = harness.run(main())
     for ref, outs in zip(refs, streams, strict=True):
         last = outs[-1]
         assert last.finished and not any(o.finished for o in outs[:-1])
@@ -91,14 +122,15 @@ def test_same_outputs_as_in_process(tiny: Path, proc: EngineProcess) -> None:
     assert refs[2].outputs[0].finish_reason == "stop"  # the stop string matched
 
 
-def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
+def test_bad_input_and_abort_free_blocks(harness: Harness) -> None:
     """A prompt over the context, or a request id in use, raises ValueError (the
     core's message) and disturbs no other stream; a stream left early aborts its
     request in the core (it stops stepping it, and every block is back in the pool)
     and leaves nothing behind in the replica's tables."""
+    proc = harness.engine
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
-    async def main() -> int:
+    async def main() -> tuple[int, dict[str, Any]]:
         good = asyncio.ensure_future(
             _run(proc, "w1 w2", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         )
@@ -118,63 +150,48 @@ def test_bad_input_and_abort_free_blocks(proc: EngineProcess) -> None:
             if seen == 3:
                 break
         await gen.aclose()
-        return int(proc.stats()["steps"])
+        return int(proc.stats()["steps"]), await _settled(proc)
 
-    left_at = asyncio.run(main())
-    deadline = time.monotonic() + 10
-    while True:
-        s = proc.stats()
-        if s["running"] == 0 and s["waiting"] == 0 and s["free_blocks"] == s["num_blocks"]:
-            break
-        assert time.monotonic() < deadline, s
-        time.sleep(0.2)
-    assert s["num_blocks"] > 0
+    left_at, s = harness.run(main())
+    assert s["free_blocks"] == s["num_blocks"] > 0
     assert s["steps"] - left_at < 100, (left_at, s)  # not run on to its 200 tokens
     assert not proc._streams and not proc._adds and not proc._built
     proc.check_health()
 
 
-@pytest.mark.parametrize("kind", ["thread", "process"])
-def test_cancel_while_admitting(tiny: Path, kind: str) -> None:
+@pytest.mark.parametrize("mode", ["in-process", "process"])
+def test_cancel_while_admitting(tiny: Path, mode: str) -> None:
     """A caller cancelled while its request is being admitted (before any output):
     the engine aborts the request rather than run it to ``max_tokens`` (both engines:
     on a thread, in a process)."""
-    from cluster.async_engine import AsyncEngine
-
-    args = EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN)
-    engine: Any = AsyncEngine(args) if kind == "thread" else EngineProcess(args)
+    h = Harness(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN), mode)
+    engine = h.engine
     params = SamplingParams(temperature=0, max_tokens=MAX_LEN - 8, ignore_eos=True)
 
-    async def main() -> None:
+    async def main() -> dict[str, Any]:
         task = asyncio.ensure_future(anext(engine.generate("w1 w2", params)))
         await asyncio.sleep(0)  # the add is sent; its answer cannot run before the cancel
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-
-    try:
-        asyncio.run(main())
         # Long enough for the request to run all its 248 steps had it not been aborted
         # (a step of the tiny model takes milliseconds); then figures newer than that.
-        time.sleep(2.5)
-        seen_after = time.time()
-        deadline = time.monotonic() + 10
-        while True:
-            s = engine.stats()
-            if s["time"] >= seen_after and s["running"] == 0 and s["waiting"] == 0:
-                break
-            assert time.monotonic() < deadline, s
-            time.sleep(0.1)
+        await asyncio.sleep(2.5)
+        return await _settled(engine, time.time())
+
+    try:
+        s = h.run(main())
         assert s["free_blocks"] == s["num_blocks"], s
         assert s["steps"] < 60, s  # aborted early, not stepped to its 248 tokens
     finally:
-        engine.shutdown()
+        h.close()
 
 
 def test_dead_core_fails_streams(tiny: Path) -> None:
     """The core killed mid-stream: the open stream raises EngineDeadError, health
     fails, and new requests are refused with it."""
-    engine = EngineProcess(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN))
+    h = Harness(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN), "process")
+    engine = h.engine
     params = SamplingParams(temperature=0, max_tokens=MAX_LEN - 8, ignore_eos=True)
 
     async def main() -> None:
@@ -186,12 +203,12 @@ def test_dead_core_fails_streams(tiny: Path) -> None:
             await _run(engine, "w2", params)
 
     try:
-        asyncio.run(main())
+        h.run(main())
         with pytest.raises(EngineDeadError):
             engine.check_health()
         assert engine.stats()["dead"]
     finally:
-        engine.shutdown()
+        h.close()
 
 
 _texts = st.text(alphabet="ab c", max_size=6)
