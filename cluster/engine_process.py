@@ -136,6 +136,7 @@ class _Built:
     prompt: str | None
     prompt_token_ids: list[int]
     samples: list[_Sent]
+    stamps: dict[str, float] | None = None  # when its first tokens were sent and read
 
 
 def decode(d: _Delta, built: dict[str, _Built]) -> RequestOutput:
@@ -373,9 +374,10 @@ class EngineProcess:
         """A message's outputs to their streams (``hand_over``). An output carrying a
         request's first tokens goes first: its stream's task wakes before the others,
         so its first token is not sent after a step's worth of other streams' events.
-        Its ``metrics`` gain ``core_sent`` and ``pipe_read`` (``time.monotonic()`` of
-        the message's send and of its read here: the replica's ``timing_ms`` splits
-        them)."""
+        Its ``metrics``, and those of the request's later outputs (a stream that reads
+        late sees only the newest), gain ``core_sent`` and ``pipe_read``
+        (``time.monotonic()`` of that message's send and of its read here: the
+        replica's ``timing_ms`` splits them)."""
         firsts: list[tuple[_Stream, Any]] = []
         rest: list[tuple[_Stream, Any]] = []
         with self._lock:
@@ -389,8 +391,12 @@ class EngineProcess:
                     had is None or not any(h.tokens for h in had.samples)
                 )  # (a prompt's first chunks may come before any token)
                 out = decode(d, self._built)
-                if first:
-                    out.metrics = {**out.metrics, "core_sent": sent_at, "pipe_read": read_at}
+                stamps = {"core_sent": sent_at, "pipe_read": read_at} if first else (
+                    had.stamps if had is not None else None)  # fmt: skip
+                if stamps is not None:  # on every later output too: a reader behind
+                    out.metrics = {**out.metrics, **stamps}  # takes only the newest
+                    if (now := self._built.get(d.request_id)) is not None:
+                        now.stamps = stamps
                 if d.finished:
                     del self._streams[d.request_id]
                 (firsts if first else rest).append((stream, out))

@@ -31,6 +31,7 @@ class Record:
     done: bool = False  # the stream ended as it should (``[DONE]`` / a finished response)
     prompt: str = ""
     timing_ms: dict[str, float] = field(default_factory=dict)  # kvserve's first-token split
+    body_sent: float | None = None  # when the client wrote the request's body
 
     @property
     def ttft(self) -> float | None:
@@ -70,7 +71,8 @@ async def _http_one(session: Any, url: str, model: str, prompt: str, max_tokens:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     try:
-        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers,
+                                trace_request_ctx=rec) as r:  # fmt: skip
             if r.status != 200:
                 rec.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return rec
@@ -115,6 +117,15 @@ def _split_outside(rec: Record) -> None:
     out = ttft - into - first
     if 0 <= into <= ttft and 0 <= out <= ttft:
         rec.timing_ms.update(client_to_replica=round(into, 3), replica_to_client=round(out, 3))
+        if rec.body_sent is not None:  # of client_to_replica: the client's own part
+            rec.timing_ms["client_send"] = round((rec.body_sent - rec.sent) * 1e3, 3)
+
+
+async def _body_sent(_session: Any, ctx: Any, _params: Any) -> None:
+    """aiohttp's trace hook: the request's body is written (``ctx``: its ``Record``)."""
+    rec = ctx.trace_request_ctx
+    if isinstance(rec, Record) and rec.body_sent is None:
+        rec.body_sent = time.perf_counter()
 
 
 async def _grpc_one(stub: Any, model: str, prompt: str, max_tokens: int,
@@ -202,7 +213,10 @@ async def http_load(url: str, model: str | None, prompt_list: list[str], max_tok
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     connector = aiohttp.TCPConnector(limit=(concurrency or 256) + 8)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(_body_sent)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     trace_configs=[trace]) as session:  # fmt: skip
         if model is None:
             async with session.get(f"{url}/v1/models", headers=headers) as r:
                 model = (await r.json())["data"][0]["id"]

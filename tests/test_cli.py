@@ -175,6 +175,7 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
             t = rec.timing_ms
             assert 0 <= t["replica_queue"] < t["replica_first_delta"], t
             assert t["client_to_replica"] >= 0 and t["replica_to_client"] >= 0, t
+            assert 0 <= t["client_send"] <= t["client_to_replica"], t
             if ingress == "engine":
                 assert 0 <= t["api_parse"] < t["client_to_replica"], t
             if engine_process:
