@@ -19,7 +19,7 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -71,17 +71,35 @@ async def in_process(
     return result
 
 
-class CPUSampler:
+class _Sampler:
+    """A thread that runs ``_run`` (until ``_stop`` is set) while a ``with`` block does."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class CPUSampler(_Sampler):
     """Per-process CPU use (percent of one core) while the served load runs, grouped by
     what the process is (Serve proxy, router, engine replica, this driver + client)."""
 
     def __init__(self, period_s: float = 0.5) -> None:
-        import threading
-
+        super().__init__()
         self.period_s = period_s
         self.samples: dict[str, list[float]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
     def group(cmdline: str) -> str | None:
@@ -120,14 +138,6 @@ class CPUSampler:
             for g, v in totals.items():
                 self.samples.setdefault(g, []).append(v)
 
-    def __enter__(self) -> CPUSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
     def summary(self) -> dict[str, float]:
         """Mean percent of a core per group over the run (samples after the first)."""
         return {
@@ -135,17 +145,14 @@ class CPUSampler:
         }
 
 
-class LagSampler:
+class LagSampler(_Sampler):
     """The engine replicas' event-loop lag during the served load, from their ledger
     reports (each covers the second before it): the median of the reports' p50 and
     p99, and the largest lag seen."""
 
     def __init__(self) -> None:
-        import threading
-
+        super().__init__()
         self.reports: list[dict[str, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         import ray
@@ -163,14 +170,6 @@ class LagSampler:
                 if "loop_lag_p50_ms" in r and key not in seen:
                     seen.add(key)
                     self.reports.append({k: r[k] for k in r if k.startswith("loop_lag_")})
-
-    def __enter__(self) -> LagSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def summary(self) -> dict[str, float]:
         import statistics
