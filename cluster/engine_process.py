@@ -387,16 +387,15 @@ class EngineProcess:
                     self._built.pop(d.request_id, None)
                     continue
                 had = self._built.get(d.request_id)
-                first = any(s.token_ids for s in d.samples) and (
-                    had is None or not any(h.tokens for h in had.samples)
-                )  # (a prompt's first chunks may come before any token)
+                stamps = had.stamps if had is not None else None  # set at the first tokens
+                first = stamps is None and any(s.token_ids for s in d.samples)
+                if first:  # (a prompt's first chunks may come before any token)
+                    stamps = {"core_sent": sent_at, "pipe_read": read_at}
                 out = decode(d, self._built)
-                stamps = {"core_sent": sent_at, "pipe_read": read_at} if first else (
-                    had.stamps if had is not None else None)  # fmt: skip
                 if stamps is not None:  # on every later output too: a reader behind
-                    out.metrics = {**out.metrics, **stamps}  # takes only the newest
-                    if (now := self._built.get(d.request_id)) is not None:
-                        now.stamps = stamps
+                    out.metrics.update(stamps)  # takes only the newest
+                    if (b := self._built.get(d.request_id)) is not None:
+                        b.stamps = stamps
                 if d.finished:
                     del self._streams[d.request_id]
                 (firsts if first else rest).append((stream, out))
