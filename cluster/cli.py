@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run each engine's step loop in a child process of its replica, "
                    "apart from the API's per-token work (colocated, TP 1)")  # fmt: skip
+    s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None,
+                   help="Serve's access log, a line per request (default off)")  # fmt: skip
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0: off)")
@@ -161,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          ("prefill_replicas", args.prefill_replicas),
                          ("decode_replicas", args.decode_replicas),
                          ("haproxy", args.haproxy), ("ingress", args.ingress),
-                         ("engine_process", args.engine_process)):  # fmt: skip
+                         ("engine_process", args.engine_process),
+                         ("access_log", args.access_log)):  # fmt: skip
         if value is not None:
             setattr(cfg, field, value)
     if args.device != "auto":

@@ -28,15 +28,17 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.front_trace import HTTP_READ_KEY
 from cluster.openai_protocol import MAX_N, ChatCompletionRequest, CompletionRequest
 from cluster.streams import EngineGone, PoolFull
 
@@ -46,6 +48,11 @@ logger = logging.getLogger(__name__)
 # in the request's context, which the route runs in): ``timing_ms``'s ``api_parse``.
 API_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "kvserve_api_arrived", default=None
+)
+# When the HTTP server parsed the request's first bytes (only while
+# ``cluster.front_trace`` stamps them): ``timing_ms``'s ``http_wait``.
+HTTP_READ: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "kvserve_http_read", default=None
 )
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
@@ -129,6 +136,8 @@ class _Guard:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             API_ARRIVED.set(time.monotonic())
+            if HTTP_READ_KEY in scope:
+                HTTP_READ.set(scope[HTTP_READ_KEY])
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}  # fmt: skip
             key = _api_key()
@@ -146,6 +155,40 @@ class _Guard:
                 await refusal.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class EventStream(Response):
+    """A server-sent-events response from ``(text, more)`` pairs: one ASGI body message
+    per pair, the pair with ``more`` False ends the response (no empty closing message),
+    and the iterator is closed as soon as that is sent, so the client's stream ends
+    before the request's own clean-up runs. A disconnected client is the server's to
+    see: the app runs under Serve, whose HTTP server (direct ingress) or proxy cancels
+    the request's task, which closes the iterator (and so aborts the engine request).
+    Starlette's ``StreamingResponse`` listens for the disconnect itself, with a task
+    group and a second task per stream, and sends a last empty message of its own:
+    each an event-loop turn that a burst of arriving requests waits behind."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[tuple[str, bool], None],
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})  # fmt: skip
+        more = True
+        async with aclosing(self.events) as events:
+            async for text, more in events:
+                await send({"type": "http.response.body", "body": text.encode(),
+                            "more_body": more})  # fmt: skip
+                if not more:
+                    break
+        if more:  # the iterator ended without its last pair
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -342,10 +385,8 @@ class OpenAIFront:
         if "error" in first:
             raise bad_request(first["error"], "messages" if chat else "prompt")
         if body.stream:
-            return StreamingResponse(
-                self._sse(gen, first, rid, body, chat), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )  # fmt: skip
+            return EventStream(self._sse(gen, first, rid, body, chat),
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         return await self._collect(gen, first, rid, body, chat)
 
     async def _collect(
@@ -390,7 +431,10 @@ class OpenAIFront:
                 "kvserve": _kv_extension(item)}  # fmt: skip
 
     async def _sse(self, gen: Any, first: dict[str, Any], rid: str, body: Any,
-                   chat: bool) -> AsyncIterator[str]:  # fmt: skip
+                   chat: bool) -> AsyncGenerator[tuple[str, bool], None]:  # fmt: skip
+        """The stream's SSE text as ``EventStream`` pairs: one pair per engine output
+        (its choices' chunks together), the last one carrying the usage chunk and
+        ``[DONE]`` too, with ``more`` False."""
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         started: set[int] = set()
@@ -398,23 +442,26 @@ class OpenAIFront:
         item = first
         try:
             while True:
+                text = ""
                 for c in item["choices"]:
                     total += len(c["token_ids"])
-                    yield _event(self._chunk(rid, obj, created, c, body, chat, started))
+                    text += _event(self._chunk(rid, obj, created, c, body, chat, started))
                 if item["finished"]:
                     break
+                if text:
+                    yield text, True
                 item = await gen.__anext__()
             if body.include_usage:
-                yield _event({"id": rid, "object": obj, "created": created,
-                              "model": self.model_name, "choices": [],
-                              "usage": _usage(item, total), "kvserve": _kv_extension(item)})  # fmt: skip
-            yield "data: [DONE]\n\n"
+                text += _event({"id": rid, "object": obj, "created": created,
+                                "model": self.model_name, "choices": [],
+                                "usage": _usage(item, total), "kvserve": _kv_extension(item)})  # fmt: skip
+            yield text + "data: [DONE]\n\n", False
         except StopAsyncIteration:
-            yield "data: [DONE]\n\n"
+            yield "data: [DONE]\n\n", False
         except Exception as e:  # mid-stream: the status is sent already; say it in-band
             err = _engine_error(e)
             yield _event({"error": {"message": err.message, "type": err.type, "param": None,
-                                    "code": err.code}})  # fmt: skip
+                                    "code": err.code}}), False  # fmt: skip
         finally:
             await gen.aclose()  # a client that left cancels its request in the engine
 

@@ -27,10 +27,10 @@ from typing import Any
 
 from ray import serve
 
-from cluster import affinity
+from cluster import affinity, front_trace
 from cluster.async_engine import AsyncEngine, freeze_heap
 from cluster.engine_process import EngineProcess
-from cluster.front import API_ARRIVED, OpenAIFront, ingress_app
+from cluster.front import API_ARRIVED, HTTP_READ, OpenAIFront, ingress_app
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
 from cluster.metrics import EngineMetrics, RequestTimer
@@ -124,6 +124,7 @@ class EngineReplica:
             self.links = KVLinks(self.replica_id, _node_ip(), backend, ranks=ranks)
         self._stop = threading.Event()
         self._lags: list[float] = []  # the event loop's lag (s) since the last report
+        front_trace.stamp_http_reads()
         loop = _running_loop()
         if loop is not None:
             self._lag_probe = loop.create_task(self._probe_loop_lag())
@@ -142,10 +143,13 @@ class EngineReplica:
         """How late this replica's event loop runs what is due: the wait that every
         request's arrival, each streamed chunk and the engine's outputs meet here
         (``loop_lag_*_ms`` in the reports, and a gauge)."""
+        sampler = front_trace.StallSampler(threading.get_ident()) if front_trace.TRACE_DIR else None
         while True:
             t = time.monotonic()
             await asyncio.sleep(LAG_PROBE_S)
             self._lags.append(time.monotonic() - t - LAG_PROBE_S)
+            if sampler is not None:
+                sampler.beat()
 
     def _lag_stats(self) -> dict[str, float]:
         lags, self._lags = self._lags, []
@@ -348,13 +352,14 @@ class EngineReplica:
         out: RequestOutput | None = first
         submitted = req.get("submitted_at")
         api_at = req.get("api_arrived_at")
+        http_at = req.get("http_read_at")
         try:
             while out is not None:
                 delta = self._delta(out, sent)
                 delta["kv"] = kv
                 now = time.monotonic()
                 if submitted is not None and timer.last is None and delta["choices"]:
-                    kv["timing_ms"] = _first_token_timing(out, submitted, now, api_at)
+                    kv["timing_ms"] = _first_token_timing(out, submitted, now, api_at, http_at)
                 timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
                 if out.finished:
                     timer.finish(now, delta["prompt_tokens"])
@@ -634,7 +639,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _first_token_timing(out: RequestOutput, submitted: float, now: float,
-                        api_at: float | None = None) -> dict[str, float]:  # fmt: skip
+                        api_at: float | None = None,
+                        http_at: float | None = None) -> dict[str, float]:  # fmt: skip
     """Where a request's first token spent its time in the replica (ms; see
     ``cluster.front._kv_extension``). With the engine in its own process
     (``cluster.engine_process``), what follows the first token splits further:
@@ -642,7 +648,9 @@ def _first_token_timing(out: RequestOutput, submitted: float, now: float,
     ``replica_wake`` until its stream here took it. ``api_parse``: from the HTTP call
     reaching this replica's API (``api_at``) to ``submitted``. ``replica_received_at`` is the
     request's arrival on this host's ``time.monotonic()`` clock (ms), so that a client
-    on the same host can split what lies outside the replica."""
+    on the same host can split what lies outside the replica. ``http_wait`` (only while
+    ``cluster.front_trace`` stamps HTTP reads): from the HTTP server parsing the
+    request's first bytes to ``api_at``."""
     m = out.metrics
     arrival = m.get("arrival", submitted)
     timing = {"replica_queue": (arrival - submitted) * 1e3,
@@ -650,6 +658,8 @@ def _first_token_timing(out: RequestOutput, submitted: float, now: float,
               "replica_received_at": submitted * 1e3}  # fmt: skip
     if api_at is not None:
         timing["api_parse"] = (submitted - api_at) * 1e3
+        if http_at is not None:
+            timing["http_wait"] = (api_at - http_at) * 1e3
     if "ttft_s" in m:
         timing["engine_ttft"] = m["ttft_s"] * 1e3
         if "core_sent" in m and "pipe_read" in m:
@@ -695,6 +705,7 @@ class EngineIngress(OpenAIFront, EngineReplica):
             raise PoolFull(full)
         req["submitted_at"] = time.monotonic()
         req["api_arrived_at"] = API_ARRIVED.get()
+        req["http_read_at"] = HTTP_READ.get()
         self._direct += 1
         self.submitted += 1
         try:
