@@ -89,7 +89,7 @@ def test_disaggregated_pools_and_router_survive_kills(
 ) -> None:
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
                  prefill_replicas=2, decode_replicas=2, engine={"max_model_len": 512},
-                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "1.0"},
+                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "2.5"},
                  decode_env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         prefills, decodes = replica_ids("prefill"), replica_ids("decode")
