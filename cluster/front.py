@@ -28,14 +28,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.front_trace import HTTP_READ_KEY
@@ -54,9 +54,6 @@ API_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 HTTP_READ: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "kvserve_http_read", default=None
 )
-# How long a stream's clean-up (its generator's close, then Serve's accounting of the
-# request) waits after its last message went out (see ``EventStream``).
-FINISH_DEFER_S = float(os.environ.get("KVSERVE_FINISH_DEFER_S", "0.01"))
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
 
@@ -117,12 +114,7 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return _invalid(exc.errors()).response()
-
-
-def _invalid(errors: Sequence[Any]) -> APIError:
-    """A 400 naming the first bad field (``param``) and up to five problems, from
-    pydantic's (or FastAPI's, whose locations start with "body") validation errors."""
+    errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
@@ -130,31 +122,7 @@ def _invalid(errors: Sequence[Any]) -> APIError:
         f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
         for e in errors[:5]
     )
-    return bad_request(msg or "invalid request", param)
-
-
-def _admit(scope: Any) -> APIError | None:
-    """Stamps the request's arrival (``API_ARRIVED``; ``HTTP_READ`` while traced) and
-    checks the API key (all but /health) and the declared body size: the refusal, or
-    None."""
-    API_ARRIVED.set(time.monotonic())
-    if HTTP_READ_KEY in scope:
-        HTTP_READ.set(scope[HTTP_READ_KEY])
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-               for k, v in scope.get("headers", [])}  # fmt: skip
-    key = _api_key()
-    wrong_key = key and headers.get("authorization", "") != f"Bearer {key}"
-    if wrong_key and scope.get("path") != "/health":
-        return APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                        "authentication_error", code="invalid_api_key")  # fmt: skip
-    length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return _too_big()
-    return None
-
-
-def _too_big() -> APIError:
-    return APIError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    return bad_request(msg or "invalid request", param).response()
 
 
 class _Guard:
@@ -167,28 +135,26 @@ class _Guard:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            refusal = _admit(scope)
+            API_ARRIVED.set(time.monotonic())
+            if HTTP_READ_KEY in scope:
+                HTTP_READ.set(scope[HTTP_READ_KEY])
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", [])}  # fmt: skip
+            key = _api_key()
+            wrong_key = key and headers.get("authorization", "") != f"Bearer {key}"
+            refusal = None
+            if wrong_key and scope.get("path") != "/health":
+                refusal = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                   "authentication_error", code="invalid_api_key")  # fmt: skip
+            length = headers.get("content-length")
+            too_big = length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES
+            if refusal is None and too_big:
+                refusal = APIError(413, f"request body over {MAX_BODY_BYTES} bytes",
+                                   "invalid_request_error")  # fmt: skip
             if refusal is not None:
                 await refusal.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-async def _read_body(receive: Any) -> bytes | None:
-    """The request's body (413 past ``MAX_BODY_BYTES``), or None if the client left."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_big()
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 class EventStream(Response):
@@ -200,15 +166,7 @@ class EventStream(Response):
     the request's task, which closes the iterator (and so aborts the engine request).
     Starlette's ``StreamingResponse`` listens for the disconnect itself, with a task
     group and a second task per stream, and sends a last empty message of its own:
-    each an event-loop turn that a burst of arriving requests waits behind.
-
-    After the last message the clean-up waits ``FINISH_DEFER_S`` (10 ms): when many
-    streams end in one step, their clients' next requests arrive within a millisecond,
-    and on one event loop each arrival would otherwise wait for every ended stream's
-    clean-up (~0.1-0.3 ms each: closing the generators, Serve's metrics and access-log
-    record); deferred, the clean-up runs while the engine computes the new arrivals'
-    first tokens. A client that leaves meanwhile changes nothing (Serve counts the
-    response finished)."""
+    each an event-loop turn that a burst of arriving requests waits behind."""
 
     media_type = "text/event-stream"
 
@@ -228,8 +186,6 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": text.encode(),
                             "more_body": more})  # fmt: skip
                 if not more:
-                    if FINISH_DEFER_S > 0:
-                        await asyncio.sleep(FINISH_DEFER_S)
                     break
         if more:  # the iterator ended without its last pair
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -357,27 +313,6 @@ class OpenAIFront:
     model_name: str
     created: int
     affinity: str
-
-    def _set_asgi_app(self, app: Any) -> None:
-        """Where Serve's ASGI wrapper (``serve.ingress``) takes the app at start: it gets
-        ``FastRoutes`` around it. (Serve refuses an ingress class with ``__call__``.)"""
-        super()._set_asgi_app(FastRoutes(self, app))  # type: ignore[misc]
-
-    async def _generation(self, route: tuple[type[BaseModel], Callable[..., Any]], scope: Any,
-                          receive: Any) -> Response | None:  # fmt: skip
-        refusal = _admit(scope)
-        if refusal is not None:
-            return refusal.response()
-        raw = await _read_body(receive)
-        if raw is None:
-            return None  # the client left
-        model, handler = route
-        try:
-            body = model.model_validate_json(raw)
-        except ValidationError as e:
-            return _invalid(e.errors()).response()
-        result = await handler(self, body)
-        return result if isinstance(result, Response) else JSONResponse(result)
 
     def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The request's deltas (``cluster.replica`` documents them), as an async
@@ -720,49 +655,6 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("/v1/completions", "POST", OpenAIFront.completions),
     ("/v1/chat/completions", "POST", OpenAIFront.chat_completions),
 ]
-
-
-class FastRoutes:
-    """A replica's ASGI app: the two generation routes (``POST /v1/completions``,
-    ``/v1/chat/completions``) go straight to the front's handlers, everything else (and
-    each attribute, e.g. the routes Serve names its metrics by) to the FastAPI app. The
-    same checks and error shapes as the app's, less its middleware and dependency
-    layers: a request's cost on the event loop is what a wave of arrivals waits for
-    (docs/serving.md), and these layers were ~70 µs of it per request on the CPU
-    machine, plus two wrappers around each streamed chunk's ``send``."""
-
-    def __init__(self, front: OpenAIFront, app: Any) -> None:
-        self.front = front
-        self.app = app
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.app, name)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        route = _GENERATION.get((scope.get("method"), _route_path(scope))) \
-            if scope["type"] == "http" else None  # fmt: skip
-        if route is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            response = await self.front._generation(route, scope, receive)
-        except APIError as e:
-            response = e.response()
-        if response is not None:
-            await response(scope, receive, send)
-
-
-# The routes ``FastRoutes`` serves itself: (method, path) → (body model, handler).
-_GENERATION: dict[tuple[str, str], tuple[type[BaseModel], Callable[..., Any]]] = {
-    ("POST", "/v1/completions"): (CompletionRequest, OpenAIFront.completions),
-    ("POST", "/v1/chat/completions"): (ChatCompletionRequest, OpenAIFront.chat_completions),
-}
-
-
-def _route_path(scope: Any) -> str:
-    """The path within the app (what Starlette routes on: ``root_path`` taken off)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def ingress_app() -> FastAPI:
