@@ -394,8 +394,8 @@ class EngineProcess:
                 out = decode(d, self._built)
                 if stamps is not None:  # on every later output too: a reader behind
                     out.metrics.update(stamps)  # takes only the newest
-                    if (b := self._built.get(d.request_id)) is not None:
-                        b.stamps = stamps
+                    if first and (b := self._built.get(d.request_id)) is not None:
+                        b.stamps = stamps  # (gone with a finished request's entry)
                 if d.finished:
                     del self._streams[d.request_id]
                 (firsts if first else rest).append((stream, out))
