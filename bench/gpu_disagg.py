@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS_DIR, environment, random_prompts, write_result
+from workers.kv_transfer import CHUNK_BYTES
 
 SUITE = "gpu-disagg"
 
@@ -98,19 +99,33 @@ class _End:
         assert blocks is not None
         return blocks
 
-    def send(self, blocks: list[int]) -> tuple[int, float]:
-        return self._timed(self.channel.send, blocks)
+    def send(self, blocks: list[int], chunk: int, trace: str | None = None
+             ) -> tuple[int, float, float]:  # fmt: skip
+        return self._timed(self.channel.send, blocks, chunk, trace)
 
-    def recv(self, blocks: list[int]) -> tuple[int, float]:
-        return self._timed(self.channel.recv, blocks)
+    def recv(self, blocks: list[int], chunk: int, trace: str | None = None
+             ) -> tuple[int, float, float]:  # fmt: skip
+        return self._timed(self.channel.recv, blocks, chunk, trace)
 
-    def _timed(self, op: Any, blocks: list[int]) -> tuple[int, float]:
-        """(bytes, seconds) of one channel send/recv of ``blocks``, device-synchronized."""
+    def _timed(self, op: Any, blocks: list[int], chunk: int, trace: str | None
+               ) -> tuple[int, float, float]:  # fmt: skip
+        """(bytes, seconds, the receiver's wait for the header) of one channel
+        send/recv of ``blocks`` in messages of ``chunk`` bytes, device-synchronized;
+        with ``trace`` (a file) under the torch profiler, its Chrome trace written there."""
+        from contextlib import nullcontext
+
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if trace else None
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = op(self.engine.runner.kv_caches, blocks)
-        torch.cuda.synchronize()
-        return n, time.perf_counter() - t0
+        with prof if prof is not None else nullcontext():
+            t0 = time.perf_counter()
+            n = op(self.engine.runner.kv_caches, blocks, chunk)
+            torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+        if prof is not None and trace:
+            prof.export_chrome_trace(trace)
+        return n, secs, self.channel.header_wait_s
 
     def raw_op(self, nbytes: int, send: bool) -> float:
         """One plain send (or recv) of ``nbytes`` on the same group: the peer."""
@@ -224,6 +239,61 @@ def w6(model_dir: str, rate: float, n: int, max_tokens: int) -> dict[str, Any]:
                       "goodput": "requests/s meeting TTFT <= 1 s and every ITL <= 50 ms"}}  # fmt: skip
 
 
+def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
+    """The gather and the scatter of a transfer alone, on one GPU: a request's blocks of
+    every layer copied by each path of ``workers.kv_transfer`` (runs of consecutive ids,
+    one index kernel, one kernel per layer), for contiguous and scattered block ids.
+    GB/s count the payload once (the copy reads and writes it)."""
+    import random
+
+    from bench.synthetic import make_config
+    from workers.kv_transfer import Blocks, gather_blocks, scatter_blocks
+
+    cfg = make_config(model)
+    layers, heads = int(cfg.num_hidden_layers), int(cfg.num_key_value_heads or 0)
+    dim = int(cfg.hidden_size) // int(cfg.num_attention_heads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    block, nb = 16, 4 * max(lengths) // 16
+    stack = torch.randn(layers, 2, nb, block, heads, dim, device=device).to(torch.bfloat16)
+    caches = list(stack.unbind(0))
+    rng = random.Random(0)
+    out: dict[str, Any] = {}
+    for length in lengths:
+        n = length // block
+        for layout in ("contiguous", "scattered"):
+            if layout == "contiguous":
+                start = rng.randrange(nb - n)
+                ids = list(range(start, start + n))
+            else:
+                ids = rng.sample(range(nb), n)
+            blocks = Blocks(ids, stack.device)
+            buf = torch.empty(layers, 2, n, block, heads, dim, dtype=stack.dtype, device=device)
+            nbytes = buf.numel() * buf.element_size()
+            for method in ("runs", "index", "layers"):
+                for op in ("gather", "scatter"):
+                    times = []
+                    for _ in range(repeats + 2):
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        if op == "gather":
+                            gather_blocks(caches, blocks, 0, layers, buf, method)
+                        else:
+                            scatter_blocks(caches, blocks, 0, layers, buf, method)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    t = sorted(times[2:])[len(times[2:]) // 2]
+                    out[f"len{length}_{layout}_{method}_{op}_gb_s"] = nbytes / t / 1e9
+            print(f"copy {length} {layout}: " + ", ".join(
+                f"{m} {out[f'len{length}_{layout}_{m}_gather_gb_s']:.0f}/"
+                f"{out[f'len{length}_{layout}_{m}_scatter_gb_s']:.0f}"
+                for m in ("runs", "index", "layers")) + " GB/s (gather/scatter)", flush=True)  # fmt: skip
+    return {"config": {"model": model, "lengths": lengths, "repeats": repeats},
+            "raw": out, "ratios": out, "peer": "-",
+            "notes": {"gb_s": "payload bytes / copy time (each byte read once, written once)"}}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.gpu_disagg", description=__doc__.split("\n")[0]
@@ -232,7 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="1024,4096,16384")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--part", default="w7", choices=["w7", "w6"])
+    p.add_argument("--part", default="w7", choices=["w7", "w6", "copy"])
+    p.add_argument(
+        "--chunks-mib",
+        default=str(CHUNK_BYTES / 2**20),
+        help="W7: MiB per message, comma-separated; the first is the reported one, "
+        "each is timed on the same blocks (0: one message)",
+    )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="W7: write torch profiler traces of the last transfer per length here",
+    )
     p.add_argument("--rate", type=float, default=4.0, help="W6 requests/s")
     p.add_argument("--requests", type=int, default=200, help="W6 requests")
     p.add_argument("--max-tokens", type=int, default=200, help="W6 output tokens")
@@ -242,8 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     from bench.synthetic import make_config, write_model_dir
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
     config = make_config(args.model)
     model_dir = write_model_dir(config, Path(tempfile.mkdtemp(prefix="kvserve-w7-")) / args.model)
+    if args.part == "copy":
+        result = copy_bench(args.model, lengths, max(5, args.repeats))
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        path = write_result(args.out, SUITE, "W7-copy", environment(dev), {}, result)
+        print(f"W7-copy -> {path}", flush=True)
+        return 0
     if args.part == "w6":
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
@@ -263,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.get(dec.link.remote(host, port, 1))
     ray.get(pre.joined.remote())
     raw: dict[str, Any] = {}
+    chunks = [int(float(x) * 2**20) for x in args.chunks_mib.split(",")]
     for n, length in enumerate(lengths):
         runs = []
         match = None
@@ -272,10 +363,16 @@ def main(argv: list[str] | None = None) -> int:
             rid = f"w7-{length}-{k}"
             blocks_d = ray.get(dec.reserve.remote(prompt, rid, 16))
             pf = ray.get(pre.prefill.remote(prompt, rid))
-            (sent, t_send), (got, t_recv) = ray.get(
-                [pre.send.remote(pf["blocks"]), dec.recv.remote(blocks_d)]
-            )
-            assert sent == got
+            by_chunk = {}
+            for c, chunk in enumerate(chunks):  # the same blocks moved once per setting
+                trace = (str(args.trace / f"w7-{length}-c{chunk >> 20}")
+                         if args.trace and k == args.repeats and c == 0 else None)  # fmt: skip
+                (sent, t_send, _), (got, t_recv, hdr) = ray.get(
+                    [pre.send.remote(pf["blocks"], chunk, trace and f"{trace}-send.json"),
+                     dec.recv.remote(blocks_d, chunk, trace and f"{trace}-recv.json")]
+                )  # fmt: skip
+                assert sent == got
+                by_chunk[chunk] = {"transfer_s": max(t_send, t_recv), "header_wait_s": hdr}
             sums = ray.get([pre.kv_checksum.remote(pf["blocks"]), dec.kv_checksum.remote(blocks_d)])
             exact = sums[0] == sums[1]
             t_raw_s, t_raw_r = ray.get(
@@ -289,30 +386,40 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"W7 {length}: K/V checksums equal: {exact}; decode after transfer "
                       f"equals the prefill engine's own tokens: {match}", flush=True)  # fmt: skip
                 continue
-            t_xfer, t_peer = max(t_send, t_recv), max(t_raw_s, t_raw_r)
-            runs.append({"bytes": sent, "transfer_s": t_xfer, "raw_s": t_peer,
-                         "prefill_s": pf["seconds"], "kv_bit_exact": exact})  # fmt: skip
-        best = min(runs, key=lambda r: r["transfer_s"])
+            head = by_chunk[chunks[0]]
+            runs.append({"bytes": sent, "transfer_s": head["transfer_s"],
+                         "header_wait_s": head["header_wait_s"], "raw_s": max(t_raw_s, t_raw_r),
+                         "prefill_s": pf["seconds"], "kv_bit_exact": exact,
+                         "by_chunk_mib": {str(c / 2**20): v for c, v in by_chunk.items()}})  # fmt: skip
         med = sorted(runs, key=lambda r: r["transfer_s"])[len(runs) // 2]
-        raw[f"len{length}"] = {
-            "runs": runs, "bytes": med["bytes"],
+        best = min(runs, key=lambda r: r["transfer_s"])
+        raw_s = sorted(r["raw_s"] for r in runs)[len(runs) // 2]
+        r = raw[f"len{length}"] = {
+            "runs": runs, "bytes": med["bytes"], "chunk_mib": chunks[0] / 2**20,
             "transfer_gb_s": med["bytes"] / med["transfer_s"] / 1e9,
-            "raw_gb_s": med["bytes"] / med["raw_s"] / 1e9,
+            "raw_gb_s": med["bytes"] / raw_s / 1e9,
             "transfer_share_of_ttft": med["transfer_s"] / (med["prefill_s"] + med["transfer_s"]),
             "best_transfer_gb_s": best["bytes"] / best["transfer_s"] / 1e9,
+            "header_wait_ms": med["header_wait_s"] * 1e3,
             "tokens_match_colocated": match,
+            "transfer_gb_s_by_chunk_mib": {
+                str(c / 2**20): med["bytes"] / sorted(x["by_chunk_mib"][str(c / 2**20)]["transfer_s"]
+                                                      for x in runs)[len(runs) // 2] / 1e9
+                for c in chunks},
         }  # fmt: skip
-        r = raw[f"len{length}"]
         print(f"W7 {length} tokens: {r['bytes'] / 2**20:.0f} MiB, transfer {r['transfer_gb_s']:.0f} "
-              f"GB/s vs raw {r['raw_gb_s']:.0f} GB/s, {r['transfer_share_of_ttft']:.1%} of TTFT",
-              flush=True)  # fmt: skip
+              f"GB/s vs raw {r['raw_gb_s']:.0f} GB/s, {r['transfer_share_of_ttft']:.1%} of TTFT; "
+              f"by message MiB {r['transfer_gb_s_by_chunk_mib']}", flush=True)  # fmt: skip
     ratios = {}
     for key, r in raw.items():
         ratios[f"{key}_transfer_over_raw"] = r["transfer_gb_s"] / r["raw_gb_s"]
         ratios[f"{key}_transfer_gb_s"] = r["transfer_gb_s"]
         ratios[f"{key}_transfer_share_of_ttft"] = r["transfer_share_of_ttft"]
+        for c, gbs in list(r["transfer_gb_s_by_chunk_mib"].items())[1:]:
+            ratios[f"{key}_msg{float(c):g}MiB_transfer_over_raw"] = gbs / r["raw_gb_s"]
     result = {
-        "config": {"model": args.model, "lengths": lengths, "repeats": args.repeats},
+        "config": {"model": args.model, "lengths": lengths, "repeats": args.repeats,
+                   "message_mib": [c / 2**20 for c in chunks]},
         "raw": raw, "ratios": ratios,
         "peer": "a raw torch.distributed send/recv of the same bytes on the same NCCL pair",
         "notes": {"transfer_over_raw": "goal >= 0.85 (must >= 0.7)",

@@ -107,18 +107,21 @@ def _budget_bytes(cfg: RunnerConfig, weight_bytes: int) -> int:
 def allocate_kv_cache(
     plan: KVCachePlan, layers: list[LlamaAttention], device: torch.device, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """Allocates one cache tensor per layer and binds it to the layer."""
-    caches = []
-    for layer in layers:
-        cache = torch.zeros(
-            2,
-            plan.num_blocks,
-            plan.block_size,
-            layer.num_kv_heads,
-            layer.head_dim,
-            dtype=dtype,
-            device=device,
-        )
+    """Allocates the cache of every layer and binds each layer to its own.
+
+    The layers' caches are consecutive views of one tensor
+    ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``, so that a request's
+    blocks of every layer can be gathered or scattered by one kernel (KV transfer,
+    ``workers.kv_transfer.layer_stack``)."""
+    if not layers:
+        return []
+    heads, dim = layers[0].num_kv_heads, layers[0].head_dim
+    if any((layer.num_kv_heads, layer.head_dim) != (heads, dim) for layer in layers):
+        raise ValueError("every layer must have the same KV heads and head size")
+    stack = torch.zeros(
+        len(layers), 2, plan.num_blocks, plan.block_size, heads, dim, dtype=dtype, device=device
+    )
+    caches = list(stack.unbind(0))
+    for layer, cache in zip(layers, caches, strict=True):
         layer.kv_cache = cache
-        caches.append(cache)
     return caches

@@ -8,19 +8,93 @@ from typing import Any
 import pytest
 import ray
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workers.comm import new_store_path
-from workers.kv_transfer import RECEIVER, SENDER, KVChannel, pack_blocks, unpack_blocks
+from workers.kv_transfer import (
+    RECEIVER,
+    SENDER,
+    Blocks,
+    KVChannel,
+    _chunks,
+    block_runs,
+    gather_blocks,
+    layer_stack,
+    pack_blocks,
+    scatter_blocks,
+    unpack_blocks,
+)
 
 SHAPE = (2, 12, 4, 2, 8)  # [K/V, blocks, block_size, kv_heads, head_dim]
 LAYERS = 3
 
 
-def _caches(seed: int | None) -> list[torch.Tensor]:
+def _caches(seed: int | None, stacked: bool = False) -> list[torch.Tensor]:
+    """Per-layer caches: separate tensors, or (``stacked``) views of one tensor as the
+    engine allocates them."""
     if seed is None:
-        return [torch.zeros(SHAPE) for _ in range(LAYERS)]
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(SHAPE, generator=g) for _ in range(LAYERS)]
+        full = torch.zeros(LAYERS, *SHAPE)
+    else:
+        full = torch.randn(LAYERS, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    return list(full.unbind(0)) if stacked else [t.clone() for t in full.unbind(0)]
+
+
+def test_layer_stack_sees_one_tensor_or_none() -> None:
+    stacked, separate = _caches(1, stacked=True), _caches(1)
+    view = layer_stack(stacked)
+    assert view is not None and view.shape == (LAYERS, *SHAPE)
+    assert all(torch.equal(view[i], stacked[i]) for i in range(LAYERS))
+    view[1, 0, 3] = 7.0  # a view: writes land in the layer's cache
+    assert bool((stacked[1][0, 3] == 7.0).all())
+    assert layer_stack(separate) is None
+    assert layer_stack([stacked[0], stacked[2]]) is not None  # equally spaced
+    assert layer_stack([stacked[1], stacked[0]]) is None  # not in order
+    # Both paths pack and unpack the same bytes.
+    assert torch.equal(pack_blocks(_caches(2, True), [3, 0]), pack_blocks(_caches(2), [3, 0]))
+    dst = _caches(None, stacked=True)
+    unpack_blocks(dst, [5, 1], pack_blocks(separate, [3, 0]))
+    assert torch.equal(pack_blocks(dst, [5, 1]), pack_blocks(separate, [3, 0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_every_copy_path_moves_the_same_blocks(data: st.DataObject) -> None:
+    """Runs of consecutive ids, one index kernel and one kernel per layer gather the
+    same bytes, and scatter them into exactly the destination blocks."""
+    n = data.draw(st.integers(1, 6))
+    src = data.draw(st.lists(st.integers(0, 11), min_size=n, max_size=n, unique=True))
+    dst = data.draw(st.lists(st.integers(0, 11), min_size=n, max_size=n, unique=True))
+    lo = data.draw(st.integers(0, LAYERS - 1))
+    hi = data.draw(st.integers(lo + 1, LAYERS))
+    caches = _caches(3, stacked=True)
+    want = torch.stack([c[:, src] for c in caches[lo:hi]])
+    blocks = Blocks(src, want.device)
+    for method in ("runs", "index", "layers", "auto"):
+        out = torch.empty_like(want)
+        gather_blocks(caches, blocks, lo, hi, out, method)
+        assert torch.equal(out, want), method
+        target = _caches(None, stacked=True)
+        scatter_blocks(target, Blocks(dst, want.device), lo, hi, want, method)
+        for layer, cache in enumerate(target):
+            inside = lo <= layer < hi
+            for b in range(SHAPE[1]):
+                if inside and b in dst:
+                    assert torch.equal(cache[:, b], want[layer - lo][:, dst.index(b)]), method
+                else:
+                    assert not cache[:, b].any(), (method, layer, b)
+
+
+def test_block_runs() -> None:
+    assert block_runs([4, 5, 6, 1, 2, 9]) == [(4, 0, 3), (1, 3, 2), (9, 5, 1)]
+    assert block_runs([]) == []
+
+
+@pytest.mark.parametrize(("chunk", "expect"), [(0, [(0, 3)]), (1, [(0, 1), (1, 2), (2, 3)]),
+                                               (2048, [(0, 2), (2, 3)])])  # fmt: skip
+def test_messages_are_whole_layers(chunk: int, expect: list[tuple[int, int]]) -> None:
+    # One layer's 2 blocks: 2 (K/V) x 2 blocks x 4 x 2 x 8 float32 = 1 KiB.
+    assert _chunks(_caches(None), 2, chunk) == expect
 
 
 def test_pack_unpack_roundtrip() -> None:
@@ -35,20 +109,20 @@ def test_pack_unpack_roundtrip() -> None:
 
 
 class _End:
-    def __init__(self, seed: int | None) -> None:
-        self.caches = _caches(seed)
+    def __init__(self, seed: int | None, stacked: bool) -> None:
+        self.caches = _caches(seed, stacked)
         self.channel: KVChannel | None = None
 
     def connect(self, store: str, role: int) -> None:
         self.channel = KVChannel(store, role, "gloo", timeout_s=30)
 
-    def send(self, block_ids: list[int]) -> int:
+    def send(self, block_ids: list[int], chunk: int | None = None) -> int:
         assert self.channel is not None
-        return self.channel.send(self.caches, block_ids)
+        return self.channel.send(self.caches, block_ids, chunk)
 
-    def recv(self, block_ids: list[int]) -> int:
+    def recv(self, block_ids: list[int], chunk: int | None = None) -> int:
         assert self.channel is not None
-        return self.channel.recv(self.caches, block_ids)
+        return self.channel.recv(self.caches, block_ids, chunk)
 
     def blocks(self, block_ids: list[int]) -> torch.Tensor:
         return pack_blocks(self.caches, block_ids)
@@ -56,14 +130,15 @@ class _End:
 
 def test_transfers_between_actors_land_in_the_reserved_blocks(ray_cluster: Any) -> None:
     End = ray.remote(num_cpus=0)(_End)
-    prefill, decode = End.remote(1), End.remote(None)
+    prefill, decode = End.remote(1, True), End.remote(None, False)  # both cache layouts
     store = new_store_path()
     ray.get([prefill.connect.remote(store, SENDER), decode.connect.remote(store, RECEIVER)])
-    plan = [([3, 7, 1], [9, 0, 4]), ([2], [11]), ([5, 6, 8, 10], [1, 2, 3, 5])]
-    for src, dst in plan:  # both sides in the same order: no deadlock
-        sent, got = ray.get([prefill.send.remote(src), decode.recv.remote(dst)])
+    # (source blocks, destination blocks, bytes per message: one, one layer, two layers)
+    plan = [([3, 7, 1], [9, 0, 4], 0), ([2], [11], 1), ([5, 6, 8, 10], [1, 2, 3, 5], 4096)]
+    for src, dst, chunk in plan:  # both sides in the same order: no deadlock
+        sent, got = ray.get([prefill.send.remote(src, chunk), decode.recv.remote(dst, chunk)])
         assert sent == got == LAYERS * 2 * len(src) * 4 * 2 * 8 * 4
-    for src, dst in plan:
+    for src, dst, _ in plan:
         assert torch.equal(ray.get(prefill.blocks.remote(src)), ray.get(decode.blocks.remote(dst)))
     # A receiver expecting another block count refuses the transfer.
     with pytest.raises(ray.exceptions.RayTaskError, match="expects 2 blocks"):

@@ -13,6 +13,8 @@ same order (the ledger's), concurrent transfers cannot deadlock.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import torch
@@ -44,10 +46,115 @@ def synced(op: Any, caches: list[torch.Tensor], block_ids: list[int]) -> int:
     return n
 
 
+def layer_stack(kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
+    """The layers' caches as one ``[layers, *cache.shape]`` view, when they are equally
+    spaced, non-overlapping, contiguous views of one storage (as ``engine.kv_cache``
+    allocates them); ``None`` otherwise (then the per-layer path is used)."""
+    first = kv_caches[0]
+    size = first.element_size()
+    step = (kv_caches[1].data_ptr() - first.data_ptr()) // size if len(kv_caches) > 1 else 0
+    if len(kv_caches) > 1 and step < first.numel():
+        return None
+    base = first.untyped_storage().data_ptr()
+    for i, cache in enumerate(kv_caches):
+        if (cache.shape != first.shape or cache.dtype != first.dtype or not cache.is_contiguous()
+                or cache.untyped_storage().data_ptr() != base
+                or cache.data_ptr() != first.data_ptr() + i * step * size):  # fmt: skip
+            return None
+    return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
+
+
+MAX_RUNS = 8
+"""A transfer whose block ids form at most this many runs of consecutive ids is copied
+one strided copy per run; otherwise by one index kernel."""
+
+
+def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
+    """``block_ids`` as runs of consecutive ids: (first id, position in the list, length)."""
+    runs: list[list[int]] = []
+    for pos, b in enumerate(block_ids):
+        if runs and runs[-1][0] + runs[-1][2] == b:
+            runs[-1][2] += 1
+        else:
+            runs.append([b, pos, 1])
+    return [(b, pos, n) for b, pos, n in runs]
+
+
+class Blocks:
+    """One side's block ids of a transfer, with what its copies need, made once: the
+    runs of consecutive ids and (lazily) the ids as a device tensor."""
+
+    def __init__(self, block_ids: list[int], device: torch.device) -> None:
+        self.ids = list(block_ids)
+        self.runs = block_runs(self.ids)
+        self.device = device
+        self._index: torch.Tensor | None = None
+
+    @property
+    def index(self) -> torch.Tensor:
+        if self._index is None:
+            self._index = torch.tensor(self.ids, dtype=torch.long, device=self.device)
+        return self._index
+
+
+def gather_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: int,
+                  out: torch.Tensor, method: str = "auto") -> None:  # fmt: skip
+    """Copies ``blocks`` of layers ``lo:hi`` into ``out``
+    (``[hi - lo, 2, len(blocks.ids), block_size, kv_heads, head_dim]``).
+
+    When the layers are one stack (``layer_stack``), every layer at once: one strided
+    copy per run of consecutive ids (``block_runs``, at most ``MAX_RUNS``), else one
+    index kernel; otherwise one index kernel per layer. ``method`` ("runs", "index",
+    "layers") forces a path (benchmarks)."""
+    stack = layer_stack(kv_caches)
+    if stack is None or method == "layers":
+        for j, layer in enumerate(range(lo, hi)):
+            torch.index_select(kv_caches[layer], 1, blocks.index, out=out[j])
+        return
+    src, dst = _rows(stack[lo:hi]), _rows(out)
+    if method == "runs" or (method == "auto" and len(blocks.runs) <= MAX_RUNS):
+        for first, pos, n in blocks.runs:
+            dst[:, :, pos : pos + n].copy_(src[:, :, first : first + n])
+    else:
+        torch.index_select(src, 2, blocks.index, out=dst)
+
+
+def scatter_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: int,
+                   src: torch.Tensor, method: str = "auto") -> None:  # fmt: skip
+    """Writes ``src`` (as ``gather_blocks`` fills it) into ``blocks`` of layers
+    ``lo:hi``, by the same paths as ``gather_blocks``."""
+    stack = layer_stack(kv_caches)
+    if stack is None or method == "layers":
+        for j, layer in enumerate(range(lo, hi)):
+            kv_caches[layer].index_copy_(1, blocks.index, src[j])
+        return
+    dst, rows = _rows(stack[lo:hi]), _rows(src)
+    if method == "runs" or (method == "auto" and len(blocks.runs) <= MAX_RUNS):
+        for first, pos, n in blocks.runs:
+            dst[:, :, first : first + n].copy_(rows[:, :, pos : pos + n])
+    else:
+        dst.index_copy_(2, blocks.index, rows)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[layers, 2, blocks, *block]`` viewed as ``[layers, 2, blocks, block elements]``
+    (a view, never a copy: writes through it land in ``t``)."""
+    return t.view(*t.shape[:3], -1)
+
+
+def _packed(kv_caches: list[torch.Tensor], num_blocks: int) -> torch.Tensor:
+    """An empty tensor in ``pack_blocks``' layout for ``num_blocks`` blocks."""
+    first = kv_caches[0]
+    shape = (len(kv_caches), first.shape[0], num_blocks, *first.shape[2:])
+    return torch.empty(shape, dtype=first.dtype, device=first.device)
+
+
 def pack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
-    """One contiguous copy of ``block_ids`` of every layer (layer-major)."""
-    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
-    return torch.stack([cache.index_select(1, idx) for cache in kv_caches])
+    """One contiguous copy of ``block_ids`` of every layer (layer-major):
+    ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``."""
+    out = _packed(kv_caches, len(block_ids))
+    gather_blocks(kv_caches, Blocks(block_ids, out.device), 0, len(kv_caches), out)
+    return out
 
 
 def unpack_blocks(
@@ -57,9 +164,14 @@ def unpack_blocks(
     if packed.shape[0] != len(kv_caches) or packed.shape[2] != len(block_ids):
         raise ValueError(f"packed KV {tuple(packed.shape)} does not fit {len(kv_caches)} layers "
                          f"x {len(block_ids)} blocks")  # fmt: skip
-    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
-    for layer, cache in enumerate(kv_caches):
-        cache.index_copy_(1, idx, packed[layer])
+    scatter_blocks(kv_caches, Blocks(block_ids, packed.device), 0, len(kv_caches), packed)
+
+
+CHUNK_BYTES = int(os.environ.get("KVSERVE_KV_CHUNK_MIB", "64")) << 20
+"""Bytes per message of a transfer (whole layers, at least one layer a message; 0: the
+whole transfer in one message). Each message costs the CPU one gather launch and one
+NCCL call, so messages must be large enough for the link, not the CPU, to set the
+pace; several of them let the gather of one overlap the send of the previous."""
 
 
 class KVChannel:
@@ -74,49 +186,54 @@ class KVChannel:
         self.group = new_group(store, role, 2, backend, timeout_s)
         self.bytes_moved = 0
         self.transfers = 0
+        self.header_wait_s = 0.0  # the last receive's wait for its header
 
-    def send(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
+    def send(self, kv_caches: list[torch.Tensor], block_ids: list[int],
+             chunk_bytes: int | None = None) -> int:  # fmt: skip
         """Sends the blocks; returns the bytes of the payload.
 
-        Layers go in chunks: each chunk is gathered into its own staging buffer and its
-        send is issued at once without waiting, so gathering chunk i+1 overlaps sending
-        chunk i (NCCL runs sends on its own stream after the gather it depends on)."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
-        header = torch.tensor([len(block_ids), _payload_elems(kv_caches, len(block_ids))],
-                              dtype=torch.long, device=kv_caches[0].device)  # fmt: skip
-        self.group.send([header], RECEIVER, 0).wait()
-        works, total = [], 0
-        for lo, hi in _chunks(len(kv_caches)):
-            part = torch.stack([kv_caches[i].index_select(1, idx) for i in range(lo, hi)])
-            works.append((self.group.send([part], RECEIVER, 1), part))
-            total += part.numel() * part.element_size()
-        for work, _ in works:
-            work.wait()
-        return self._count(total)
-
-    def recv(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
-        """Receives a transfer into ``block_ids``; returns the payload's bytes. Every
-        chunk's receive is posted first; each is scattered into the cache as it lands."""
+        A header (block count, elements) goes first. The payload, in ``pack_blocks``'
+        layout, goes as messages of whole layers (``chunk_bytes``, default
+        ``CHUNK_BYTES``; both ends must use the same): each message's layers are
+        gathered by one kernel and its send is issued at once, so the gather of message
+        i+1 overlaps the send of message i (NCCL's stream waits for the gather it
+        depends on). Returns once the sends are issued and the current stream waits
+        for them."""
         first = kv_caches[0]
+        header = torch.tensor([len(block_ids), _payload_elems(kv_caches, len(block_ids))],
+                              dtype=torch.long, device=first.device)  # fmt: skip
+        self.group.send([header], RECEIVER, 0).wait()
+        buf = _packed(kv_caches, len(block_ids))
+        blocks, works = Blocks(block_ids, first.device), []
+        for lo, hi in _chunks(kv_caches, len(block_ids), chunk_bytes):
+            gather_blocks(kv_caches, blocks, lo, hi, buf[lo:hi])
+            works.append(self.group.send([buf[lo:hi]], RECEIVER, 1))
+        for work in works:
+            work.wait()
+        return self._count(buf.numel() * buf.element_size())
+
+    def recv(self, kv_caches: list[torch.Tensor], block_ids: list[int],
+             chunk_bytes: int | None = None) -> int:  # fmt: skip
+        """Receives a transfer into ``block_ids``; returns the payload's bytes. Every
+        message's receive is posted at once; each is scattered into the cache (one
+        kernel) as it lands."""
+        first = kv_caches[0]
+        t0 = time.perf_counter()
         header = torch.zeros(2, dtype=torch.long, device=first.device)
         self.group.recv([header], SENDER, 0).wait()
         n, elems = (int(x) for x in header.tolist())
+        self.header_wait_s = time.perf_counter() - t0
         if n != len(block_ids) or elems != _payload_elems(kv_caches, len(block_ids)):
             shape = (len(kv_caches), first.shape[0], len(block_ids), *first.shape[2:])
             raise ValueError(f"sender sent {n} blocks ({elems} elements); this side expects "
                              f"{len(block_ids)} blocks of shape {shape}")  # fmt: skip
-        idx = torch.tensor(block_ids, dtype=torch.long, device=first.device)
-        posted, total = [], 0
-        for lo, hi in _chunks(len(kv_caches)):
-            part = torch.empty((hi - lo, first.shape[0], n, *first.shape[2:]), dtype=first.dtype,
-                               device=first.device)  # fmt: skip
-            posted.append((self.group.recv([part], SENDER, 1), part, lo))
-            total += part.numel() * part.element_size()
-        for work, part, lo in posted:
-            work.wait()  # this chunk only: the scatter waits for it, later chunks go on
-            for j in range(part.shape[0]):
-                kv_caches[lo + j].index_copy_(1, idx, part[j])
-        return self._count(total)
+        buf, blocks = _packed(kv_caches, n), Blocks(block_ids, first.device)
+        chunks = _chunks(kv_caches, n, chunk_bytes)
+        posted = [self.group.recv([buf[lo:hi]], SENDER, 1) for lo, hi in chunks]
+        for work, (lo, hi) in zip(posted, chunks, strict=True):
+            work.wait()  # this message only: its scatter waits for it, later ones go on
+            scatter_blocks(kv_caches, blocks, lo, hi, buf[lo:hi])
+        return self._count(buf.numel() * buf.element_size())
 
     def close(self) -> None:
         """The channel is done: gloo's pending sends/receives break (sockets close); an
@@ -129,12 +246,15 @@ class KVChannel:
         return nbytes
 
 
-LAYERS_PER_CHUNK = 4
-
-
-def _chunks(num_layers: int) -> list[tuple[int, int]]:
-    return [(lo, min(num_layers, lo + LAYERS_PER_CHUNK))
-            for lo in range(0, num_layers, LAYERS_PER_CHUNK)]  # fmt: skip
+def _chunks(kv_caches: list[torch.Tensor], num_blocks: int, chunk_bytes: int | None
+            ) -> list[tuple[int, int]]:  # fmt: skip
+    """The layer ranges of a transfer's messages: about ``chunk_bytes`` each (whole
+    layers, at least one); 0 means one message."""
+    layers = len(kv_caches)
+    limit = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    per_layer = _payload_elems(kv_caches, num_blocks) // layers * kv_caches[0].element_size()
+    step = layers if limit <= 0 else max(1, min(layers, limit // max(1, per_layer)))
+    return [(lo, min(layers, lo + step)) for lo in range(0, layers, step)]
 
 
 def _payload_elems(kv_caches: list[torch.Tensor], num_blocks: int) -> int:
