@@ -319,8 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="W6 requests")
     p.add_argument("--max-tokens", type=int, default=200, help="W6 output tokens")
     args = p.parse_args(argv)
-    import ray
-
     from bench.synthetic import make_config, write_model_dir
 
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -334,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_result(args.out, SUITE, "W7-copy", environment(dev), {}, result)
         print(f"W7-copy -> {path}", flush=True)
         return 0
+    import ray
+
     if args.part == "w6":
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
