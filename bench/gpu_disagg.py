@@ -241,8 +241,8 @@ def w6(model_dir: str, rate: float, n: int, max_tokens: int) -> dict[str, Any]:
 
 def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
     """The gather and the scatter of a transfer alone, on one GPU: a request's blocks of
-    every layer copied by each path of ``workers.kv_transfer`` (runs of consecutive ids,
-    one index kernel, one kernel per layer), for contiguous and scattered block ids.
+    every layer copied by each path of ``workers.kv_transfer`` (one index kernel over the
+    layer stack, one kernel per layer), for contiguous and scattered block ids.
     GB/s count the payload once (the copy reads and writes it)."""
     import random
 
@@ -269,7 +269,7 @@ def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
             blocks = Blocks(ids, stack.device)
             buf = torch.empty(layers, 2, n, block, heads, dim, dtype=stack.dtype, device=device)
             nbytes = buf.numel() * buf.element_size()
-            for method in ("runs", "index", "layers"):
+            for method in ("index", "layers"):
                 for op in ("gather", "scatter"):
                     times = []
                     for _ in range(repeats + 2):
@@ -288,7 +288,7 @@ def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
             print(f"copy {length} {layout}: " + ", ".join(
                 f"{m} {out[f'len{length}_{layout}_{m}_gather_gb_s']:.0f}/"
                 f"{out[f'len{length}_{layout}_{m}_scatter_gb_s']:.0f}"
-                for m in ("runs", "index", "layers")) + " GB/s (gather/scatter)", flush=True)  # fmt: skip
+                for m in ("index", "layers")) + " GB/s (gather/scatter)", flush=True)  # fmt: skip
     return {"config": {"model": model, "lengths": lengths, "repeats": repeats},
             "raw": out, "ratios": out, "peer": "-",
             "notes": {"gb_s": "payload bytes / copy time (each byte read once, written once)"}}  # fmt: skip

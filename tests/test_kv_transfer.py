@@ -18,7 +18,6 @@ from workers.kv_transfer import (
     Blocks,
     KVChannel,
     _chunks,
-    block_runs,
     gather_blocks,
     layer_stack,
     pack_blocks,
@@ -60,8 +59,8 @@ def test_layer_stack_sees_one_tensor_or_none() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_every_copy_path_moves_the_same_blocks(data: st.DataObject) -> None:
-    """Runs of consecutive ids, one index kernel and one kernel per layer gather the
-    same bytes, and scatter them into exactly the destination blocks."""
+    """One index kernel over the layer stack and one kernel per layer gather the same
+    bytes, and scatter them into exactly the destination blocks."""
     n = data.draw(st.integers(1, 6))
     src = data.draw(st.lists(st.integers(0, 11), min_size=n, max_size=n, unique=True))
     dst = data.draw(st.lists(st.integers(0, 11), min_size=n, max_size=n, unique=True))
@@ -70,7 +69,7 @@ def test_every_copy_path_moves_the_same_blocks(data: st.DataObject) -> None:
     caches = _caches(3, stacked=True)
     want = torch.stack([c[:, src] for c in caches[lo:hi]])
     blocks = Blocks(src, want.device)
-    for method in ("runs", "index", "layers", "auto"):
+    for method in ("index", "layers"):
         out = torch.empty_like(want)
         gather_blocks(caches, blocks, lo, hi, out, method)
         assert torch.equal(out, want), method
@@ -83,11 +82,6 @@ def test_every_copy_path_moves_the_same_blocks(data: st.DataObject) -> None:
                     assert torch.equal(cache[:, b], want[layer - lo][:, dst.index(b)]), method
                 else:
                     assert not cache[:, b].any(), (method, layer, b)
-
-
-def test_block_runs() -> None:
-    assert block_runs([4, 5, 6, 1, 2, 9]) == [(4, 0, 3), (1, 3, 2), (9, 5, 1)]
-    assert block_runs([]) == []
 
 
 @pytest.mark.parametrize(("chunk", "expect"), [(0, [(0, 3)]), (1, [(0, 1), (1, 2), (2, 3)]),

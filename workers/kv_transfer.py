@@ -64,29 +64,12 @@ def layer_stack(kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
 
 
-MAX_RUNS = 8
-"""A transfer whose block ids form at most this many runs of consecutive ids is copied
-one strided copy per run; otherwise by one index kernel."""
-
-
-def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
-    """``block_ids`` as runs of consecutive ids: (first id, position in the list, length)."""
-    runs: list[list[int]] = []
-    for pos, b in enumerate(block_ids):
-        if runs and runs[-1][0] + runs[-1][2] == b:
-            runs[-1][2] += 1
-        else:
-            runs.append([b, pos, 1])
-    return [(b, pos, n) for b, pos, n in runs]
-
-
 class Blocks:
-    """One side's block ids of a transfer, with what its copies need, made once: the
-    runs of consecutive ids and (lazily) the ids as a device tensor."""
+    """One side's block ids of a transfer, made once per transfer: the ids, and (made
+    on first use) the ids as a tensor on the cache's device."""
 
     def __init__(self, block_ids: list[int], device: torch.device) -> None:
         self.ids = list(block_ids)
-        self.runs = block_runs(self.ids)
         self.device = device
         self._index: torch.Tensor | None = None
 
@@ -102,21 +85,15 @@ def gather_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: in
     """Copies ``blocks`` of layers ``lo:hi`` into ``out``
     (``[hi - lo, 2, len(blocks.ids), block_size, kv_heads, head_dim]``).
 
-    When the layers are one stack (``layer_stack``), every layer at once: one strided
-    copy per run of consecutive ids (``block_runs``, at most ``MAX_RUNS``), else one
-    index kernel; otherwise one index kernel per layer. ``method`` ("runs", "index",
-    "layers") forces a path (benchmarks)."""
+    When the layers are one stack (``layer_stack``), one index kernel copies every
+    layer's blocks; otherwise one kernel per layer does (``method="layers"`` forces
+    that path: benchmarks)."""
     stack = layer_stack(kv_caches)
     if stack is None or method == "layers":
         for j, layer in enumerate(range(lo, hi)):
             torch.index_select(kv_caches[layer], 1, blocks.index, out=out[j])
         return
-    src, dst = _rows(stack[lo:hi]), _rows(out)
-    if method == "runs" or (method == "auto" and len(blocks.runs) <= MAX_RUNS):
-        for first, pos, n in blocks.runs:
-            dst[:, :, pos : pos + n].copy_(src[:, :, first : first + n])
-    else:
-        torch.index_select(src, 2, blocks.index, out=dst)
+    torch.index_select(_rows(stack[lo:hi]), 2, blocks.index, out=_rows(out))
 
 
 def scatter_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: int,
@@ -128,18 +105,18 @@ def scatter_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: i
         for j, layer in enumerate(range(lo, hi)):
             kv_caches[layer].index_copy_(1, blocks.index, src[j])
         return
-    dst, rows = _rows(stack[lo:hi]), _rows(src)
-    if method == "runs" or (method == "auto" and len(blocks.runs) <= MAX_RUNS):
-        for first, pos, n in blocks.runs:
-            dst[:, :, first : first + n].copy_(rows[:, :, pos : pos + n])
-    else:
-        dst.index_copy_(2, blocks.index, rows)
+    _rows(stack[lo:hi]).index_copy_(2, blocks.index, _rows(src))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[layers, 2, blocks, *block]`` viewed as ``[layers, 2, blocks, block elements]``
-    (a view, never a copy: writes through it land in ``t``)."""
-    return t.view(*t.shape[:3], -1)
+    """``[layers, 2, blocks, *block]`` viewed as ``[layers, 2, blocks, block words]``
+    (a view, never a copy: writes through it land in ``t``). A block's bytes are seen
+    as 8-byte words where they divide evenly: the copy kernels move one element per
+    thread step, and 2-byte elements left them at a third of the copy bandwidth."""
+    rows = t.view(*t.shape[:3], -1)
+    if (rows.shape[-1] * rows.element_size()) % 8 == 0 and rows.element_size() < 8:
+        return rows.view(torch.int64)
+    return rows
 
 
 def _packed(kv_caches: list[torch.Tensor], num_blocks: int) -> torch.Tensor:
