@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import transformers
 
+    from workers import peer_allreduce
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     log = Logger()
@@ -312,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         name, job = jobs[part]
         t0 = time.perf_counter()
         result = job()
+        result.setdefault("config", {})["tp_allreduce"] = peer_allreduce.MODE
         if args.quick:
             name += "-quick"
+        if peer_allreduce.MODE != "nccl":
+            name += f"-{peer_allreduce.MODE}"
         path = write_result(out_dir, SUITE, name, env_info, ceilings, result)
         log(f"{name}: {result['ratios']} ({time.perf_counter() - t0:.0f} s) -> {path}")
     ray.shutdown()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,16 +22,40 @@ class TPContext:
     rank: int = 0
     size: int = 1
     group: Any = None
+    # Optional one-shot all-reduce through peer memory for small sums (a
+    # ``workers.peer_allreduce.PeerAllReduce``, built by the worker layer).
+    peer: Any = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank {self.rank} outside tensor-parallel size {self.size}")
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sums ``x`` over the ranks in place and returns it."""
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+    def all_reduce(self, x: torch.Tensor, fence: bool = False) -> torch.Tensor:
+        """Returns the sum of ``x`` over the ranks: ``x`` itself, summed in place by the
+        group, or a new tensor from ``peer``. ``fence``: through the group always (a
+        barrier every rank passes only after its earlier sums), after which ``peer``
+        restarts its buffers; the first sum of every forward is a fence."""
+        if self.size == 1:
+            return x
+        if self.peer is not None and not fence and self.peer.fits(x.numel(), x.dtype):
+            staged = self.peer.staging(tuple(x.shape))
+            staged.copy_(x)
+            return self.peer.reduce(staged)  # type: ignore[no-any-return]
+        dist.all_reduce(x, group=self.group)
+        if fence and self.peer is not None:
+            self.peer.fence()
         return x
+
+    def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` summed over the ranks (a row-parallel layer's output). With
+        ``peer`` the product is written straight into its staging buffer."""
+        if self.size > 1 and self.peer is not None and x.dim() == 2:
+            shape = (x.shape[0], weight.shape[0])
+            if self.peer.fits(shape[0] * shape[1], x.dtype):
+                staged = self.peer.staging(shape)
+                torch.mm(x, weight.t(), out=staged)
+                return self.peer.reduce(staged)  # type: ignore[no-any-return]
+        return self.all_reduce(F.linear(x, weight))
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenates every rank's ``x`` along the last dimension, rank order."""

@@ -55,6 +55,23 @@ def new_group(store: str | Any, rank: int, size: int, backend: str, timeout_s: f
     raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
 
 
+def tp_group(store_path: str, rank: int, size: int, backend: str, timeout_s: float,
+             device: Any, dtype: Any) -> tuple[Any, Any]:  # fmt: skip
+    """A tensor-parallel rank's group (``new_group``) and, on NCCL with
+    ``KVSERVE_TP_ALLREDUCE=peer``, its ``PeerAllReduce`` for small sums (else ``None``).
+    Every rank calls it with the same arguments but its own ``rank``."""
+    base = dist.FileStore(store_path, size)
+    group = new_group(base, rank, size, backend, timeout_s)
+    from workers import peer_allreduce
+
+    if backend != "nccl" or peer_allreduce.MODE != "peer":
+        return group, None
+    peer = peer_allreduce.PeerAllReduce.build(
+        group, dist.PrefixStore("peer", base), rank, size, device, dtype
+    )
+    return group, peer
+
+
 # Groups taken out of service. Kept referenced: destroying a ProcessGroupNCCL can block
 # (holding the GIL) while its threads wind down, so it must not happen inside a
 # garbage collection in the middle of serving. Small: one entry per rebuilt group.

@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
-from workers.comm import abort_group, new_group, new_store_path, retire_group
+from workers.comm import abort_group, new_store_path, retire_group, tp_group
 from workers.rank_worker import CONCURRENCY_GROUPS, RankWorker
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class RayExecutor:
         self._pg = placement_group
         self._own_pg = placement_group is None
         self._group: Any = None
+        self._peer: Any = None  # PeerAllReduce of rank 0, when on
         self._failure: WorkerGroupError | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -138,9 +139,10 @@ class RayExecutor:
         self._watchdog.start()
         t0 = time.perf_counter()
         try:
-            self._group = new_group(store, 0, self.size, self.backend, timeout_s)
+            self._group, self._peer = tp_group(store, 0, self.size, self.backend, timeout_s,
+                                               device, cfg.dtype)  # fmt: skip
             self.runner = ModelRunner(
-                replace(cfg, device=device), TPContext(0, self.size, self._group)
+                replace(cfg, device=device), TPContext(0, self.size, self._group, self._peer)
             )
         except Exception as e:
             raise self._failure_after(e) from e
@@ -325,6 +327,8 @@ class RayExecutor:
             finalizer()
         else:
             _release(self._actors, self._owned_pg())
+        if self._peer is not None:
+            self._peer.close()
         if self._group is not None:
             retire_group(self._group, abort=self.backend == "gloo")
 

@@ -23,7 +23,7 @@ import torch
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
-from workers.comm import new_group, tcp_store
+from workers.comm import tcp_store, tp_group
 from workers.kv_transfer import KVChannel, rank_store, synced
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ class RankWorker:
             cfg = replace(cfg, device=device)
         else:
             torch.set_num_threads(threads)
-        group = new_group(store_path, self.rank, self.size, backend, timeout_s)
-        self.runner = ModelRunner(cfg, TPContext(self.rank, self.size, group))
+        group, peer = tp_group(store_path, self.rank, self.size, backend, timeout_s, cfg.device,
+                               cfg.dtype)  # fmt: skip
+        self.runner = ModelRunner(cfg, TPContext(self.rank, self.size, group, peer))
         return self.runner.num_blocks
 
     def execute(self, out: SchedulerOutput) -> None:

@@ -130,5 +130,5 @@ class RowParallelLinear(_ShardedLinear):
         param.data.copy_(loaded.narrow(1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.linear_all_reduce(x, self.weight)
         return y if self.bias is None else y + self.bias
