@@ -247,7 +247,7 @@ def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
     import random
 
     from bench.synthetic import make_config
-    from workers.kv_transfer import Blocks, gather_blocks, scatter_blocks
+    from workers.kv_transfer import gather_blocks, layer_stack, scatter_blocks
 
     cfg = make_config(model)
     layers, heads = int(cfg.num_hidden_layers), int(cfg.num_key_value_heads or 0)
@@ -266,10 +266,10 @@ def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
                 ids = list(range(start, start + n))
             else:
                 ids = rng.sample(range(nb), n)
-            blocks = Blocks(ids, stack.device)
+            idx = torch.tensor(ids, device=device)
             buf = torch.empty(layers, 2, n, block, heads, dim, dtype=stack.dtype, device=device)
             nbytes = buf.numel() * buf.element_size()
-            for method in ("index", "layers"):
+            for method, view in (("index", layer_stack(caches)), ("layers", None)):
                 for op in ("gather", "scatter"):
                     times = []
                     for _ in range(repeats + 2):
@@ -277,9 +277,9 @@ def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
                             torch.cuda.synchronize()
                         t0 = time.perf_counter()
                         if op == "gather":
-                            gather_blocks(caches, blocks, 0, layers, buf, method)
+                            gather_blocks(caches, view, idx, 0, layers, buf)
                         else:
-                            scatter_blocks(caches, blocks, 0, layers, buf, method)
+                            scatter_blocks(caches, view, idx, 0, layers, buf)
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         times.append(time.perf_counter() - t0)

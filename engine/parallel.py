@@ -30,20 +30,14 @@ class TPContext:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank {self.rank} outside tensor-parallel size {self.size}")
 
-    def all_reduce(self, x: torch.Tensor, fence: bool = False) -> torch.Tensor:
-        """Returns the sum of ``x`` over the ranks: ``x`` itself, summed in place by the
-        group, or a new tensor from ``peer``. ``fence``: through the group always (a
-        barrier every rank passes only after its earlier sums), after which ``peer``
-        restarts its buffers; the first sum of every forward is a fence."""
-        if self.size == 1:
-            return x
-        if self.peer is not None and not fence and self.peer.fits(x.numel(), x.dtype):
-            staged = self.peer.staging(tuple(x.shape))
-            staged.copy_(x)
-            return self.peer.reduce(staged)  # type: ignore[no-any-return]
-        dist.all_reduce(x, group=self.group)
-        if fence and self.peer is not None:
-            self.peer.fence()
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums ``x`` over the ranks in place (through the group) and returns it. Every
+        rank leaves it only after its peers' earlier sums, so ``peer`` restarts its
+        buffers after it (the embedding's sum begins every forward this way)."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+            if self.peer is not None:
+                self.peer.fence()
         return x
 
     def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

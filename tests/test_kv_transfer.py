@@ -15,7 +15,6 @@ from workers.comm import new_store_path
 from workers.kv_transfer import (
     RECEIVER,
     SENDER,
-    Blocks,
     KVChannel,
     _chunks,
     gather_blocks,
@@ -68,13 +67,15 @@ def test_every_copy_path_moves_the_same_blocks(data: st.DataObject) -> None:
     hi = data.draw(st.integers(lo + 1, LAYERS))
     caches = _caches(3, stacked=True)
     want = torch.stack([c[:, src] for c in caches[lo:hi]])
-    blocks = Blocks(src, want.device)
+    src_idx, dst_idx = torch.tensor(src), torch.tensor(dst)
     for method in ("index", "layers"):
         out = torch.empty_like(want)
-        gather_blocks(caches, blocks, lo, hi, out, method)
+        stack = layer_stack(caches) if method == "index" else None
+        gather_blocks(caches, stack, src_idx, lo, hi, out)
         assert torch.equal(out, want), method
         target = _caches(None, stacked=True)
-        scatter_blocks(target, Blocks(dst, want.device), lo, hi, want, method)
+        stack = layer_stack(target) if method == "index" else None
+        scatter_blocks(target, stack, dst_idx, lo, hi, want)
         for layer, cache in enumerate(target):
             inside = lo <= layer < hi
             for b in range(SHAPE[1]):

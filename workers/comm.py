@@ -16,6 +16,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from workers import peer_allreduce
+
 
 def new_store_path() -> str:
     """A fresh rendezvous file for one group (unique: a FileStore must start empty)."""
@@ -62,8 +64,6 @@ def tp_group(store_path: str, rank: int, size: int, backend: str, timeout_s: flo
     Every rank calls it with the same arguments but its own ``rank``."""
     base = dist.FileStore(store_path, size)
     group = new_group(base, rank, size, backend, timeout_s)
-    from workers import peer_allreduce
-
     if backend != "nccl" or peer_allreduce.MODE != "peer":
         return group, None
     peer = peer_allreduce.PeerAllReduce.build(

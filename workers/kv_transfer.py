@@ -64,48 +64,32 @@ def layer_stack(kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
 
 
-class Blocks:
-    """One side's block ids of a transfer, made once per transfer: the ids, and (made
-    on first use) the ids as a tensor on the cache's device."""
-
-    def __init__(self, block_ids: list[int], device: torch.device) -> None:
-        self.ids = list(block_ids)
-        self.device = device
-        self._index: torch.Tensor | None = None
-
-    @property
-    def index(self) -> torch.Tensor:
-        if self._index is None:
-            self._index = torch.tensor(self.ids, dtype=torch.long, device=self.device)
-        return self._index
-
-
-def gather_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: int,
-                  out: torch.Tensor, method: str = "auto") -> None:  # fmt: skip
-    """Copies ``blocks`` of layers ``lo:hi`` into ``out``
-    (``[hi - lo, 2, len(blocks.ids), block_size, kv_heads, head_dim]``).
-
-    When the layers are one stack (``layer_stack``), one index kernel copies every
-    layer's blocks; otherwise one kernel per layer does (``method="layers"`` forces
-    that path: benchmarks)."""
-    stack = layer_stack(kv_caches)
-    if stack is None or method == "layers":
+def gather_blocks(kv_caches: list[torch.Tensor], stack: torch.Tensor | None, idx: torch.Tensor,
+                  lo: int, hi: int, out: torch.Tensor) -> None:  # fmt: skip
+    """Copies blocks ``idx`` (a device tensor of block ids) of layers ``lo:hi`` into
+    ``out`` (``[hi - lo, 2, len(idx), block_size, kv_heads, head_dim]``): one index
+    kernel over ``stack`` (``layer_stack(kv_caches)``, computed once per transfer by
+    the caller), or one kernel per layer when it is ``None``."""
+    if stack is None:
         for j, layer in enumerate(range(lo, hi)):
-            torch.index_select(kv_caches[layer], 1, blocks.index, out=out[j])
+            torch.index_select(kv_caches[layer], 1, idx, out=out[j])
         return
-    torch.index_select(_rows(stack[lo:hi]), 2, blocks.index, out=_rows(out))
+    torch.index_select(_rows(stack[lo:hi]), 2, idx, out=_rows(out))
 
 
-def scatter_blocks(kv_caches: list[torch.Tensor], blocks: Blocks, lo: int, hi: int,
-                   src: torch.Tensor, method: str = "auto") -> None:  # fmt: skip
-    """Writes ``src`` (as ``gather_blocks`` fills it) into ``blocks`` of layers
+def scatter_blocks(kv_caches: list[torch.Tensor], stack: torch.Tensor | None, idx: torch.Tensor,
+                   lo: int, hi: int, src: torch.Tensor) -> None:  # fmt: skip
+    """Writes ``src`` (as ``gather_blocks`` fills it) into blocks ``idx`` of layers
     ``lo:hi``, by the same paths as ``gather_blocks``."""
-    stack = layer_stack(kv_caches)
-    if stack is None or method == "layers":
+    if stack is None:
         for j, layer in enumerate(range(lo, hi)):
-            kv_caches[layer].index_copy_(1, blocks.index, src[j])
+            kv_caches[layer].index_copy_(1, idx, src[j])
         return
-    _rows(stack[lo:hi]).index_copy_(2, blocks.index, _rows(src))
+    _rows(stack[lo:hi]).index_copy_(2, idx, _rows(src))
+
+
+def _index(block_ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(block_ids, dtype=torch.long, device=device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +114,8 @@ def pack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Te
     """One contiguous copy of ``block_ids`` of every layer (layer-major):
     ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``."""
     out = _packed(kv_caches, len(block_ids))
-    gather_blocks(kv_caches, Blocks(block_ids, out.device), 0, len(kv_caches), out)
+    idx = _index(block_ids, out.device)
+    gather_blocks(kv_caches, layer_stack(kv_caches), idx, 0, len(kv_caches), out)
     return out
 
 
@@ -141,7 +126,8 @@ def unpack_blocks(
     if packed.shape[0] != len(kv_caches) or packed.shape[2] != len(block_ids):
         raise ValueError(f"packed KV {tuple(packed.shape)} does not fit {len(kv_caches)} layers "
                          f"x {len(block_ids)} blocks")  # fmt: skip
-    scatter_blocks(kv_caches, Blocks(block_ids, packed.device), 0, len(kv_caches), packed)
+    idx = _index(block_ids, packed.device)
+    scatter_blocks(kv_caches, layer_stack(kv_caches), idx, 0, len(kv_caches), packed)
 
 
 CHUNK_BYTES = int(os.environ.get("KVSERVE_KV_CHUNK_MIB", "64")) << 20
@@ -180,10 +166,10 @@ class KVChannel:
         header = torch.tensor([len(block_ids), _payload_elems(kv_caches, len(block_ids))],
                               dtype=torch.long, device=first.device)  # fmt: skip
         self.group.send([header], RECEIVER, 0).wait()
-        buf = _packed(kv_caches, len(block_ids))
-        blocks, works = Blocks(block_ids, first.device), []
+        buf, stack = _packed(kv_caches, len(block_ids)), layer_stack(kv_caches)
+        idx, works = _index(block_ids, first.device), []
         for lo, hi in _chunks(kv_caches, len(block_ids), chunk_bytes):
-            gather_blocks(kv_caches, blocks, lo, hi, buf[lo:hi])
+            gather_blocks(kv_caches, stack, idx, lo, hi, buf[lo:hi])
             works.append(self.group.send([buf[lo:hi]], RECEIVER, 1))
         for work in works:
             work.wait()
@@ -204,12 +190,12 @@ class KVChannel:
             shape = (len(kv_caches), first.shape[0], len(block_ids), *first.shape[2:])
             raise ValueError(f"sender sent {n} blocks ({elems} elements); this side expects "
                              f"{len(block_ids)} blocks of shape {shape}")  # fmt: skip
-        buf, blocks = _packed(kv_caches, n), Blocks(block_ids, first.device)
-        chunks = _chunks(kv_caches, n, chunk_bytes)
+        buf, stack = _packed(kv_caches, n), layer_stack(kv_caches)
+        idx, chunks = _index(block_ids, first.device), _chunks(kv_caches, n, chunk_bytes)
         posted = [self.group.recv([buf[lo:hi]], SENDER, 1) for lo, hi in chunks]
         for work, (lo, hi) in zip(posted, chunks, strict=True):
             work.wait()  # this message only: its scatter waits for it, later ones go on
-            scatter_blocks(kv_caches, blocks, lo, hi, buf[lo:hi])
+            scatter_blocks(kv_caches, stack, idx, lo, hi, buf[lo:hi])
         return self._count(buf.numel() * buf.element_size())
 
     def close(self) -> None:

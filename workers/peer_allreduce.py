@@ -18,9 +18,10 @@ Contract (``PeerAllReduce``):
   two reductions later, after its peers have passed the next reduction's start, so
   they are done reading it.
 - ``fence()`` restarts the alternation; it must follow a collective that every rank
-  passes only after its previous reductions (an NCCL all-reduce: the model's embedding
-  sum), so that the first write of a step cannot race a peer's last read of the step
-  before. CUDA graphs capture the alternation, so every replay starts from the fence.
+  passes only after its previous reductions (``TPContext.all_reduce`` calls it after
+  every NCCL sum, the model's embedding sum among them), so that the first write of a
+  step cannot race a peer's last read of the step before. CUDA graphs capture the
+  alternation, so every replay starts from the fence.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.shard_size)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
-        return self.tp.all_reduce(out, fence=True)  # a forward's first sum (TPContext)
+        return self.tp.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
