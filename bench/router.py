@@ -105,9 +105,9 @@ class CPUSampler(_Sampler):
     def group(cmdline: str) -> str | None:
         if "ProxyActor" in cmdline:
             return "serve-proxy"
-        if "cluster.engine_process" in cmdline:
+        if "cluster.engine_core" in cmdline:
             return "engine-core"
-        for name in ("router", "engine", "decode", "prefill"):
+        for name in ("router", "engine", "api", "decode", "prefill"):
             if f":kvserve:{name}" in cmdline or f"#{name}#" in cmdline:
                 return f"replica-{name}"
         if "bench.router" in cmdline or "multiprocessing.spawn" in cmdline:
@@ -257,7 +257,8 @@ def served(
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
                       grpc_port=0, engine=kw, stream_interval_s=args.stream_interval,
                       router_replicas=args.router_replicas, haproxy=args.haproxy,
-                      ingress=args.ingress, engine_process=args.engine_process)  # fmt: skip
+                      ingress=args.ingress, engine_process=args.engine_process,
+                      api_replicas=args.api_replicas)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -310,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-procs", type=int, default=1,
                    help="load-generating processes for the served run (concurrency split)")  # fmt: skip
     p.add_argument("--haproxy", action="store_true", help="ServeConfig.haproxy: HAProxy in front")
-    p.add_argument("--ingress", choices=["router", "engine"], default="router",
-                   help="ServeConfig.ingress: the router deployment, or the engine replicas")  # fmt: skip
+    p.add_argument("--api-replicas", type=int, default=2, help="--ingress api: API processes")
+    p.add_argument("--ingress", choices=["router", "engine", "api"], default="router",
+                   help="ServeConfig.ingress: the router deployment, the engine replicas, or API processes")  # fmt: skip
     p.add_argument("--engine-process", action="store_true",
                    help="ServeConfig.engine_process: the served engine's step loop in a child "
                    "process of its replica")  # fmt: skip

@@ -35,7 +35,7 @@ from engine.llm_engine import EngineArgs
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 STREAM_CALL_SLOTS = 64  # Serve slots per engine replica for subscriptions and cancels
 MODES = ("colocated", "disaggregated")
-INGRESSES = ("router", "engine")
+INGRESSES = ("router", "engine", "api")
 # Defaults of an engine replica that is the ingress (ServeConfig.ingress = "engine"); the
 # pool's env (ServeConfig.env / decode_env / router_env) overrides them. The API's
 # per-token work (SSE events, HTTP writes) runs in the engine's process, and every
@@ -104,8 +104,12 @@ class ServeConfig:
     # (placement by prefix cache and KV use, failover to another replica; two Ray calls
     # per request), or "engine", the engine replicas themselves (the colocated pool, or
     # the decode pool): no Ray call between the front and the engine, the front picks
-    # the replica (see cluster.replica.EngineIngress).
+    # the replica (see cluster.replica.EngineIngress); or "api": ``api_replicas`` API
+    # processes of their own, each attached straight to the engine cores (the engine
+    # replicas' child processes; implies ``engine_process``), so that many streams'
+    # per-request and per-token work is spread over several event loops (cluster.api).
     ingress: str = "router"
+    api_replicas: int = 2
     # The colocated pool's engines run their step loop in a child process of each
     # replica (cluster.engine_process), apart from the API's per-token work; TP 1.
     engine_process: bool = False
@@ -128,8 +132,17 @@ class ServeConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.ingress not in INGRESSES:
             raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
-        if self.ingress == "engine" and self.router_replicas != 1:
-            raise ValueError("router_replicas: there is no router when ingress is 'engine'")
+        if self.ingress != "router" and self.router_replicas != 1:
+            raise ValueError(
+                f"router_replicas: there is no router when ingress is {self.ingress!r}"
+            )
+        if self.ingress == "api":
+            if self.mode != "colocated" or self.tensor_parallel_size != 1:
+                raise ValueError("ingress 'api': the colocated pool at TP 1 only (its API "
+                                 "processes attach to engine processes)")  # fmt: skip
+            if self.api_replicas < 1:
+                raise ValueError("api_replicas must be >= 1")
+            self.engine_process = True
         if self.engine_process and (self.mode != "colocated" or self.tensor_parallel_size != 1):
             raise ValueError("engine_process: the colocated pool at TP 1 only (the KV transfer "
                              "and a worker group's rank actors need the engine in the replica)")  # fmt: skip
@@ -212,6 +225,7 @@ def build_app(cfg: ServeConfig) -> Application:
     if cfg.api_key:
         front_env["KVSERVE_API_KEY"] = cfg.api_key
     ingress = cfg.ingress == "engine"
+    api = cfg.ingress == "api"
     pool: Any = EngineIngressDeployment if ingress else EngineDeployment
     if cfg.mode == "disaggregated":
         p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling,
@@ -242,9 +256,12 @@ def build_app(cfg: ServeConfig) -> Application:
             None,
             live,
             cfg.engine_process,
+            api,
         )
     if ingress:
         return engine
+    if api:
+        return _api_app(cfg, engine, live, front_env)
     router: Any = RouterDeployment
     router_options: dict[str, Any] = {"num_replicas": cfg.router_replicas,
                                       "max_ongoing_requests": 4096,
@@ -252,6 +269,22 @@ def build_app(cfg: ServeConfig) -> Application:
     if front_env:
         router_options["ray_actor_options"] = {"runtime_env": {"env_vars": front_env}}
     return router.options(**router_options).bind(engine, cfg.served_name)
+
+
+def _api_app(cfg: ServeConfig, engine: Any, live: int, env: dict[str, str]) -> Application:
+    """The ``api`` ingress (``cluster.api``): ``api_replicas`` API processes over the
+    engine pool, on the pool's nodes (its ``resources``), each running the front on its
+    own event loop (Serve's user code beside its HTTP server, as for the engine ingress)."""
+    from cluster.api import ApiDeployment
+
+    actor: dict[str, Any] = {"num_cpus": 0.5, "runtime_env": {"env_vars": {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **env}}}  # fmt: skip
+    if cfg.resources:
+        actor["resources"] = dict(cfg.resources)
+    options = {"num_replicas": cfg.api_replicas, "max_ongoing_requests": 4096,
+               "logging_config": {"enable_access_log": cfg.access_log},
+               "ray_actor_options": actor}  # fmt: skip
+    return ApiDeployment.options(**options).bind(engine, cfg.served_name, live)
 
 
 def build(args: dict[str, Any]) -> Application:

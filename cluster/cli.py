@@ -71,9 +71,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
                    help="HAProxy in front instead of Serve's Python proxy (default: on when "
                    "this command starts Ray and HAProxy is installed)")  # fmt: skip
-    s.add_argument("--ingress", choices=["router", "engine"], default=None,
+    s.add_argument("--ingress", choices=["router", "engine", "api"], default=None,
                    help="who serves the API: a router deployment in front of the pool "
-                   "(default), or the engine replicas themselves (no Ray call per request)")  # fmt: skip
+                   "(default), the engine replicas themselves (no Ray call per request), "
+                   "or API processes attached to the engine processes (no Ray call)")  # fmt: skip
+    s.add_argument(
+        "--api-replicas", type=int, default=None, help="--ingress api: API processes (default 2)"
+    )
     s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run each engine's step loop in a child process of its replica, "
                    "apart from the API's per-token work (colocated, TP 1)")  # fmt: skip
@@ -164,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          ("decode_replicas", args.decode_replicas),
                          ("haproxy", args.haproxy), ("ingress", args.ingress),
                          ("engine_process", args.engine_process),
+                         ("api_replicas", args.api_replicas),
                          ("access_log", args.access_log)):  # fmt: skip
         if value is not None:
             setattr(cfg, field, value)
@@ -186,7 +191,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"  Ray dashboard  http://{dashboard}")
     gcs = ray.get_runtime_context().gcs_address
     console.print(f"  Ray cluster    {gcs}   (RAY_AUTH_MODE=token kvserve status --address {gcs})")
-    ingress = "engine replicas" if cfg.ingress == "engine" else "router replicas"
+    ingress = {"engine": "engine replicas", "api": "API replicas"}.get(
+        cfg.ingress, "router replicas"
+    )
     if haproxy_in_front():
         console.print(f"  front          HAProxy (Serve's direct ingress to the {ingress})")
     elif cfg.ingress == "engine":

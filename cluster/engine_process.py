@@ -3,24 +3,28 @@
 ``EngineProcess`` offers a colocated replica what ``AsyncEngine`` offers (``generate``,
 ``abort``, ``stats``, ``check_health``, ``shutdown``, and ``engine``: the tokenizer and
 the figures the API needs), but the ``LLMEngine`` and its step loop run in a child
-process (``python -m cluster.engine_process``, started by the replica). The replica's
-process keeps the API: HTTP, gRPC, SSE events, metrics. Each process has its own GIL,
-so the per-token work of many streams no longer delays the next step (vLLM V1 splits
-its API server and engine core the same way).
+process (``cluster.engine_core``, started by the replica). The replica's process keeps
+the API: HTTP, gRPC, SSE events, metrics. Each process has its own GIL, so the
+per-token work of many streams no longer delays the next step (vLLM V1 splits its API
+server and engine core the same way). ``attach`` links further API processes to the
+same core (``EngineProcess(listen=...)``; ``ServeConfig.ingress = "api"``): each is an
+``EngineLink`` of its own, as the replica's ``EngineProcess`` is.
 
-Protocol, two pipes of pickled messages (``multiprocessing.connection``):
+Protocol, pickled messages (``multiprocessing.connection``; the replica's two pipes, or
+one TCP connection per attached process):
 
-- replica → core: ``("add", rid, prompt, params, resume)``, ``("abort", rid)``,
-  ``("stop",)``.
-- core → replica: ``("ready", info)`` once loaded (or ``("failed", message)``);
-  ``("added", rid, error)`` for each add (``error``: the ``ValueError`` of bad input, or
-  None); ``("out", deltas, stats, hashes, sent_at)`` after each step, and about once a
-  second while idle (``deltas`` empty; ``sent_at``: the core's ``time.monotonic()`` as
-  it sends); ``("dead", message)`` when a step raised.
+- client → core: ``("add", rid, prompt, params, resume)``, ``("abort", rid)``,
+  ``("stop",)`` (the replica's only).
+- core → client: ``("ready", info)`` once loaded or attached (or ``("failed",
+  message)``); ``("added", rid, error)`` for each add (``error``: the ``ValueError`` of
+  bad input, or None); ``("out", deltas, stats, hashes, sent_at)`` after each step that
+  advanced one of the client's requests, and about once a second while it has none
+  (``deltas`` empty; ``sent_at``: the core's ``time.monotonic()`` as it sends);
+  ``("dead", message)`` when a step raised.
 
 A step's outputs travel as deltas: per request and sample, the token ids, text and
 logprobs added since the last message (``_Sent`` keeps what each side has), so a
-message's size does not grow with the outputs' length. The replica rebuilds the
+message's size does not grow with the outputs' length. The client rebuilds the
 cumulative ``RequestOutput`` that ``AsyncEngine`` would have handed out.
 
 The core stops when the replica says so or its pipe closes (the replica's process
@@ -38,7 +42,6 @@ import itertools
 import logging
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import threading
@@ -50,14 +53,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.async_engine import (
-    FAULT_STEP_DELAY_S,
     EngineDeadError,
     _set_exception,
     _set_result,
     _Stream,
     consume,
-    engine_stats,
-    freeze_heap,
     hand_over,
     post,
 )
@@ -68,9 +68,6 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 900.0  # loading a model (GGUF dequantization, a large checkpoint)
-IDLE_REPORT_S = 1.0  # the core's stats while no request runs, at most this stale
-HASHES_EVERY_S = 1.0  # prefix-cache hashes (for the router's placement) this often
-PREFIX_REPORT_MAX = 256  # at most this many hashes per report (cluster.affinity's cap)
 
 
 @dataclass(slots=True)
@@ -165,7 +162,7 @@ class EngineView:
     """What the API reads of the engine (``AsyncEngine.engine``'s attributes it uses):
     the tokenizer, loaded in this process too, and the core's figures."""
 
-    def __init__(self, args: EngineArgs, info: dict[str, Any], owner: EngineProcess) -> None:
+    def __init__(self, args: EngineArgs, info: dict[str, Any], owner: EngineLink) -> None:
         from transformers import AutoTokenizer
 
         self.args = args
@@ -187,34 +184,23 @@ class EngineView:
         return self._owner.hashes[-limit:] if limit > 0 else []
 
 
-class EngineProcess:
-    """The replica's side. One lock (``_lock``) guards the request tables (``_adds``:
+class EngineLink:
+    """A client of an engine core (``cluster.engine_core``) over its two connections
+    (``cmd``: commands to the core; ``out``: its messages; one duplex connection for an
+    attached API process). One lock (``_lock``) guards the request tables (``_adds``:
     sent, not yet answered; ``_streams``: admitted; ``_built``: their outputs so far)
-    and ``_dead``, so that a caller leaving, the pipe's reader and a failure see each
-    request in exactly one state."""
+    and ``_dead``, so that a caller leaving, the reader thread and a failure see each
+    request in exactly one state.
 
-    def __init__(self, args: EngineArgs, start_timeout_s: float = START_TIMEOUT_S) -> None:
-        """Starts the core and waits until its engine is loaded; ``RuntimeError`` with
-        its message if it fails to load, ``ValueError`` for TP > 1 or a Ray executor.
+    A thread of this process reads the core's messages: it unpickles and rebuilds a
+    step's outputs while the event loop runs the streams. (Reading them on the event
+    loop itself, ``add_reader``, made the loop's turns longer: at 64 streams on the GPU,
+    median TTFT was 2-12 ms worse in each of three same-call runs.)"""
 
-        A thread of this process reads the core's messages: it unpickles and rebuilds a
-        step's outputs while the event loop runs the streams. (Reading them on the
-        event loop itself, ``add_reader``, made the loop's turns longer: at 64 streams
-        on the GPU, median TTFT was 2-12 ms worse in each of three same-call runs.)"""
-        if args.tensor_parallel_size != 1 or args.distributed_executor_backend == "ray":
-            raise ValueError("an engine process runs TP = 1 on its own device only (rank "
-                             "actors need the replica's process)")  # fmt: skip
-        cmd_r, cmd_w = os.pipe()
-        out_r, out_w = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.engine_process", str(cmd_r), str(out_w)],
-            pass_fds=(cmd_r, out_w), env=env, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        os.close(cmd_r)
-        os.close(out_w)
-        self._cmd = Connection(cmd_w, readable=False)
-        self._out = Connection(out_r, writable=False)
+    def __init__(self, cmd: Connection, out: Connection, info: dict[str, Any],
+                 id_prefix: str = "req") -> None:  # fmt: skip
+        """``info``: the core's ``ready`` payload, read already."""
+        self._cmd, self._out = cmd, out
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -222,35 +208,20 @@ class EngineProcess:
         self._built: dict[str, _Built] = {}
         self._dead: EngineDeadError | None = None
         self._ids = itertools.count(1)
-        self._stats: dict[str, Any] = {}
+        self._id_prefix = id_prefix
         self._closing = False  # shutdown() asked: the core's exit is no failure
         self.hashes: list[bytes] = []
-        try:
-            self._send(("args", args))
-            if not self._out.poll(start_timeout_s):
-                raise RuntimeError(f"the engine process did not load in {start_timeout_s:.0f} s")
-            try:
-                kind, payload = self._out.recv()
-            except EOFError:
-                kind, payload = "failed", f"it exited with {self._proc.wait()}"
-            if kind != "ready":
-                raise RuntimeError(f"the engine process failed to load: {payload}")
-        except BaseException:
-            self._proc.kill()
-            self._proc.wait()
-            self._cmd.close()
-            self._out.close()
-            raise
-        self._stats = payload["stats"]
-        self.engine = EngineView(args, payload, self)
+        self._stats: dict[str, Any] = info["stats"]
+        self.address: tuple[str, int] | None = info.get("address")  # the core's listener
+        self.engine = EngineView(info["args"], info, self)
         # No short GIL switch interval here (``KVSERVE_GIL_SWITCH_INTERVAL_S`` is for a
         # step thread): the GPU calls that had one here served TTFT p50 at 50-55 ms at 64
         # streams, the call without it 34 ms (docs/serving.md; not yet measured apart
         # from the first-output ordering that came with it).
         threading.Thread(target=self._read, name="kvserve-engine-pipe", daemon=True).start()
 
-    def new_request_id(self, prefix: str = "req") -> str:
-        return f"{prefix}-{next(self._ids)}"
+    def new_request_id(self, prefix: str = "") -> str:
+        return f"{prefix or self._id_prefix}-{next(self._ids)}"
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -300,9 +271,7 @@ class EngineProcess:
         return self._dead is not None
 
     def check_health(self) -> None:
-        """Raises ``EngineDeadError`` once the core failed or exited."""
-        if self._dead is None and self._proc.poll() is not None:
-            self._die(f"the engine process exited with {self._proc.returncode}")
+        """Raises ``EngineDeadError`` once the core failed, exited or closed the link."""
         if self._dead is not None:
             raise self._dead
 
@@ -311,20 +280,12 @@ class EngineProcess:
         return {**self._stats, "dead": self._dead is not None}
 
     def shutdown(self) -> None:
+        """Leaves the core: it aborts this link's requests (the core runs on for its
+        other clients)."""
         self._closing = True
-        with contextlib.suppress(OSError):
-            self._send(("stop",))
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
         self._cmd.close()
-
-    def __del__(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        if self._out is not self._cmd:
+            self._out.close()
 
     # --- the pipe's reader thread -------------------------------------------------------
     def _send(self, msg: tuple[Any, ...]) -> None:
@@ -350,12 +311,20 @@ class EngineProcess:
                     self._die(msg[1])
                     return
         except (EOFError, OSError):
-            self._proc.wait()
-            self._die(f"the engine process exited with {self._proc.returncode}")
+            self._die(self._gone())
         except BaseException as e:  # a message this side cannot take: no silent hang
-            logger.exception("engine process pipe failed")
-            self._proc.kill()
+            logger.exception("engine core link failed")
+            self._broken()
             self._die(f"{type(e).__name__}: {e}")
+
+    def _gone(self) -> str:
+        """Why the core's messages ended (read end-of-file)."""
+        return "the engine core closed the connection"
+
+    def _broken(self) -> None:
+        """A message this side cannot take: the link is unusable."""
+        with contextlib.suppress(OSError):
+            self._cmd.close()
 
     def _admitted(self, rid: str, err: BaseException | None) -> None:
         with self._lock:
@@ -419,142 +388,99 @@ class EngineProcess:
             post(stream.loop, _set_exception, fut, self._dead)
 
 
-# --- the core (the child process) ----------------------------------------------------------
-class _Core:
-    def __init__(self, cmd: Connection, out: Connection) -> None:
-        from engine.llm_engine import LLMEngine
+class EngineProcess(EngineLink):
+    """The replica's side: starts the core as its child process and is its primary
+    client (``cluster.engine_core``)."""
 
-        self.cmd, self.out = cmd, out
-        args: EngineArgs = cmd.recv()[1]
-        self.engine = LLMEngine(args)
-        self.sent: dict[str, list[_Sent]] = {}
-        self.live: set[str] = set()
-        self.steps = 0
-        self.hashes_at = 0.0
-
-    def info(self) -> dict[str, Any]:
-        e = self.engine
-        return {"model_dir": str(e.model_dir), "prefix_key": e.prefix_key,
-                "scheduler_config": e.scheduler_config, "stats": self.stats()}  # fmt: skip
-
-    def stats(self) -> dict[str, Any]:
-        return engine_stats(self.engine, self.steps, False)
-
-    def report(self, deltas: list[_Delta]) -> None:
-        now = time.monotonic()
-        hashes = None
-        if now - self.hashes_at >= HASHES_EVERY_S:
-            self.hashes_at = now
-            hashes = self.engine.prefix_hashes(PREFIX_REPORT_MAX)
-        self.out.send(("out", deltas, self.stats(), hashes, time.monotonic()))
-
-    def run(self) -> None:
-        """Commands, then a step while any request is unfinished (idle: wait up to
-        ``IDLE_REPORT_S`` for a command). A message goes out when a step has outputs to
-        stream, and at least every ``IDLE_REPORT_S`` (the figures after aborts, the
-        hashes, stay fresh)."""
-        last_report = time.monotonic()
-        while True:
-            if not self.engine.has_unfinished_requests():
-                self.cmd.poll(IDLE_REPORT_S)
-            while self.cmd.poll():
-                if not self.apply(self.cmd.recv()):
-                    return
-            deltas = self.step() if self.engine.has_unfinished_requests() else []
-            if deltas or time.monotonic() - last_report >= IDLE_REPORT_S:
-                self.report(deltas)
-                last_report = time.monotonic()
-
-    def step(self) -> list[_Delta]:
-        """One engine step; the deltas of the requests still live here."""
-        if FAULT_STEP_DELAY_S:
-            time.sleep(FAULT_STEP_DELAY_S)
-        outputs = self.engine.step()
-        self.steps += 1
-        deltas = [encode(o, self.sent) for o in outputs if o.request_id in self.live]
-        for d in deltas:
-            if d.finished:
-                self.live.discard(d.request_id)
-        return deltas
-
-    def apply(self, msg: tuple[Any, ...]) -> bool:
-        """One command; False on stop."""
-        kind = msg[0]
-        if kind == "add":
-            _, rid, prompt, params, resume = msg
+    def __init__(self, args: EngineArgs, start_timeout_s: float = START_TIMEOUT_S,
+                 listen: str | None = None) -> None:  # fmt: skip
+        """Starts the core and waits until its engine is loaded; ``RuntimeError`` with
+        its message if it fails to load, ``ValueError`` for TP > 1 or a Ray executor.
+        ``listen``: a host the core also takes API processes on (``attach``; a random
+        port, ``address``, and a random ``authkey``)."""
+        if args.tensor_parallel_size != 1 or args.distributed_executor_backend == "ray":
+            raise ValueError("an engine process runs TP = 1 on its own device only (rank "
+                             "actors need the replica's process)")  # fmt: skip
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.engine_core", str(cmd_r), str(out_w)],
+            pass_fds=(cmd_r, out_w), env=env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(cmd_r)
+        os.close(out_w)
+        cmd = Connection(cmd_w, readable=False)
+        out = Connection(out_r, writable=False)
+        self.authkey = os.urandom(32)
+        try:
+            start = ("args", args) if listen is None else ("args", args, (listen, self.authkey))
+            cmd.send(start)
+            if not out.poll(start_timeout_s):
+                raise RuntimeError(f"the engine process did not load in {start_timeout_s:.0f} s")
             try:
-                self.engine.add_request(prompt, params, rid, resume)
-            except Exception as e:  # bad input: the caller gets it, nothing queued
-                self.out.send(("added", rid, _portable(e)))
-                return True
-            self.live.add(rid)
-            self.out.send(("added", rid, None))
-        elif kind == "abort":
-            rid = msg[1]
-            if rid in self.live:
-                self.live.discard(rid)
-                self.sent.pop(rid, None)
-                self.engine.abort(rid)
-        elif kind == "stop":
-            return False
-        return True
+                kind, payload = out.recv()
+            except EOFError:
+                kind, payload = "failed", f"it exited with {self._proc.wait()}"
+            if kind != "ready":
+                raise RuntimeError(f"the engine process failed to load: {payload}")
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            cmd.close()
+            out.close()
+            raise
+        super().__init__(cmd, out, payload)
 
+    def check_health(self) -> None:
+        """Raises ``EngineDeadError`` once the core failed or exited."""
+        if self._dead is None and self._proc.poll() is not None:
+            self._die(f"the engine process exited with {self._proc.returncode}")
+        super().check_health()
 
-def _portable(e: Exception) -> Exception:
-    """``e`` if it survives pickling, else a ``ValueError`` with its message."""
-    try:
-        pickle.loads(pickle.dumps(e))
-    except Exception:
-        return ValueError(str(e))
-    return e
-
-
-def _orphan_watch(parent: int, loaded: threading.Event) -> None:
-    """While the engine loads (the pipes are not read then), exits the process once
-    its replica is gone, rather than finish loading onto a device a new replica wants."""
-    while not loaded.wait(1.0):
-        if os.getppid() != parent:
-            os._exit(0)
-
-
-def main(cmd_fd: int, out_fd: int) -> int:
-    """The core: reads its ``EngineArgs`` from the command pipe, loads, then serves
-    until told to stop or the pipe closes."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(message)s")
-    # Ctrl-C in a terminal reaches the whole process group; the core's life follows its
-    # replica's pipe instead (end-of-file: the replica is gone).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cmd = Connection(cmd_fd, writable=False)
-    out = Connection(out_fd, readable=False)
-    loaded = threading.Event()
-    threading.Thread(target=_orphan_watch, args=(os.getppid(), loaded), daemon=True).start()
-    try:
-        core = _Core(cmd, out)
-    except BaseException as e:
+    def shutdown(self) -> None:
+        """Stops the core (its attached API processes see their links close)."""
+        self._closing = True
         with contextlib.suppress(OSError):
-            out.send(("failed", f"{type(e).__name__}: {e}"))
-        return 1
-    finally:
-        loaded.set()
-    freeze_heap()  # the loaded engine: out of the collector's full passes
+            self._send(("stop",))
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._cmd.close()
+
+    def _gone(self) -> str:
+        self._proc.wait()
+        return f"the engine process exited with {self._proc.returncode}"
+
+    def _broken(self) -> None:
+        self._proc.kill()
+
+    def __del__(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+
+def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
+           id_prefix: str = "") -> EngineLink:  # fmt: skip
+    """A link to the engine core listening at ``address`` (``EngineProcess(listen=)``):
+    an API process's own client of it, on one duplex connection. Its requests are its
+    own (ids prefixed ``id_prefix``, by default a random one, so that they differ from
+    every other client's); closing it (``shutdown``, or this process dying) aborts them
+    in the core. ``ConnectionError`` if the core does not answer in ``timeout_s``;
+    ``multiprocessing.AuthenticationError`` for a wrong key."""
+    from multiprocessing.connection import Client
+
+    conn = Client((str(address[0]), int(address[1])), authkey=authkey)
     try:
-        out.send(("ready", core.info()))
-        core.run()
-    except (EOFError, BrokenPipeError):
-        return 0  # the replica is gone
-    except BaseException as e:
-        logger.exception("engine step loop failed")
-        with contextlib.suppress(OSError):
-            out.send(("dead", f"{type(e).__name__}: {e}"))
-        return 1
-    finally:
-        core.engine.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    # The module's own name, not __main__: the messages' classes must unpickle in the
-    # replica as ``cluster.engine_process``'s.
-    from cluster import engine_process
-
-    sys.exit(engine_process.main(int(sys.argv[1]), int(sys.argv[2])))
+        if not conn.poll(timeout_s):
+            raise ConnectionError(f"the engine core at {address} did not answer in {timeout_s} s")
+        kind, payload = conn.recv()
+        if kind != "ready":
+            raise ConnectionError(f"the engine core at {address} answered {kind!r}: {payload}")
+    except BaseException:
+        conn.close()
+        raise
+    return EngineLink(conn, conn, payload, id_prefix or f"api{os.urandom(4).hex()}")

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray import serve
 
-from cluster import affinity, front_trace
+from cluster import affinity, front_trace, netbind
 from cluster.async_engine import AsyncEngine, freeze_heap
 from cluster.engine_process import EngineProcess
 from cluster.front import API_ARRIVED, HTTP_READ, OpenAIFront, ingress_app
@@ -35,9 +35,10 @@ from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.pair_health import PairHealth
+from cluster.relay import prompt_of, relay
 from cluster.streams import IDLE_CLOSE_S, SUBSCRIBE_GRACE_S, EngineGone, Outbox, PoolFull, pump
 from engine.llm_engine import EngineArgs
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ def _node_ip() -> str:
     return str(ray.util.get_node_ip_address())
 
 
+def _core_host() -> str:
+    """Where an engine core takes API processes: the host local mode binds its servers
+    to (``cluster.netbind``, 127.0.0.1 by default), else this node's address."""
+    return os.environ.get(netbind.HOST_ENV) or _node_ip()
+
+
 def _replica_id() -> str:
     try:
         return str(serve.get_replica_context().replica_id.unique_id)
@@ -82,14 +89,19 @@ def _replica_id() -> str:
 class EngineReplica:
     def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both",
                  stream_interval_s: float = 0.0, prefill: Any = None,
-                 max_live_requests: int = 1 << 30, engine_process: bool = False) -> None:  # fmt: skip
+                 max_live_requests: int = 1 << 30, engine_process: bool = False,
+                 api_links: bool = False) -> None:  # fmt: skip
         """``role``: "both" (colocated), "prefill" or "decode" (disaggregated pools; a
         decode replica gets the prefill pool's handle as ``prefill``).
         ``max_live_requests``: ``submit`` refuses requests beyond this many live ones.
         ``engine_process``: the engine's step loop runs in a child process
-        (``cluster.engine_process``; colocated, TP = 1), not on a thread of this one."""
+        (``cluster.engine_process``; colocated, TP = 1), not on a thread of this one.
+        ``api_links``: that process also takes API processes (``cluster.api``) on this
+        host: its address goes into the ledger reports, its key to ``core_link``."""
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {role!r}")
+        if api_links and not engine_process:
+            raise ValueError("api_links: the engine process takes the API processes")
         if engine_process and role != "both":
             raise ValueError("engine_process: the colocated pool only (the KV transfer "
                              "needs the engine in the replica's process)")  # fmt: skip
@@ -109,7 +121,9 @@ class EngineReplica:
         self.replica_id = _replica_id()
         args = EngineArgs(**engine_args)
         self.engine: AsyncEngine | EngineProcess = (
-            EngineProcess(args) if engine_process else AsyncEngine(args)
+            EngineProcess(args, listen=_core_host() if api_links else None)
+            if engine_process
+            else AsyncEngine(args)
         )
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
@@ -169,6 +183,9 @@ class EngineReplica:
         while True:  # the first report at once: health (cluster.router) reads the ledger
             stats = {**self.engine.stats(), **self._stream_stats(), **self._lag_stats(),
                      "dead": not self._healthy()}  # fmt: skip
+            core = getattr(self.engine, "address", None)
+            if core is not None:  # API processes attach there (cluster.api)
+                stats["core"] = list(core)
             try:  # the ledger first: placement and ``kvserve status`` read it
                 if last is not None and ray.wait([last], timeout=0)[0]:
                     ray.get(last)
@@ -222,6 +239,16 @@ class EngineReplica:
             extra["rank_actors"] = names()
         return {**self.engine.stats(), **self._stream_stats(), "instance": self.replica_id,
                 "role": self.role, "dead": not self._healthy(), **extra}  # fmt: skip
+
+    async def core_link(self, target: str = "") -> dict[str, Any]:
+        """Where and with which key an API process attaches to this replica's engine
+        core (``cluster.engine_process.attach``); ``target`` as for ``stats``.
+        ``ValueError`` when the core takes no API processes (``api_links`` off)."""
+        self._check_target(target)
+        address = getattr(self.engine, "address", None)
+        if address is None or not isinstance(self.engine, EngineProcess):
+            raise ValueError(f"engine instance {self.replica_id} takes no API processes")
+        return {"address": list(address), "authkey": self.engine.authkey.hex()}
 
     def _check_target(self, target: str) -> None:
         """A call pinned to ``target`` (``cluster.request_router``) that reached another
@@ -325,12 +352,7 @@ class EngineReplica:
         params: SamplingParams = req["params"]
         arrival = time.monotonic()
         try:
-            if req.get("prompt_ids") is not None:  # tokenized by the router (affinity)
-                prompt: str | list[int] = [int(t) for t in req["prompt_ids"]]
-            elif req.get("messages") is not None:
-                prompt = self.engine.engine.apply_chat_template(req["messages"])
-            else:
-                prompt = req["prompt"]
+            prompt = prompt_of(req, self.engine.engine)
             kv: dict[str, Any] = {"instance": self.replica_id}
             rid = req.get("request_id") or self.engine.new_request_id()
             resume = [int(t) for t in req.get("resume") or ()]
@@ -349,29 +371,10 @@ class EngineReplica:
         # text up to ``resume_text``): send only what follows.
         sent = {0: (int(req.get("resume_text", 0)), len(resume))} if resume else {}
         timer = RequestTimer(self.metrics, arrival)
-        out: RequestOutput | None = first
-        submitted = req.get("submitted_at")
-        api_at = req.get("api_arrived_at")
-        http_at = req.get("http_read_at")
-        try:
-            while out is not None:
-                delta = self._delta(out, sent)
-                delta["kv"] = kv
-                now = time.monotonic()
-                if submitted is not None and timer.last is None and delta["choices"]:
-                    kv["timing_ms"] = _first_token_timing(out, submitted, now, api_at, http_at)
-                timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
-                if out.finished:
-                    timer.finish(now, delta["prompt_tokens"])
-                if delta["choices"] or out.finished:
-                    yield delta
-                if out.finished:
-                    break
-                if self.stream_interval_s and timer.last is not None:
-                    await asyncio.sleep(self.stream_interval_s)  # outputs pile up; newest wins
-                out = await anext(stream, None)
-        finally:  # left early (aclose, cancelled): the engine aborts the request
-            await stream.aclose()  # type: ignore[attr-defined]
+        async with contextlib.aclosing(relay(stream, first, req, kv, timer, self.tokenizer,
+                                             self.stream_interval_s, sent)) as deltas:  # fmt: skip
+            async for delta in deltas:
+                yield delta
 
     # --- disaggregated pools --------------------------------------------------------------
     async def prefill(self, req: dict[str, Any], avoid: list[str] | None = None,
@@ -591,43 +594,6 @@ class EngineReplica:
             with contextlib.suppress(Exception):
                 get_ledger().settle.remote(res[0], res[1], used)
 
-    def _delta(self, out: RequestOutput, sent: dict[int, tuple[int, int]]) -> dict[str, Any]:
-        choices = []
-        for c in out.outputs:
-            text_at, tok_at = sent.get(c.index, (0, 0))
-            text = c.text[text_at:]
-            tokens = c.token_ids[tok_at:]
-            if not text and not tokens and not c.finished:
-                continue
-            sent[c.index] = (len(c.text), len(c.token_ids))
-            choices.append({
-                "index": c.index, "text": text, "token_ids": tokens,
-                "logprobs": self._logprobs(c, tok_at), "finish_reason": c.finish_reason,
-            })  # fmt: skip
-        return {
-            "request_id": out.request_id,
-            "prompt_tokens": len(out.prompt_token_ids),
-            "cached_tokens": out.num_cached_tokens,
-            "finished": out.finished,
-            "choices": choices,
-        }
-
-    def _logprobs(self, c: CompletionOutput, start: int) -> list[dict[str, Any]] | None:
-        """One entry per new token: its text, logprob and the top alternatives."""
-        if c.logprobs is None:
-            return None
-        entries = []
-        for tok, lps in zip(c.token_ids[start:], c.logprobs[start:], strict=True):
-            top = sorted(lps.items(), key=lambda kv: -kv[1])
-            entries.append({
-                "token": self._piece(tok), "logprob": lps.get(tok, float("-inf")),
-                "top": [(self._piece(t), lp) for t, lp in top],  # best first
-            })  # fmt: skip
-        return entries
-
-    def _piece(self, token_id: int) -> str:
-        return str(self.tokenizer.decode([token_id]))
-
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop this runs on (Serve constructs a replica on its user-code loop,
@@ -636,37 +602,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _first_token_timing(out: RequestOutput, submitted: float, now: float,
-                        api_at: float | None = None,
-                        http_at: float | None = None) -> dict[str, float]:  # fmt: skip
-    """Where a request's first token spent its time in the replica (ms; see
-    ``cluster.front._kv_extension``). With the engine in its own process
-    (``cluster.engine_process``), what follows the first token splits further:
-    ``core_out`` until the core sent it, ``pipe`` until this process read it, and
-    ``replica_wake`` until its stream here took it. ``api_parse``: from the HTTP call
-    reaching this replica's API (``api_at``) to ``submitted``. ``replica_received_at`` is the
-    request's arrival on this host's ``time.monotonic()`` clock (ms), so that a client
-    on the same host can split what lies outside the replica. ``http_wait`` (only while
-    ``cluster.front_trace`` stamps HTTP reads): from the HTTP server parsing the
-    request's first bytes to ``api_at``."""
-    m = out.metrics
-    arrival = m.get("arrival", submitted)
-    timing = {"replica_queue": (arrival - submitted) * 1e3,
-              "replica_first_delta": (now - submitted) * 1e3,
-              "replica_received_at": submitted * 1e3}  # fmt: skip
-    if api_at is not None:
-        timing["api_parse"] = (submitted - api_at) * 1e3
-        if http_at is not None:
-            timing["http_wait"] = (api_at - http_at) * 1e3
-    if "ttft_s" in m:
-        timing["engine_ttft"] = m["ttft_s"] * 1e3
-        if "core_sent" in m and "pipe_read" in m:
-            timing["core_out"] = (m["core_sent"] - arrival - m["ttft_s"]) * 1e3
-            timing["pipe"] = (m["pipe_read"] - m["core_sent"]) * 1e3
-            timing["replica_wake"] = (now - m["pipe_read"]) * 1e3
-    return {k: round(v, 3) for k, v in timing.items()}
 
 
 EngineDeployment: Any = serve.deployment(name="engine")(EngineReplica)

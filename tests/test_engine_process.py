@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.async_engine import EngineDeadError
-from cluster.engine_process import EngineProcess, _Built, _Sent, decode, encode
+from cluster.engine_process import EngineProcess, _Built, _Sent, attach, decode, encode
 from engine import LLM
 from engine.llm_engine import EngineArgs
 from engine.outputs import CompletionOutput, RequestOutput
@@ -185,6 +185,63 @@ def test_cancel_while_admitting(tiny: Path, mode: str) -> None:
         assert s["steps"] < 60, s  # aborted early, not stepped to its 248 tokens
     finally:
         h.close()
+
+
+def test_attached_links_share_the_core(tiny: Path) -> None:
+    """API processes' links (``attach``) beside the replica's own: each caller gets its
+    own requests' outputs, equal to offline ones, all run in one core; a wrong key is
+    refused; a link closed mid-stream has its request aborted there (its blocks back,
+    not stepped on to its 200 tokens) while the other links' streams run on."""
+    from multiprocessing import AuthenticationError
+
+    llm = LLM(tiny, device="cpu", max_model_len=MAX_LEN)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["w1 w2 w3", "w7 w8", "w5 w6 w4"]
+    refs = llm.generate(prompts, greedy)
+    h = Harness(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN), "process")
+    h.engine.shutdown()  # (the harness's loop only) one core that listens instead:
+    proc = EngineProcess(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN),
+                         listen="127.0.0.1")  # fmt: skip
+    links = []
+    try:
+        assert proc.address is not None and proc.address[0] == "127.0.0.1"
+        with pytest.raises(AuthenticationError):
+            attach(proc.address, b"not the key", timeout_s=5)
+        links = [attach(proc.address, proc.authkey) for _ in range(2)]
+        callers = [proc, *links]
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+        async def left_early() -> int:
+            seen = 0
+            async for _ in links[1].generate("w3 " * 40, long):
+                seen += 1
+                if seen == 3:
+                    links[1].shutdown()  # its connection closes: the core aborts it
+                    break
+            return int(proc.stats()["steps"])
+
+        async def main() -> tuple[list[list[RequestOutput]], int, dict[str, Any]]:
+            outs = await asyncio.gather(
+                *(_run(c, p, greedy) for c, p in zip(callers, prompts, strict=True))
+            )
+            other = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+            left_at, tail = await asyncio.gather(left_early(), _run(links[0], "w2 w4", other))
+            assert tail[-1].finished and len(tail[-1].outputs[0].token_ids) == 40
+            return list(outs), left_at, await _settled(proc)
+
+        outs, left_at, s = h.run(main())
+        for ref, stream in zip(refs, outs, strict=True):
+            _same(stream[-1], ref)
+        assert s["free_blocks"] == s["num_blocks"] > 0
+        assert s["steps"] - left_at < 100, (left_at, s)  # not run on to its 200 tokens
+        assert not links[0]._streams and not links[0]._adds and not proc._streams
+        proc.check_health()
+        links[0].check_health()
+    finally:
+        for link in links:
+            link.shutdown()
+        proc.shutdown()
+        h.loop.close()
 
 
 def test_dead_core_fails_streams(tiny: Path) -> None:

@@ -24,7 +24,7 @@ LONG_PROMPT = (
 )
 
 
-@pytest.fixture(scope="module", params=["router", "engine"])
+@pytest.fixture(scope="module", params=["router", "engine", "api"])
 def app(request: pytest.FixtureRequest, ray_cluster: Any, smollm2_dir: Path) -> Any:
     """The application's ServeConfig, once /health answers: every test runs against
     each ingress (``ServeConfig.ingress``: the router deployment, the engine replicas)."""
@@ -224,6 +224,33 @@ def test_bad_input_does_not_disturb_a_stream(client: Any, server: str, smollm2_l
         assert r.status_code == 400
     t.join(timeout=120)
     assert "".join(pieces) == ref[0].outputs[0].text
+
+
+def test_api_processes_share_one_engine(app: Any, server: str, smollm2_llm: LLM) -> None:
+    """``ingress="api"``: concurrent requests are answered by both API replicas (the
+    ``kvserve.api`` of each response), all from the one engine instance, each equal to
+    the offline engine's greedy text."""
+    if app.ingress != "api":
+        pytest.skip("the API processes of ingress 'api'")
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+    refs = smollm2_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    got: list[dict[str, Any]] = [{} for _ in prompts]
+
+    def one(i: int) -> None:
+        r = httpx.post(f"{server}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": prompts[i], "max_tokens": 24, "temperature": 0})  # fmt: skip
+        r.raise_for_status()
+        got[i] = r.json()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [g["choices"][0]["text"] for g in got] == [r.outputs[0].text for r in refs]
+    assert len({g["kvserve"]["instance"] for g in got}) == 1
+    assert len({g["kvserve"]["api"] for g in got}) == app.api_replicas == 2
+    _pool_whole()
 
 
 def test_cancel_mid_stream_returns_blocks(server: str) -> None:

@@ -1,0 +1,139 @@
+"""From an engine's cumulative ``RequestOutput`` stream to the front's deltas.
+
+What an engine replica (``cluster.replica``) and an API process (``cluster.api``) both
+do with a request's outputs: each output becomes one plain-dict delta holding only what
+is new since the previous one (``cluster.replica`` documents the shape), the request's
+metrics are recorded (``RequestTimer``), and its first delta with tokens carries where
+its first token's time went (``kv["timing_ms"]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from cluster.metrics import RequestTimer
+from engine.outputs import CompletionOutput, RequestOutput
+
+
+def prompt_of(req: dict[str, Any], engine: Any) -> str | list[int]:
+    """The prompt ``req`` names: token ids tokenized upstream (the router's affinity),
+    chat messages rendered with ``engine``'s template, or its text."""
+    if req.get("prompt_ids") is not None:
+        return [int(t) for t in req["prompt_ids"]]
+    if req.get("messages") is not None:
+        return str(engine.apply_chat_template(req["messages"]))
+    return req["prompt"]  # type: ignore[no-any-return]
+
+
+async def relay(
+    stream: AsyncIterator[RequestOutput], first: RequestOutput, req: dict[str, Any],
+    kv: dict[str, Any], timer: RequestTimer, tokenizer: Any, stream_interval_s: float = 0.0,
+    sent: dict[int, tuple[int, int]] | None = None,
+) -> AsyncGenerator[dict[str, Any], None]:  # fmt: skip
+    """The deltas of ``stream`` (whose first output, ``first``, was read already), until
+    the finished one. ``sent``: per sample, the (text, tokens) the client has already (a
+    resumed request). ``stream_interval_s``: least time between two deltas after the
+    first token (outputs pile up meanwhile; the newest wins). Closing this generator
+    closes ``stream`` (the engine aborts the request)."""
+    sent = {} if sent is None else sent
+    out: RequestOutput | None = first
+    submitted = req.get("submitted_at")
+    api_at = req.get("api_arrived_at")
+    http_at = req.get("http_read_at")
+    try:
+        while out is not None:
+            delta = delta_of(out, sent, tokenizer)
+            delta["kv"] = kv
+            now = time.monotonic()
+            if submitted is not None and timer.last is None and delta["choices"]:
+                kv["timing_ms"] = first_token_timing(out, submitted, now, api_at, http_at)
+            timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
+            if out.finished:
+                timer.finish(now, delta["prompt_tokens"])
+            if delta["choices"] or out.finished:
+                yield delta
+            if out.finished:
+                break
+            if stream_interval_s and timer.last is not None:
+                await asyncio.sleep(stream_interval_s)
+            out = await anext(stream, None)
+    finally:  # left early (aclose, cancelled): the engine aborts the request
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def delta_of(
+    out: RequestOutput, sent: dict[int, tuple[int, int]], tokenizer: Any
+) -> dict[str, Any]:
+    """``out`` as a delta from what ``sent`` holds (per sample: text length, tokens),
+    which it updates; samples with nothing new and not finished are left out."""
+    choices = []
+    for c in out.outputs:
+        text_at, tok_at = sent.get(c.index, (0, 0))
+        text = c.text[text_at:]
+        tokens = c.token_ids[tok_at:]
+        if not text and not tokens and not c.finished:
+            continue
+        sent[c.index] = (len(c.text), len(c.token_ids))
+        choices.append({
+            "index": c.index, "text": text, "token_ids": tokens,
+            "logprobs": _logprobs(c, tok_at, tokenizer), "finish_reason": c.finish_reason,
+        })  # fmt: skip
+    return {
+        "request_id": out.request_id,
+        "prompt_tokens": len(out.prompt_token_ids),
+        "cached_tokens": out.num_cached_tokens,
+        "finished": out.finished,
+        "choices": choices,
+    }
+
+
+def _logprobs(c: CompletionOutput, start: int, tokenizer: Any) -> list[dict[str, Any]] | None:
+    """One entry per new token: its text, logprob and the top alternatives."""
+    if c.logprobs is None:
+        return None
+
+    def piece(token_id: int) -> str:
+        return str(tokenizer.decode([token_id]))
+
+    entries = []
+    for tok, lps in zip(c.token_ids[start:], c.logprobs[start:], strict=True):
+        top = sorted(lps.items(), key=lambda kv: -kv[1])
+        entries.append({
+            "token": piece(tok), "logprob": lps.get(tok, float("-inf")),
+            "top": [(piece(t), lp) for t, lp in top],  # best first
+        })  # fmt: skip
+    return entries
+
+
+def first_token_timing(out: RequestOutput, submitted: float, now: float,
+                       api_at: float | None = None,
+                       http_at: float | None = None) -> dict[str, float]:  # fmt: skip
+    """Where a request's first token spent its time in the API's process (ms; see
+    ``cluster.front._kv_extension``). With the engine in its own process
+    (``cluster.engine_core``), what follows the first token splits further:
+    ``core_out`` until the core sent it, ``pipe`` until this process read it, and
+    ``replica_wake`` until its stream here took it. ``api_parse``: from the HTTP call
+    reaching this process's API (``api_at``) to ``submitted``. ``replica_received_at`` is
+    the request's arrival on this host's ``time.monotonic()`` clock (ms), so that a
+    client on the same host can split what lies outside the replica. ``http_wait``
+    (only while ``cluster.front_trace`` stamps HTTP reads): from the HTTP server parsing
+    the request's first bytes to ``api_at``."""
+    m = out.metrics
+    arrival = m.get("arrival", submitted)
+    timing = {"replica_queue": (arrival - submitted) * 1e3,
+              "replica_first_delta": (now - submitted) * 1e3,
+              "replica_received_at": submitted * 1e3}  # fmt: skip
+    if api_at is not None:
+        timing["api_parse"] = (submitted - api_at) * 1e3
+        if http_at is not None:
+            timing["http_wait"] = (api_at - http_at) * 1e3
+    if "ttft_s" in m:
+        timing["engine_ttft"] = m["ttft_s"] * 1e3
+        if "core_sent" in m and "pipe_read" in m:
+            timing["core_out"] = (m["core_sent"] - arrival - m["ttft_s"]) * 1e3
+            timing["pipe"] = (m["pipe_read"] - m["core_sent"]) * 1e3
+            timing["replica_wake"] = (now - m["pipe_read"]) * 1e3
+    return {k: round(v, 3) for k, v in timing.items()}
