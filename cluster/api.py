@@ -38,7 +38,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.async_engine import freeze_heap
-from cluster.engine_process import EngineLink, attach
+from cluster.engine_process import START_TIMEOUT_S, EngineLink, attach
 from cluster.front import API_ARRIVED, HTTP_READ, OpenAIFront, ingress_app
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.relay import prompt_of, relay
@@ -73,8 +73,15 @@ class ApiIngress(OpenAIFront):
         self._links: dict[str, EngineLink] = {}  # engine instance → its core
         self._live: dict[str, int] = {}  # requests of this process per instance
         self._stop = threading.Event()
-        self._frozen = False
+        self._attached = threading.Event()  # the first link is up
         threading.Thread(target=self._watch, name="kvserve-api-attach", daemon=True).start()
+        # Ready (to Serve, and so to HAProxy) once a core serves through this process,
+        # as an engine replica is once its engine is loaded.
+        if not self._attached.wait(START_TIMEOUT_S):
+            self._stop.set()
+            raise RuntimeError(f"no engine core of {model_name} to attach to in "
+                               f"{START_TIMEOUT_S:.0f} s")  # fmt: skip
+        freeze_heap()  # the libraries and the tokenizer: out of the collector's full passes
 
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)
@@ -117,10 +124,8 @@ class ApiIngress(OpenAIFront):
                 logger.warning("api: attaching to engine core %s failed: %s", iid, e)
                 continue
             self._links[iid] = link
+            self._attached.set()
             logger.info("api %s attached to the engine core of %s", self.replica_id, iid)
-            if not self._frozen:  # the tokenizer is loaded: out of the full collections
-                self._frozen = True
-                freeze_heap()
 
     def _load(self, iid: str, link: EngineLink) -> int:
         s = link.stats()

@@ -142,7 +142,6 @@ class ServeConfig:
                                  "processes attach to engine processes)")  # fmt: skip
             if self.api_replicas < 1:
                 raise ValueError("api_replicas must be >= 1")
-            self.engine_process = True
         if self.engine_process and (self.mode != "colocated" or self.tensor_parallel_size != 1):
             raise ValueError("engine_process: the colocated pool at TP 1 only (the KV transfer "
                              "and a worker group's rank actors need the engine in the replica)")  # fmt: skip
@@ -255,7 +254,7 @@ def build_app(cfg: ServeConfig) -> Application:
             cfg.stream_interval_s,
             None,
             live,
-            cfg.engine_process,
+            cfg.engine_process or api,
             api,
         )
     if ingress:

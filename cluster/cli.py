@@ -176,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.device = args.device
     if args.max_model_len:
         cfg.engine = {**cfg.engine, "max_model_len": args.max_model_len}
-    ServeConfig(**cfg.to_dict())  # validate
+    cfg = ServeConfig(**cfg.to_dict())  # validated
     t0 = time.perf_counter()
     dashboard = run(cfg, args.address, dashboard=True)
     base = f"http://{cfg.host}:{cfg.http_port}"

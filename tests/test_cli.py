@@ -120,12 +120,13 @@ def test_grpc_proxy_address_rewrite() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ingress", ["router", "engine", "engine-process"])
+@pytest.mark.parametrize("ingress", ["router", "engine", "engine-process", "api"])
 def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) -> None:
     """``kvserve serve --haproxy`` on its own Ray: HAProxy in front of the router replica,
     or of the engine replica itself (``--ingress engine``: no Ray call between HAProxy
     and the engine; no Python proxy in the token path either way), whose engine may run
-    in a child process (``--engine-process``). Completions (whole and streamed) equal the
+    in a child process (``--engine-process``), or of two API replicas attached to that
+    child process (``--ingress api``; the core's own listener on loopback too). Completions (whole and streamed) equal the
     offline engine's, gRPC equals HTTP (reflection answers too), a client that leaves
     mid-stream gets its blocks back (read with ``kvserve status``), and every port
     HAProxy and the API listen on is on loopback (HAProxy's stats and metrics ports too, which Serve binds to every
@@ -143,9 +144,11 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
            "--port", str(http), "--grpc-port", str(grpc_port)]  # fmt: skip
     cmd += ["--ingress", "engine", "--engine-process"] if ingress == "engine-process" else [
         "--ingress", ingress]  # fmt: skip
-    engine_process, ingress = ingress == "engine-process", ingress.removesuffix("-process")
+    engine_process = ingress in ("engine-process", "api")
+    ingress = ingress.removesuffix("-process")
+    label = "API" if ingress == "api" else ingress
     with _kvserve_serve(cmd, env, timeout_s=300) as (proc, text):
-        assert f"HAProxy (Serve's direct ingress to the {ingress} replicas)" in text, text[-4000:]
+        assert f"HAProxy (Serve's direct ingress to the {label} replicas)" in text, text[-4000:]
         gcs = re.search(r"Ray cluster\s+(\S+)", text)[1]  # type: ignore[index]
         base = f"http://127.0.0.1:{http}"
 
@@ -176,7 +179,7 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
             assert 0 <= t["replica_queue"] < t["replica_first_delta"], t
             assert t["client_to_replica"] >= 0 and t["replica_to_client"] >= 0, t
             assert 0 <= t["client_send"] <= t["client_to_replica"], t
-            if ingress == "engine":
+            if ingress in ("engine", "api"):
                 assert 0 <= t["api_parse"] < t["client_to_replica"], t
             if engine_process:
                 parts = ("replica_queue", "engine_ttft", "core_out", "pipe", "replica_wake")
@@ -231,6 +234,10 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path], ingress: str) 
         assert all(_loopback(ip) for ip in haproxy_ports.values()), haproxy_ports
         binds = _listening({http, grpc_port})
         assert all(_loopback(ip) for ips in binds.values() for ip in ips), binds
+        cores = [c.laddr.ip for p in psutil.process_iter(["cmdline"])
+                 if "cluster.engine_core" in " ".join(p.info["cmdline"] or ())
+                 for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]  # fmt: skip
+        assert len(cores) == (ingress == "api") and all(_loopback(ip) for ip in cores), cores
 
         # SIGTERM stops it like Ctrl-C, HAProxy included (it would keep the ports).
         haproxies = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
