@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
 from cluster.async_engine import FAULT_STEP_DELAY_S, engine_stats, freeze_heap
-from cluster.engine_process import _Delta, _Sent, encode
+from cluster.engine_process import _Delta, _Sent, encode, no_delay
 from engine.llm_engine import EngineArgs
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class _Accepter:
             except Exception as e:  # a wrong authkey, a client gone mid-handshake
                 logger.warning("engine core refused a client: %s", e)
                 continue
+            no_delay(conn)
             with self._lock:
                 self._new.append(conn)
             os.write(self._wake_w, b"x")

@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -463,6 +464,18 @@ class EngineProcess(EngineLink):
             proc.kill()
 
 
+def no_delay(conn: Connection) -> None:
+    """Turns Nagle's algorithm off on a TCP connection: ``Connection.send`` writes a
+    message over 16 KiB as two writes (length, then payload), and the payload would wait
+    for the peer's (delayed) acknowledgement of the length. On one H200 with 64 streams
+    that held a step's message 19-29 ms at the median against 2 ms on a pipe."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        sock.close()
+
+
 def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
            id_prefix: str = "") -> EngineLink:  # fmt: skip
     """A link to the engine core listening at ``address`` (``EngineProcess(listen=)``):
@@ -475,6 +488,7 @@ def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
 
     conn = Client((str(address[0]), int(address[1])), authkey=authkey)
     try:
+        no_delay(conn)
         if not conn.poll(timeout_s):
             raise ConnectionError(f"the engine core at {address} did not answer in {timeout_s} s")
         kind, payload = conn.recv()
