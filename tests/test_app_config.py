@@ -52,14 +52,27 @@ def test_bad_ingress_settings_are_refused() -> None:
 
 
 def test_engine_process_reaches_the_colocated_replicas() -> None:
-    """``engine_process`` is the last argument the colocated pool's replicas get; the
+    """``engine_process`` reaches the colocated pool's replicas (their seventh argument;
+    the eighth, ``api_links``, only with ``ingress="api"``, which implies it); the
     disaggregated pools and TP > 1 refuse it (their engine must be in the replica)."""
-    for ingress in ("router", "engine"):
-        app = build_app(ServeConfig(device="cpu", ingress=ingress, engine_process=True))
-        pool = app._bound_deployment
-        if ingress == "router":
-            pool = pool.init_args[0]._bound_deployment
-        assert pool.init_args[-1] is True and pool.init_args[2] == "both"
+    for ingress in ("router", "engine", "api"):
+        app = build_app(ServeConfig(device="cpu", ingress=ingress, engine_process=ingress != "api",
+                                    api_replicas=3))  # fmt: skip
+        front = app._bound_deployment
+        pool = front if ingress == "engine" else front.init_args[0]._bound_deployment
+        assert pool.init_args[6] is True and pool.init_args[2] == "both"
+        assert pool.init_args[7] is (ingress == "api")
+        if ingress == "api":
+            assert front.name == "api" and front._deployment_config.num_replicas == 3
+            assert front.init_args[1:] == ("SmolLM2-135M-Instruct", 256 + 1024)
+    for bad, match in (({"mode": "disaggregated"}, "colocated pool at TP 1"),
+                       ({"tensor_parallel_size": 2}, "colocated pool at TP 1"),
+                       ({"api_replicas": 0}, "api_replicas"),
+                       ({"router_replicas": 2}, "no router")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ServeConfig(ingress="api", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="api_links"):
+        EngineReplica.__init__(object.__new__(EngineReplica), {}, "m", api_links=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="colocated pool at TP 1"):
         ServeConfig(engine_process=True, mode="disaggregated")
     with pytest.raises(ValueError, match="colocated pool at TP 1"):
