@@ -59,11 +59,14 @@ def _replica_id() -> str:
 
 
 class ApiIngress(OpenAIFront):
-    def __init__(self, engine: DeploymentHandle, model_name: str, max_live_requests: int) -> None:
+    def __init__(self, engine: DeploymentHandle, model_name: str, max_live_requests: int,
+                 stream_interval_s: float = 0.0) -> None:  # fmt: skip
         """``engine``: the engine pool (its replicas started with ``api_links``);
         ``max_live_requests``: a core with this many requests running and waiting (or
-        sent by this process) refuses more (HTTP 429)."""
+        sent by this process) refuses more (HTTP 429); ``stream_interval_s``: least gap
+        between a stream's messages after its first token (0: every step)."""
         self.pool = engine
+        self.stream_interval_s = stream_interval_s
         self.model_name = model_name
         self.created = int(time.time())
         self.affinity = "off: API processes attached to the engine cores (least load)"
@@ -101,18 +104,28 @@ class ApiIngress(OpenAIFront):
             try:
                 ledger = ledger or get_ledger()
                 rows = ray.get(ledger.instances.remote(), timeout=10)
-                self._reconcile(up(rows, self.model_name, ("both",)))
+                self._reconcile(rows, up(rows, self.model_name, ("both",)))
             except Exception as e:
                 logger.warning("api: reading the ledger failed: %s", e)
                 ledger = None
+            try:
+                self.metrics.flush_tokens()
+            except Exception as e:  # metrics are advisory
+                logger.warning("api: metrics failed: %s", e)
             self._stop.wait(WATCH_PERIOD_S if self._links else 0.2)
 
-    def _reconcile(self, rows: list[dict[str, Any]]) -> None:
+    def _reconcile(self, rows: list[dict[str, Any]], live: list[dict[str, Any]]) -> None:
+        """Drops the links whose core is dead, or whose instance the ledger no longer
+        lists (``rows``: silent for its ``stale_s``, so its node may be gone without a
+        word on the link) or lists as dead; then attaches to the cores of the instances
+        up (``live``) not linked yet."""
+        listed = {str(r["instance_id"]) for r in rows if not r.get("dead")}
         for iid, link in list(self._links.items()):
-            if link.is_dead:
+            if link.is_dead or iid not in listed:
                 del self._links[iid]
+                self._live.pop(iid, None)
                 link.shutdown()
-        for row in rows:
+        for row in live:
             iid = str(row["instance_id"])
             if row.get("core") is None or iid in self._links:
                 continue
@@ -158,12 +171,13 @@ class ApiIngress(OpenAIFront):
                 return
             kv: dict[str, Any] = {"instance": iid, "api": self.replica_id}
             timer = RequestTimer(self.metrics, arrival)
-            async with contextlib.aclosing(relay(stream, first, req, kv, timer,
-                                                 link.engine.tokenizer)) as deltas:  # fmt: skip
+            async with contextlib.aclosing(relay(stream, first, req, kv, timer, link.engine.tokenizer,
+                                                 self.stream_interval_s)) as deltas:  # fmt: skip
                 async for delta in deltas:
                     yield delta
         finally:
-            self._live[iid] -= 1
+            if iid in self._live:  # (gone with a dropped link)
+                self._live[iid] -= 1
 
     async def _engine_info(self) -> dict[str, Any]:
         for link in list(self._links.values()):

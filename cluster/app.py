@@ -142,6 +142,11 @@ class ServeConfig:
                                  "processes attach to engine processes)")  # fmt: skip
             if self.api_replicas < 1:
                 raise ValueError("api_replicas must be >= 1")
+            if self.autoscaling:
+                # Serve drains an engine replica of its Serve calls only; the API
+                # processes' streams on its core would be cut at a scale-down.
+                raise ValueError("ingress 'api': the engine pool has a fixed num_replicas "
+                                 "(no autoscaling yet)")  # fmt: skip
         if self.engine_process and (self.mode != "colocated" or self.tensor_parallel_size != 1):
             raise ValueError("engine_process: the colocated pool at TP 1 only (the KV transfer "
                              "and a worker group's rank actors need the engine in the replica)")  # fmt: skip
@@ -283,7 +288,8 @@ def _api_app(cfg: ServeConfig, engine: Any, live: int, env: dict[str, str]) -> A
     options = {"num_replicas": cfg.api_replicas, "max_ongoing_requests": 4096,
                "logging_config": {"enable_access_log": cfg.access_log},
                "ray_actor_options": actor}  # fmt: skip
-    return ApiDeployment.options(**options).bind(engine, cfg.served_name, live)
+    return ApiDeployment.options(**options).bind(engine, cfg.served_name, live,
+                                                 cfg.stream_interval_s)  # fmt: skip
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -26,15 +26,23 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from typing import Any
 
 from cluster.async_engine import FAULT_STEP_DELAY_S, engine_stats, freeze_heap
-from cluster.engine_process import _Delta, _Sent, encode, no_delay
+from cluster.engine_process import (
+    HANDSHAKE_TIMEOUT_S,
+    _Delta,
+    _Sent,
+    encode,
+    hang_up,
+    tune_socket,
+)
 from engine.llm_engine import EngineArgs
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ logger = logging.getLogger(__name__)
 IDLE_REPORT_S = 1.0  # the core's stats while no request runs, at most this stale
 HASHES_EVERY_S = 1.0  # prefix-cache hashes (for the router's placement) this often
 PREFIX_REPORT_MAX = 256  # at most this many hashes per report (cluster.affinity's cap)
+CLIENT_IO_TIMEOUT_S = 2.0  # a secondary client's blocked read or write: it is dropped
 
 
 class ClientGone(Exception):
@@ -71,12 +80,17 @@ class _Client:
 
 
 class _Accepter:
-    """The listener's thread: takes authenticated connections and wakes the step loop
-    (a byte on ``wake_r``) to adopt them."""
+    """The listener: a thread accepts connections on ``host`` (a random port), and one
+    short thread per connection runs the key challenge (at most
+    ``HANDSHAKE_TIMEOUT_S``: a peer that stalls it holds no one else up); a connection
+    that passes is handed to the step loop, woken by a byte on ``wake_r``. A secondary
+    client's socket then fails any read or write that blocks ``CLIENT_IO_TIMEOUT_S``
+    (a peer that stopped reading would otherwise stall every step)."""
 
     def __init__(self, host: str, authkey: bytes) -> None:
-        self.listener = Listener((host, 0), authkey=authkey)
-        self.address: tuple[str, int] = self.listener.address  # type: ignore[assignment]
+        self._sock = socket.create_server((host, 0))
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._authkey = authkey
         self.wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
         self._new: list[Connection] = []
@@ -85,16 +99,30 @@ class _Accepter:
     def _accept(self) -> None:
         while True:
             try:
-                conn = self.listener.accept()
-            except OSError:
-                return  # the listener closed
-            except Exception as e:  # a wrong authkey, a client gone mid-handshake
-                logger.warning("engine core refused a client: %s", e)
+                sock, _ = self._sock.accept()
+            except OSError as e:
+                if self._sock.fileno() < 0:
+                    return  # the listener closed
+                logger.warning("engine core: accept failed: %s", e)
+                time.sleep(0.1)
                 continue
-            no_delay(conn)
-            with self._lock:
-                self._new.append(conn)
-            os.write(self._wake_w, b"x")
+            sock.setblocking(True)
+            threading.Thread(target=self._admit, args=(Connection(sock.detach()),),
+                             name="kvserve-core-handshake", daemon=True).start()  # fmt: skip
+
+    def _admit(self, conn: Connection) -> None:
+        try:
+            tune_socket(conn, HANDSHAKE_TIMEOUT_S)
+            deliver_challenge(conn, self._authkey)
+            answer_challenge(conn, self._authkey)
+            tune_socket(conn, CLIENT_IO_TIMEOUT_S)
+        except Exception as e:  # a wrong key, a peer gone or silent mid-handshake
+            logger.warning("engine core refused a client: %s", e)
+            conn.close()
+            return
+        with self._lock:
+            self._new.append(conn)
+        os.write(self._wake_w, b"x")
 
     def take(self) -> list[Connection]:
         os.read(self.wake_r, 4096)
@@ -183,6 +211,11 @@ class _Core:
             if client.primary:
                 raise EOFError from None  # the replica is gone
             self.drop(client)
+        except Exception:  # a secondary's message this core cannot take: it alone goes
+            if client.primary:
+                raise
+            logger.exception("engine core: %s sent a bad message; dropping it", client.name)
+            self.drop(client)
         return True
 
     def drop(self, client: _Client) -> None:
@@ -192,21 +225,22 @@ class _Core:
         self.clients.remove(client)
         for rid in list(client.rids):
             self.abort(rid)
-        with contextlib.suppress(OSError):
-            client.recv.close()
+        hang_up(client.recv)
+        client.recv.close()
         logger.info("engine core: %s left (%d clients)", client.name, len(self.clients))
 
     def report(self, by_client: dict[_Client, list[_Delta]]) -> None:
         """One message to each client with deltas of its own, and to any client not
         sent one for ``IDLE_REPORT_S`` (figures after aborts, hashes, stay fresh)."""
         now = time.monotonic()
-        due = [c for c in self.clients if c in by_client or now - c.reported_at >= IDLE_REPORT_S]
-        if not due:
-            return
         hashes = None
-        if now - self.hashes_at >= HASHES_EVERY_S:
+        if now - self.hashes_at >= HASHES_EVERY_S:  # then to every client
             self.hashes_at = now
             hashes = self.engine.prefix_hashes(PREFIX_REPORT_MAX)
+        due = [c for c in self.clients if hashes is not None or c in by_client
+               or now - c.reported_at >= IDLE_REPORT_S]  # fmt: skip
+        if not due:
+            return
         stats = self.stats()
         for c in due:
             try:

@@ -43,6 +43,7 @@ import logging
 import os
 import pickle
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -199,9 +200,12 @@ class EngineLink:
     median TTFT was 2-12 ms worse in each of three same-call runs.)"""
 
     def __init__(self, cmd: Connection, out: Connection, info: dict[str, Any],
-                 id_prefix: str = "req") -> None:  # fmt: skip
-        """``info``: the core's ``ready`` payload, read already."""
+                 id_prefix: str = "req", attached: bool = False) -> None:  # fmt: skip
+        """``info``: the core's ``ready`` payload, read already. ``attached``: a TCP link
+        of an API process (``attach``), which dies after ``LINK_SILENCE_S`` without a
+        message (a core whose host went away sends no end-of-file)."""
         self._cmd, self._out = cmd, out
+        self._silence_s = LINK_SILENCE_S if attached else None
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -282,11 +286,10 @@ class EngineLink:
 
     def shutdown(self) -> None:
         """Leaves the core: it aborts this link's requests (the core runs on for its
-        other clients)."""
+        other clients). The reader thread wakes at the hang-up, fails what is still
+        open here and closes the connection."""
         self._closing = True
-        self._cmd.close()
-        if self._out is not self._cmd:
-            self._out.close()
+        hang_up(self._cmd)
 
     # --- the pipe's reader thread -------------------------------------------------------
     def _send(self, msg: tuple[Any, ...]) -> None:
@@ -299,6 +302,10 @@ class EngineLink:
     def _read(self) -> None:
         try:
             while True:
+                if self._silence_s is not None and not self._out.poll(self._silence_s):
+                    self._broken()
+                    self._die(f"no message from the engine core in {self._silence_s:.0f} s")
+                    return
                 msg = self._out.recv()
                 kind = msg[0]
                 if kind == "out":
@@ -317,15 +324,16 @@ class EngineLink:
             logger.exception("engine core link failed")
             self._broken()
             self._die(f"{type(e).__name__}: {e}")
+        finally:
+            self._out.close()
 
     def _gone(self) -> str:
         """Why the core's messages ended (read end-of-file)."""
         return "the engine core closed the connection"
 
     def _broken(self) -> None:
-        """A message this side cannot take: the link is unusable."""
-        with contextlib.suppress(OSError):
-            self._cmd.close()
+        """A message this side cannot take, or none came: the link is unusable."""
+        hang_up(self._cmd)
 
     def _admitted(self, rid: str, err: BaseException | None) -> None:
         with self._lock:
@@ -464,16 +472,39 @@ class EngineProcess(EngineLink):
             proc.kill()
 
 
-def no_delay(conn: Connection) -> None:
-    """Turns Nagle's algorithm off on a TCP connection: ``Connection.send`` writes a
-    message over 16 KiB as two writes (length, then payload), and the payload would wait
-    for the peer's (delayed) acknowledgement of the length. On one H200 with 64 streams
-    that held a step's message 19-29 ms at the median against 2 ms on a pipe."""
+HANDSHAKE_TIMEOUT_S = 10.0  # an attaching peer's connect and key challenge, at most
+LINK_SILENCE_S = 30.0  # an attached link dies after this long without a message (the
+# core sends each client one at least every second, and after every step of its requests)
+
+
+def tune_socket(conn: Connection, timeout_s: float = 0.0) -> None:
+    """Options of a link's TCP socket: ``TCP_NODELAY``, because ``Connection.send``
+    writes a message over 16 KiB as two writes (length, then payload) and the payload
+    would wait for the peer's delayed acknowledgement of the length (on one H200 with 64
+    streams that held a step's message 19-29 ms at the median, against 2 ms on a pipe);
+    keepalive; and ``timeout_s`` (0: none) on every blocking read and write, after which
+    it fails with ``OSError`` (the key challenge; a peer that stopped reading)."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sec = int(timeout_s)
+        tv = struct.pack("ll", sec, int((timeout_s - sec) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     finally:
         sock.close()
+
+
+def hang_up(conn: Connection) -> None:
+    """Shuts a link's socket down both ways: the peer reads end-of-file, and a thread of
+    this process blocked reading it wakes (closing the descriptor would do neither)."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
 
 
 def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
@@ -482,19 +513,25 @@ def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
     an API process's own client of it, on one duplex connection. Its requests are its
     own (ids prefixed ``id_prefix``, by default a random one, so that they differ from
     every other client's); closing it (``shutdown``, or this process dying) aborts them
-    in the core. ``ConnectionError`` if the core does not answer in ``timeout_s``;
-    ``multiprocessing.AuthenticationError`` for a wrong key."""
-    from multiprocessing.connection import Client
+    in the core. ``ConnectionError`` (an ``OSError``) if the core cannot be reached or
+    does not answer in ``timeout_s``; ``multiprocessing.AuthenticationError`` for a
+    wrong key."""
+    from multiprocessing.connection import answer_challenge, deliver_challenge
 
-    conn = Client((str(address[0]), int(address[1])), authkey=authkey)
+    sock = socket.create_connection((str(address[0]), int(address[1])), timeout=timeout_s)
+    sock.setblocking(True)  # Connection reads and writes the descriptor itself
+    conn = Connection(sock.detach())
     try:
-        no_delay(conn)
+        tune_socket(conn, min(timeout_s, HANDSHAKE_TIMEOUT_S))
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
         if not conn.poll(timeout_s):
             raise ConnectionError(f"the engine core at {address} did not answer in {timeout_s} s")
         kind, payload = conn.recv()
         if kind != "ready":
             raise ConnectionError(f"the engine core at {address} answered {kind!r}: {payload}")
+        tune_socket(conn)  # no timeout from here: the reader waits on poll()
     except BaseException:
         conn.close()
         raise
-    return EngineLink(conn, conn, payload, id_prefix or f"api{os.urandom(4).hex()}")
+    return EngineLink(conn, conn, payload, id_prefix or f"api{os.urandom(4).hex()}", True)

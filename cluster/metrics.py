@@ -105,10 +105,7 @@ class EngineMetrics:
 
     def sample(self, stats: dict[str, Any]) -> None:
         """Gauges from a stats snapshot; counters advance by what grew since the last."""
-        total = self.generated_total  # read once: the loop thread may add meanwhile
-        if total > self._generated_reported:
-            self.generation_tokens.inc(total - self._generated_reported)
-            self._generated_reported = total
+        self.flush_tokens()
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
@@ -121,6 +118,14 @@ class EngineMetrics:
             if grown > 0:
                 counter.inc(grown)
             self._last[key] = stats[key]
+
+    def flush_tokens(self) -> None:
+        """Advances the generated-tokens counter by what ``RequestTimer`` added since
+        (one thread calls it, about once a second)."""
+        total = self.generated_total  # read once: the loop thread may add meanwhile
+        if total > self._generated_reported:
+            self.generation_tokens.inc(total - self._generated_reported)
+            self._generated_reported = total
 
 
 class RequestTimer:

@@ -64,11 +64,12 @@ def test_engine_process_reaches_the_colocated_replicas() -> None:
         assert pool.init_args[7] is (ingress == "api")
         if ingress == "api":
             assert front.name == "api" and front._deployment_config.num_replicas == 3
-            assert front.init_args[1:] == ("SmolLM2-135M-Instruct", 256 + 1024)
+            assert front.init_args[1:] == ("SmolLM2-135M-Instruct", 256 + 1024, 0.0)
     for bad, match in (({"mode": "disaggregated"}, "colocated pool at TP 1"),
                        ({"tensor_parallel_size": 2}, "colocated pool at TP 1"),
                        ({"api_replicas": 0}, "api_replicas"),
-                       ({"router_replicas": 2}, "no router")):  # fmt: skip
+                       ({"router_replicas": 2}, "no router"),
+                       ({"autoscaling": {"min_replicas": 1}}, "no autoscaling")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             ServeConfig(ingress="api", **bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="api_links"):

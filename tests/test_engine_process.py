@@ -190,16 +190,19 @@ def test_cancel_while_admitting(tiny: Path, mode: str) -> None:
 def test_attached_links_share_the_core(tiny: Path) -> None:
     """API processes' links (``attach``) beside the replica's own: each caller gets its
     own requests' outputs, equal to offline ones, all run in one core; a wrong key is
-    refused; a link closed mid-stream has its request aborted there (its blocks back,
-    not stepped on to its 200 tokens) while the other links' streams run on."""
+    refused, and neither it nor a peer that connects and says nothing, or hangs up
+    mid-handshake, keeps the core from taking the next; a link closed mid-stream has its
+    request aborted there (its blocks back, not stepped on to its 200 tokens) while the
+    other links' streams run on; a link that sends what the core cannot read is
+    dropped alone."""
+    import socket
     from multiprocessing import AuthenticationError
 
     llm = LLM(tiny, device="cpu", max_model_len=MAX_LEN)
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["w1 w2 w3", "w7 w8", "w5 w6 w4"]
     refs = llm.generate(prompts, greedy)
-    h = Harness(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN), "process")
-    h.engine.shutdown()  # (the harness's loop only) one core that listens instead:
+    loop = asyncio.new_event_loop()
     proc = EngineProcess(EngineArgs(model=str(tiny), device="cpu", max_model_len=MAX_LEN),
                          listen="127.0.0.1")  # fmt: skip
     links = []
@@ -207,7 +210,17 @@ def test_attached_links_share_the_core(tiny: Path) -> None:
         assert proc.address is not None and proc.address[0] == "127.0.0.1"
         with pytest.raises(AuthenticationError):
             attach(proc.address, b"not the key", timeout_s=5)
-        links = [attach(proc.address, proc.authkey) for _ in range(2)]
+        silent = socket.create_connection(proc.address)  # holds its handshake open
+        socket.create_connection(proc.address).close()  # gone mid-handshake
+        links = [attach(proc.address, proc.authkey, timeout_s=5) for _ in range(3)]
+        silent.close()
+        with links[2]._send_lock:
+            links[2]._cmd.send_bytes(b"not a pickle")  # the core drops this link alone
+        deadline = time.monotonic() + 10
+        while not links[2].is_dead:
+            assert time.monotonic() < deadline, "the core kept a client it cannot read"
+            time.sleep(0.05)
+        links = links[:2]
         callers = [proc, *links]
         long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
@@ -229,7 +242,7 @@ def test_attached_links_share_the_core(tiny: Path) -> None:
             assert tail[-1].finished and len(tail[-1].outputs[0].token_ids) == 40
             return list(outs), left_at, await _settled(proc)
 
-        outs, left_at, s = h.run(main())
+        outs, left_at, s = loop.run_until_complete(main())
         for ref, stream in zip(refs, outs, strict=True):
             _same(stream[-1], ref)
         assert s["free_blocks"] == s["num_blocks"] > 0
@@ -241,7 +254,7 @@ def test_attached_links_share_the_core(tiny: Path) -> None:
         for link in links:
             link.shutdown()
         proc.shutdown()
-        h.loop.close()
+        loop.close()
 
 
 def test_dead_core_fails_streams(tiny: Path) -> None:

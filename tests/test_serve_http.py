@@ -242,14 +242,19 @@ def test_api_processes_share_one_engine(app: Any, server: str, smollm2_llm: LLM)
         r.raise_for_status()
         got[i] = r.json()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [g["choices"][0]["text"] for g in got] == [r.outputs[0].text for r in refs]
-    assert len({g["kvserve"]["instance"] for g in got}) == 1
-    assert len({g["kvserve"]["api"] for g in got}) == app.api_replicas == 2
+    apis: set[str] = set()
+    for _ in range(3):  # Serve's proxy spreads concurrent calls; a batch may miss one
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [g["choices"][0]["text"] for g in got] == [r.outputs[0].text for r in refs]
+        assert len({g["kvserve"]["instance"] for g in got}) == 1
+        apis |= {g["kvserve"]["api"] for g in got}
+        if len(apis) == app.api_replicas:
+            break
+    assert len(apis) == app.api_replicas == 2, apis
     _pool_whole()
 
 
