@@ -39,9 +39,10 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.async_engine import freeze_heap
 from cluster.engine_process import START_TIMEOUT_S, EngineLink, attach
-from cluster.front import API_ARRIVED, HTTP_READ, OpenAIFront, ingress_app
+from cluster.front import OpenAIFront, ingress_app, stamp_arrival
 from cluster.metrics import EngineMetrics, RequestTimer
-from cluster.relay import prompt_of, relay
+from cluster.relay import engine_info, prompt_of, relay
+from cluster.replica import serve_replica_id
 from cluster.streams import EngineGone, PoolFull
 from engine.sampling_params import SamplingParams
 
@@ -49,13 +50,6 @@ logger = logging.getLogger(__name__)
 
 WATCH_PERIOD_S = 1.0  # the ledger is read this often for cores to attach to
 ATTACH_TIMEOUT_S = 30.0
-
-
-def _replica_id() -> str:
-    try:
-        return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:  # outside Serve
-        return "api-local"
 
 
 class ApiIngress(OpenAIFront):
@@ -71,7 +65,7 @@ class ApiIngress(OpenAIFront):
         self.created = int(time.time())
         self.affinity = "off: API processes attached to the engine cores (least load)"
         self.max_live_requests = max_live_requests
-        self.replica_id = _replica_id()
+        self.replica_id = serve_replica_id()
         self.metrics = EngineMetrics(model_name, self.replica_id)
         self._links: dict[str, EngineLink] = {}  # engine instance → its core
         self._live: dict[str, int] = {}  # requests of this process per instance
@@ -148,8 +142,8 @@ class ApiIngress(OpenAIFront):
         live = [(iid, link) for iid, link in list(self._links.items()) if not link.is_dead]
         if not live:
             raise EngineGone("no engine core is attached to this API process (yet)")
-        iid, link = min(live, key=lambda il: self._load(*il))
-        if self._load(iid, link) >= self.max_live_requests:
+        load, iid, link = min((self._load(iid, link), iid, link) for iid, link in live)
+        if load >= self.max_live_requests:
             raise PoolFull(f"engine instance {iid} has {self.max_live_requests} requests; "
                            "retry shortly")  # fmt: skip
         return iid, link
@@ -157,9 +151,7 @@ class ApiIngress(OpenAIFront):
     # --- OpenAIFront's hooks ---------------------------------------------------------------
     async def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         iid, link = self._pick()
-        req["submitted_at"] = arrival = time.monotonic()
-        req["api_arrived_at"] = API_ARRIVED.get()
-        req["http_read_at"] = HTTP_READ.get()
+        arrival = stamp_arrival(req)
         self._live[iid] = self._live.get(iid, 0) + 1
         try:
             params: SamplingParams = req["params"]
@@ -181,10 +173,7 @@ class ApiIngress(OpenAIFront):
 
     async def _engine_info(self) -> dict[str, Any]:
         for link in list(self._links.values()):
-            e = link.engine
-            return {"model": self.model_name, "max_model_len": e.scheduler_config.max_model_len,
-                    "role": "both", "model_dir": str(e.model_dir),
-                    "block_size": e.args.block_size, "prefix_key": e.prefix_key.hex()}  # fmt: skip
+            return engine_info(self.model_name, "both", link.engine)
         return dict(await self.pool.info.remote())
 
     async def _serving(self) -> tuple[bool, str]:

@@ -3,8 +3,8 @@
 Started by its replica (``cluster.engine_process.EngineProcess``) as ``python -m
 cluster.engine_core CMD_FD OUT_FD``: the replica's two pipes are its primary client.
 With ``listen`` in its start message, the core also takes further clients over TCP
-(``multiprocessing.connection.Listener`` on the given host, a random port, the
-replica's authkey): the API processes of ``ServeConfig.ingress = "api"``
+(on the given host, a random port; ``multiprocessing.connection``'s key challenge with
+the replica's authkey): the API processes of ``ServeConfig.ingress = "api"``
 (``cluster.api``), each attached with ``cluster.engine_process.attach``.
 
 Every client speaks the protocol that ``cluster.engine_process`` documents. A request
@@ -41,6 +41,7 @@ from cluster.engine_process import (
     _Sent,
     encode,
     hang_up,
+    io_timeout,
     tune_socket,
 )
 from engine.llm_engine import EngineArgs
@@ -115,7 +116,7 @@ class _Accepter:
             tune_socket(conn, HANDSHAKE_TIMEOUT_S)
             deliver_challenge(conn, self._authkey)
             answer_challenge(conn, self._authkey)
-            tune_socket(conn, CLIENT_IO_TIMEOUT_S)
+            io_timeout(conn, CLIENT_IO_TIMEOUT_S)
         except Exception as e:  # a wrong key, a peer gone or silent mid-handshake
             logger.warning("engine core refused a client: %s", e)
             conn.close()

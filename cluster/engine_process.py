@@ -48,7 +48,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -477,34 +477,44 @@ LINK_SILENCE_S = 30.0  # an attached link dies after this long without a message
 # core sends each client one at least every second, and after every step of its requests)
 
 
-def tune_socket(conn: Connection, timeout_s: float = 0.0) -> None:
-    """Options of a link's TCP socket: ``TCP_NODELAY``, because ``Connection.send``
-    writes a message over 16 KiB as two writes (length, then payload) and the payload
-    would wait for the peer's delayed acknowledgement of the length (on one H200 with 64
-    streams that held a step's message 19-29 ms at the median, against 2 ms on a pipe);
-    keepalive; and ``timeout_s`` (0: none) on every blocking read and write, after which
-    it fails with ``OSError`` (the key challenge; a peer that stopped reading)."""
+@contextlib.contextmanager
+def _socket_of(conn: Connection) -> Iterator[socket.socket]:
+    """The socket under a link's connection (a duplicate of its descriptor: closing it
+    leaves the connection's own open)."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sec = int(timeout_s)
-        tv = struct.pack("ll", sec, int((timeout_s - sec) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        yield sock
     finally:
         sock.close()
+
+
+def tune_socket(conn: Connection, timeout_s: float) -> None:
+    """A new link's TCP options: ``TCP_NODELAY``, because ``Connection.send`` writes a
+    message over 16 KiB as two writes (length, then payload) and the payload would wait
+    for the peer's delayed acknowledgement of the length (on one H200 with 64 streams
+    that held a step's message 19-29 ms at the median, against 2 ms on a pipe);
+    keepalive; and ``timeout_s`` on blocking reads and writes (``io_timeout``)."""
+    with _socket_of(conn) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    io_timeout(conn, timeout_s)
+
+
+def io_timeout(conn: Connection, timeout_s: float) -> None:
+    """Every blocking read and write of the link fails with ``OSError`` after
+    ``timeout_s`` (0: never): the key challenge; a peer that stopped reading."""
+    sec = int(timeout_s)
+    tv = struct.pack("ll", sec, int((timeout_s - sec) * 1e6))
+    with _socket_of(conn) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def hang_up(conn: Connection) -> None:
     """Shuts a link's socket down both ways: the peer reads end-of-file, and a thread of
     this process blocked reading it wakes (closing the descriptor would do neither)."""
-    with contextlib.suppress(OSError):
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        finally:
-            sock.close()
+    with contextlib.suppress(OSError), _socket_of(conn) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
@@ -530,7 +540,7 @@ def attach(address: tuple[str, int], authkey: bytes, timeout_s: float = 30.0,
         kind, payload = conn.recv()
         if kind != "ready":
             raise ConnectionError(f"the engine core at {address} answered {kind!r}: {payload}")
-        tune_socket(conn)  # no timeout from here: the reader waits on poll()
+        io_timeout(conn, 0)  # none from here: the reader waits on poll()
     except BaseException:
         conn.close()
         raise

@@ -54,6 +54,18 @@ API_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 HTTP_READ: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "kvserve_http_read", default=None
 )
+
+
+def stamp_arrival(req: dict[str, Any]) -> float:
+    """Stamps ``req`` as its engine's front takes it (``time.monotonic()``, this
+    process's clock) with when its HTTP call reached the app and was parsed (None when
+    unknown): what ``cluster.relay.first_token_timing`` splits. Returns the stamp."""
+    now = req["submitted_at"] = time.monotonic()
+    req["api_arrived_at"] = API_ARRIVED.get()
+    req["http_read_at"] = HTTP_READ.get()
+    return now
+
+
 MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 
 

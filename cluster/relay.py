@@ -18,6 +18,15 @@ from cluster.metrics import RequestTimer
 from engine.outputs import CompletionOutput, RequestOutput
 
 
+def engine_info(model: str, role: str, engine: Any) -> dict[str, Any]:
+    """What a front says of the engine it serves (``EngineReplica.info``): the model,
+    its context, and how ``engine`` (an ``LLMEngine`` or ``EngineView``) hashes prefix
+    blocks (the router's ``cluster.affinity.PromptHasher`` hashes prompts the same way)."""
+    return {"model": model, "max_model_len": engine.scheduler_config.max_model_len,
+            "role": role, "model_dir": str(engine.model_dir),
+            "block_size": engine.args.block_size, "prefix_key": engine.prefix_key.hex()}  # fmt: skip
+
+
 def prompt_of(req: dict[str, Any], engine: Any) -> str | list[int]:
     """The prompt ``req`` names: token ids tokenized upstream (the router's affinity),
     chat messages rendered with ``engine``'s template, or its text."""

@@ -30,12 +30,12 @@ from ray import serve
 from cluster import affinity, front_trace, netbind
 from cluster.async_engine import AsyncEngine, freeze_heap
 from cluster.engine_process import EngineProcess
-from cluster.front import API_ARRIVED, HTTP_READ, OpenAIFront, ingress_app
+from cluster.front import OpenAIFront, ingress_app, stamp_arrival
 from cluster.kv_links import KVLinks
 from cluster.ledger import get_ledger, up
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.pair_health import PairHealth
-from cluster.relay import prompt_of, relay
+from cluster.relay import engine_info, prompt_of, relay
 from cluster.streams import IDLE_CLOSE_S, SUBSCRIBE_GRACE_S, EngineGone, Outbox, PoolFull, pump
 from engine.llm_engine import EngineArgs
 from engine.outputs import RequestOutput
@@ -79,7 +79,8 @@ def _core_host() -> str:
     return os.environ.get(netbind.HOST_ENV) or _node_ip()
 
 
-def _replica_id() -> str:
+def serve_replica_id() -> str:
+    """This Serve replica's unique id (a made-up one outside Serve)."""
     try:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # outside Serve (a test building the class directly)
@@ -118,7 +119,7 @@ class EngineReplica:
         self.stream_items = 0  # items sent on routers' streams ...
         self.stream_deltas = 0  # ... carrying this many request deltas
         self.submitted = 0
-        self.replica_id = _replica_id()
+        self.replica_id = serve_replica_id()
         args = EngineArgs(**engine_args)
         self.engine: AsyncEngine | EngineProcess = (
             EngineProcess(args, listen=_core_host() if api_links else None)
@@ -217,12 +218,9 @@ class EngineReplica:
             stop.set()
 
     async def info(self) -> dict[str, Any]:
-        """The served model, its context, and how this engine hashes prefix blocks (the
-        router's ``cluster.affinity.PromptHasher`` hashes prompts the same way)."""
-        eng = self.engine.engine
-        return {"model": self.model_name, "max_model_len": self.max_model_len,
-                "role": self.role, "model_dir": str(eng.model_dir),
-                "block_size": eng.args.block_size, "prefix_key": eng.prefix_key.hex()}  # fmt: skip
+        """The served model, its context, and how this engine hashes prefix blocks
+        (``cluster.relay.engine_info``)."""
+        return engine_info(self.model_name, self.role, self.engine.engine)
 
     async def stats(self, target: str = "") -> dict[str, Any]:
         """This instance's figures. ``target``: the replica meant (the request router
@@ -246,7 +244,7 @@ class EngineReplica:
         ``ValueError`` when the core takes no API processes (``api_links`` off)."""
         self._check_target(target)
         address = getattr(self.engine, "address", None)
-        if address is None or not isinstance(self.engine, EngineProcess):
+        if not isinstance(self.engine, EngineProcess) or address is None:
             raise ValueError(f"engine instance {self.replica_id} takes no API processes")
         return {"address": list(address), "authkey": self.engine.authkey.hex()}
 
@@ -638,9 +636,7 @@ class EngineIngress(OpenAIFront, EngineReplica):
         full = self._full()
         if full is not None:
             raise PoolFull(full)
-        req["submitted_at"] = time.monotonic()
-        req["api_arrived_at"] = API_ARRIVED.get()
-        req["http_read_at"] = HTTP_READ.get()
+        stamp_arrival(req)
         self._direct += 1
         self.submitted += 1
         try:
