@@ -168,3 +168,41 @@ def test_rank_killed_between_steps_fails_the_next_step(
         with pytest.raises(WorkerGroupError, match="rank 1 of 2"):
             llm.generate([[4, 5, 6]], GREEDY)
         assert time.monotonic() - t0 < 10
+
+
+DROPPED_ENGINES = """
+import sys, time
+from engine import LLM, SamplingParams
+import ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+for _ in range(2):  # two TP=2 engines in a row, each dropped without shutdown()
+    llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+    print("tokens", llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids, flush=True)
+    del llm
+held = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+t0 = time.monotonic()
+try:
+    LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+except RuntimeError as e:
+    print("refused", round(time.monotonic() - t0, 1), e, flush=True)
+"""
+
+
+def test_dropped_tp_engines_release_their_groups(tiny_dirs: dict[str, Path]) -> None:
+    """On a 2-CPU Ray: a dropped TP=2 engine (no ``shutdown()``) gives its placement group
+    back, so the next one places; one still referenced makes the next fail at once with
+    a message naming it, not after the 60 s placement wait."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DROPPED_ENGINES, str(tiny_dirs["llama3"])],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = done.stdout.splitlines()
+    tokens = [line for line in lines if line.startswith("tokens")]
+    assert len(tokens) == 2 and tokens[0] == tokens[1], done.stdout + done.stderr[-3000:]
+    refused = [line for line in lines if line.startswith("refused")]
+    assert refused, done.stdout + done.stderr[-3000:]
+    assert float(refused[0].split()[1]) < 30
+    assert "still hold theirs (kvserve-rank-" in refused[0]
+    assert "LLM.shutdown()" in refused[0]

@@ -16,6 +16,7 @@ in (gloo sees its peers' sockets close; NCCL is aborted), so the step raises
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -39,6 +40,12 @@ from workers.rank_worker import CONCURRENCY_GROUPS, RankWorker
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 60.0
+# A group that cannot be placed at once is checked for engines of this process that hold
+# theirs (dropped ones are collected first) after this long: then it fails at once.
+HELD_CHECK_S = 2.0
+# This process's live groups (weakly: a dropped engine's group leaves it when collected),
+# named in the error of a group that cannot be placed while they hold the resources.
+_LIVE: weakref.WeakSet[RayExecutor] = weakref.WeakSet()
 # A rank died and rank 0's GPU may sit in an NCCL kernel waiting for it: aborting the
 # communicator is the only way out, and if even that does not return in this time the
 # process exits (a C-level timer: works while the GIL is held) rather than hang.
@@ -93,7 +100,9 @@ class RayExecutor:
         self.dispatch_s = 0.0  # time spent submitting steps to the actors
         self.steps = 0
         _ensure_ray(self.size, self.gpu)
-        self._watchdog = _Watchdog(self._on_rank_failure)
+        # A weak reference: the watchdog's thread must not keep a dropped engine alive
+        # (its finalizer then releases the placement group and the rank actors).
+        self._watchdog = _Watchdog(weakref.WeakMethod(self._on_rank_failure))
         try:
             self._start(cfg, timeout_s)
         except BaseException as e:
@@ -102,7 +111,9 @@ class RayExecutor:
             if failure is not None and not isinstance(e, WorkerGroupError):
                 raise failure from e
             raise
-        self._finalizer = weakref.finalize(self, _release, list(self._actors), self._owned_pg())
+        self._finalizer = weakref.finalize(self, _release, list(self._actors), self._owned_pg(),
+                                           self._watchdog, self._dag)  # fmt: skip
+        _LIVE.add(self)
 
     # --- start-up ---------------------------------------------------------------------
     def _start(self, cfg: RunnerConfig, timeout_s: float) -> None:
@@ -185,15 +196,25 @@ class RayExecutor:
         bundles = [dict(bundle) for _ in range(self.size)]
         bundles[0][f"node:{ray.util.get_node_ip_address()}"] = 0.001  # rank 0 is this process
         pg = placement_group(bundles, strategy="STRICT_PACK")
-        try:
-            ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"could not place {self.size} bundles of {bundle} on this node within "
-                f"{PLACEMENT_TIMEOUT_S:.0f} s (STRICT_PACK); free resources: "
-                f"{ray.available_resources()}"
-            ) from None
+        if not _ready(pg, HELD_CHECK_S):
+            gc.collect()  # engines dropped in a reference cycle release their groups now
+            holders = [e.name for e in list(_LIVE) if not e._closed and e._own_pg]
+            if holders and not _ready(pg, HELD_CHECK_S):
+                remove_placement_group(pg)
+                raise RuntimeError(
+                    f"tensor_parallel_size={self.size} needs {self.size} bundles of {bundle} "
+                    f"on one node, and {len(holders)} other tensor-parallel engine(s) of this "
+                    f"process still hold theirs ({', '.join(holders)}): shut each down "
+                    "(LLM.shutdown(), or `with LLM(...) as llm:`) or drop every reference "
+                    "to it (`del llm`) before building the next"
+                )
+            if not _ready(pg, PLACEMENT_TIMEOUT_S):
+                remove_placement_group(pg)
+                raise RuntimeError(
+                    f"could not place {self.size} bundles of {bundle} on this node within "
+                    f"{PLACEMENT_TIMEOUT_S:.0f} s (STRICT_PACK); free resources: "
+                    f"{ray.available_resources()}"
+                )
         return pg
 
     def _driver_device(self, cfg: RunnerConfig, placements: list[dict[str, Any]]) -> torch.device:
@@ -316,17 +337,11 @@ class RayExecutor:
             return
         self._closed = True
         self._watchdog.stop()
-        if self._dag is not None:
-            # Actors first: their main thread sits in ``block``, so the graph's own
-            # cancel call would wait for its timeout; dead actors tear down at once.
-            _release(self._actors, None)
-            with contextlib.suppress(Exception):
-                self._dag.teardown(kill_actors=True)
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()
         else:
-            _release(self._actors, self._owned_pg())
+            _release(self._actors, self._owned_pg(), self._watchdog, self._dag)
         if self._peer is not None:
             self._peer.close()
         if self._group is not None:
@@ -352,10 +367,27 @@ def _abort_nccl_or_exit(group: Any, why: str) -> None:
         faulthandler.cancel_dump_traceback_later()
 
 
-def _release(actors: list[Any], pg: PlacementGroup | None) -> None:
+def _ready(pg: PlacementGroup, timeout_s: float) -> bool:
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        return False
+    return True
+
+
+def _release(actors: list[Any], pg: PlacementGroup | None, watchdog: _Watchdog | None = None,
+             dag: Any = None) -> None:  # fmt: skip
+    """Everything a group holds: its watchdog, its rank actors (before the compiled
+    graph: their main thread sits in ``block``, so the graph's own cancel call would wait
+    for its timeout; dead actors tear down at once), the graph, its placement group."""
+    if watchdog is not None:
+        watchdog.stop()
     for a in actors:
         with contextlib.suppress(Exception):  # already gone, or Ray shut down
             ray.kill(a, no_restart=True)
+    if dag is not None:
+        with contextlib.suppress(Exception):
+            dag.teardown(kill_actors=True)
     if pg is not None:
         with contextlib.suppress(Exception):
             remove_placement_group(pg)
@@ -377,7 +409,8 @@ def _ensure_ray(size: int, gpu: bool) -> None:
 
 
 class _Watchdog(threading.Thread):
-    """Waits on the actors' pending calls; reports the first error (or death)."""
+    """Waits on the actors' pending calls; reports the first error (or death) to
+    ``on_failure()`` (a ``WeakMethod``: nothing once its group is gone)."""
 
     def __init__(self, on_failure: Any) -> None:
         super().__init__(name="kvserve-tp-watchdog", daemon=True)
@@ -412,7 +445,8 @@ class _Watchdog(threading.Thread):
                 try:
                     ray.get(ref)
                 except Exception as e:  # any failure of a rank is reported
-                    if not self._stop.is_set():
-                        self._on_failure(rank, e)
+                    on_failure = self._on_failure()  # None: the group was dropped
+                    if not self._stop.is_set() and on_failure is not None:
+                        on_failure(rank, e)
                     self._stop.set()
                     return
