@@ -26,7 +26,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster import netbind
+from cluster import capacity, netbind
 from cluster.replica import EngineDeployment, EngineIngressDeployment
 from cluster.request_router import router_config
 from cluster.router import RouterDeployment
@@ -117,6 +117,14 @@ class ServeConfig:
     # vLLM's request log is: formatting and writing it took ~5% of an API process's
     # time per request in a burst of short requests (py-spy, bench.router on CPU).
     access_log: bool = False
+    # Logical CPUs each engine rank (a replica, or a rank actor of it) reserves; on a
+    # local Ray whose cores cannot give every rank this much, ``run`` lowers it to fit
+    # (``cluster.capacity.fit_local``).
+    engine_cpus: float = 1.0
+    front_cpus: float = 0.1  # logical CPUs of each router / API replica (I/O-bound work)
+    # ``run`` fails when a deployment's replicas have waited this long for resources
+    # (Serve reports the wait after 30 s); 0: wait, e.g. for a cluster autoscaler.
+    schedule_timeout_s: float = 45.0
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -209,9 +217,9 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[
         options["autoscaling_config"] = {"policy": {"policy_function": POLICY}, **autoscaling}
     else:
         options["num_replicas"] = replicas
-    bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
+    bundle = {"CPU": cfg.engine_cpus, "GPU": 1.0} if gpu else {"CPU": cfg.engine_cpus}
     bundle.update(resources or {})
-    options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    options["ray_actor_options"] = {"num_cpus": cfg.engine_cpus, "num_gpus": 1 if gpu else 0}
     if resources:
         options["ray_actor_options"]["resources"] = dict(resources)
     if env:
@@ -269,9 +277,10 @@ def build_app(cfg: ServeConfig) -> Application:
     router: Any = RouterDeployment
     router_options: dict[str, Any] = {"num_replicas": cfg.router_replicas,
                                       "max_ongoing_requests": 4096,
-                                      "logging_config": {"enable_access_log": cfg.access_log}}  # fmt: skip
+                                      "logging_config": {"enable_access_log": cfg.access_log},
+                                      "ray_actor_options": {"num_cpus": cfg.front_cpus}}  # fmt: skip
     if front_env:
-        router_options["ray_actor_options"] = {"runtime_env": {"env_vars": front_env}}
+        router_options["ray_actor_options"]["runtime_env"] = {"env_vars": front_env}
     return router.options(**router_options).bind(engine, cfg.served_name)
 
 
@@ -281,7 +290,7 @@ def _api_app(cfg: ServeConfig, engine: Any, live: int, env: dict[str, str]) -> A
     own event loop (Serve's user code beside its HTTP server, as for the engine ingress)."""
     from cluster.api import ApiDeployment
 
-    actor: dict[str, Any] = {"num_cpus": 0.5, "runtime_env": {"env_vars": {
+    actor: dict[str, Any] = {"num_cpus": cfg.front_cpus, "runtime_env": {"env_vars": {
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **env}}}  # fmt: skip
     if cfg.resources:
         actor["resources"] = dict(cfg.resources)
@@ -341,17 +350,19 @@ def use_haproxy_locally() -> None:
 
 def start_serve(
     cfg: ServeConfig, address: str | None = None, dashboard: bool = False
-) -> str | None:
+) -> tuple[str | None, bool]:
     """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray on loopback, unless
     Ray is up already; then Serve's front (HTTP on ``cfg.host:cfg.http_port``, gRPC on
     ``cfg.grpc_port``, on ``cfg.host`` too when this call started Ray: see ``netbind``).
     The front is HAProxy when this call starts Ray and ``cfg.haproxy`` is not False (and
     HAProxy is installed, or ``cfg.haproxy`` is True: then it must be), else Serve's
     Python proxy; a Ray already running keeps its own (True and no HAProxy: ValueError).
-    Returns the Ray dashboard's address when it started one."""
+    Returns the Ray dashboard's address when it started one, and whether it started
+    a local Ray."""
     import ray
 
     url = None
+    local = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -366,6 +377,7 @@ def start_serve(
                     if cfg.haproxy:
                         raise
                     log.warning("%s; Serve's Python proxy serves instead", e)
+            local = True
             ctx = ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard,
                            dashboard_host="127.0.0.1",
                            runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip
@@ -385,11 +397,22 @@ def start_serve(
             if attempt == SERVE_START_ATTEMPTS:
                 raise
             log.warning("Serve's proxy did not come up (attempt %d); starting again", attempt)
-    return url
+    return url, local
 
 
 def run(cfg: ServeConfig, address: str | None = None, dashboard: bool = False) -> str | None:
-    """Deploys the application as ``kvserve`` (see ``start_serve``); returns at once."""
-    url = start_serve(cfg, address, dashboard)
-    serve.run(build_app(cfg), name="kvserve", route_prefix="/")
+    """Deploys the application as ``kvserve`` (see ``start_serve``) and returns once it
+    runs. On a local Ray it started, the engine ranks' CPUs are sized to the machine
+    (``ValueError`` if it lacks what the config needs); ``RuntimeError`` when a
+    deployment fails or waits ``cfg.schedule_timeout_s`` for resources
+    (``cluster.capacity``). Returns the dashboard's address (see ``start_serve``)."""
+    import ray
+
+    url, local = start_serve(cfg, address, dashboard)
+    if local:
+        cfg = capacity.fit_local(cfg, ray.cluster_resources(), _uses_gpu(cfg))
+    target = serve.RunTarget(build_app(cfg), name=capacity.APP_NAME, route_prefix="/")
+    serve.run_many([target], wait_for_ingress_deployment_creation=False,
+                   wait_for_applications_running=False)  # fmt: skip
+    capacity.wait_running(cfg.schedule_timeout_s)
     return url

@@ -178,7 +178,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.engine = {**cfg.engine, "max_model_len": args.max_model_len}
     cfg = ServeConfig(**cfg.to_dict())  # validated
     t0 = time.perf_counter()
-    dashboard = run(cfg, args.address, dashboard=True)
+    try:
+        dashboard = run(cfg, args.address, dashboard=True)
+    except RuntimeError as e:  # a deployment failed, or cannot be placed
+        console.print(f"[red]error:[/red] {e}")
+        serve.shutdown()
+        return 1
     base = f"http://{cfg.host}:{cfg.http_port}"
     console.print(f"[bold green]kvserve is up[/bold green] in {time.perf_counter() - t0:.0f} s: "
                   f"model [bold]{cfg.served_name}[/bold], {_pools(cfg)}, "

@@ -81,3 +81,39 @@ def test_engine_process_reaches_the_colocated_replicas() -> None:
     with pytest.raises(ValueError, match="colocated pool only"):
         EngineReplica.__init__(object.__new__(EngineReplica), {}, "m", "decode", 0.0,  # type: ignore[arg-type]
                                prefill=object(), engine_process=True)  # fmt: skip
+
+
+def test_fit_local_shares_the_cores_and_refuses_what_is_missing() -> None:
+    """On a local Ray of 2 CPUs every mode fits: the engine ranks share what the fronts
+    leave; a resource the machine lacks is refused at once."""
+    from cluster.capacity import demand, fit_local
+
+    have = {"CPU": 2.0}
+    for cfg in (ServeConfig(mode="disaggregated"), ServeConfig(tensor_parallel_size=2),
+                ServeConfig(mode="disaggregated", tensor_parallel_size=2),
+                ServeConfig(ingress="api", api_replicas=2)):  # fmt: skip
+        fit = fit_local(cfg, have, gpu=False)
+        assert 0 < fit.engine_cpus <= 1.0
+        assert demand(fit, gpu=False)["CPU"] <= 2.0
+    assert fit_local(ServeConfig(), {"CPU": 16.0}, gpu=False).engine_cpus == 1.0  # room: as is
+    with pytest.raises(ValueError, match="needs 1 GPU"):
+        fit_local(ServeConfig(), have, gpu=True)
+    with pytest.raises(ValueError, match=r"needs 0\.5 pool-node"):
+        fit_local(ServeConfig(resources={"pool-node": 0.5}), have, gpu=False)
+
+
+def test_an_unplaceable_deployment_fails_within_its_timeout(ray_cluster: object) -> None:
+    """On a Ray that kvserve joined (no sizing), a pool whose replicas wait for a resource
+    no node has fails once Serve reports the wait, naming the resource."""
+    import time
+
+    from ray import serve
+
+    from tests.factories import serving
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="kvserve-absent"):  # noqa: SIM117
+        with serving(resources={"kvserve-absent": 1.0}, schedule_timeout_s=1.0):
+            pass
+    assert time.monotonic() - t0 < 90
+    assert "kvserve" not in serve.status().applications

@@ -42,6 +42,34 @@ def test_kvserve_serve_answers_a_chat_on_loopback_only(smollm2_dir: Path) -> Non
             assert all(_loopback(ip) for ip in ips), (port, ips)
 
 
+@pytest.mark.slow
+def test_kvserve_serve_disaggregated_fits_two_cores(smollm2_dir: Path) -> None:
+    """The disaggregated mode comes up through the CLI on a Ray of the machine's real CPU
+    count (2 in CI): prefill, decode and the router fit because the engine ranks share
+    the cores the front leaves (``engine_cpus``) instead of waiting for more."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--device", "cpu", "--mode",
+           "disaggregated", "--max-model-len", "1024", "--port", str(free_port()),
+           "--grpc-port", "0", "--chat", "What is the capital of France?", "--exit"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    assert "kvserve is up" in done.stdout and "1 prefill + 1 decode" in done.stdout
+    assert "Paris" in done.stdout
+
+
+def test_kvserve_serve_refuses_what_the_machine_lacks() -> None:
+    """A local Ray cannot grow: asking it for a GPU it lacks fails at once, naming it."""
+    env = {**os.environ, "RAY_ADDRESS": "", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--device", "cuda", "--port",
+           str(free_port()), "--grpc-port", "0", "--no-haproxy", "--exit"]  # fmt: skip
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert "needs 1 GPU (it has 0)" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+
+
 @contextlib.contextmanager
 def _kvserve_serve(cmd: list[str], env: dict[str, str],
                    timeout_s: float) -> Iterator[tuple[subprocess.Popen[str], str]]:  # fmt: skip

@@ -129,8 +129,9 @@ class RayExecutor:
         worker_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankWorker)  # type: ignore[call-overload]
         for rank in range(1, self.size):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
+            cpus = float(self._pg.bundle_specs[rank].get("CPU", 0.0))  # the bundle's share
             actor = worker_cls.options(  # type: ignore[attr-defined]
-                num_cpus=1, num_gpus=1 if self.gpu else 0, max_restarts=0,
+                num_cpus=cpus, num_gpus=1 if self.gpu else 0, max_restarts=0,
                 scheduling_strategy=strategy, name=f"{self.name}-r{rank}",
             ).remote(rank, self.size)  # fmt: skip
             self._actors.append(actor)
