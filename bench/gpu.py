@@ -32,7 +32,8 @@ from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
 from bench.gpu_prefill_capacity import W4Config, W5Config, run_w4, run_w5
 from bench.gpu_workloads import W1Config, W2Config, W3Config, run_w1, run_w2, run_w3
 from bench.report import fmt
-from bench.synthetic import MODELS, make_config, write_model_dir
+from bench.synthetic import write_model_dir
+from engine.shapes import MODELS, make_config
 
 SUITE = "gpu"
 FULL_MODEL = "llama3-8b-shape"

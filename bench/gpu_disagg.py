@@ -173,7 +173,7 @@ def w6_prompts(n: int, seed: int = 0) -> list[str]:
     """W6's mix: chat-like prompts of 200-800 words, every 10th one 4096 words."""
     import random
 
-    from cluster.loadgen import prompts
+    from bench.loadgen import prompts
 
     rng = random.Random(seed)
     return [prompts(1, 4096 if i % 10 == 9 else rng.randint(200, 800), seed=seed * 1000 + i)[0]
@@ -189,9 +189,10 @@ def w6(model_dir: str, rate: float, n: int, max_tokens: int) -> dict[str, Any]:
     import ray
     from ray import serve
 
+    from bench import loadgen
     from bench.common import free_port
-    from cluster import loadgen
-    from cluster.app import ServeConfig, run
+    from cluster.app import run
+    from cluster.config import ServeConfig
 
     ps = w6_prompts(n)
     out: dict[str, Any] = {}
@@ -246,7 +247,7 @@ def copy_bench(model: str, lengths: list[int], repeats: int) -> dict[str, Any]:
     GB/s count the payload once (the copy reads and writes it)."""
     import random
 
-    from bench.synthetic import make_config
+    from engine.shapes import make_config
     from workers.kv_transfer import gather_blocks, layer_stack, scatter_blocks
 
     cfg = make_config(model)
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="W6 requests")
     p.add_argument("--max-tokens", type=int, default=200, help="W6 output tokens")
     args = p.parse_args(argv)
-    from bench.synthetic import make_config, write_model_dir
+    from bench.synthetic import write_model_dir
+    from engine.shapes import make_config
 
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.trace:

@@ -35,8 +35,9 @@ from bench.common import RESULTS_DIR, environment, random_prompts, write_result
 from bench.drivers import greedy, ours_token_times, timed
 from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
 from bench.gpu_workloads import W1Config, W2Config, small_pool
-from bench.synthetic import make_config, w1_floor, write_model_dir
+from bench.synthetic import w1_floor, write_model_dir
 from bench.workloads import _latency
+from engine.shapes import make_config
 
 SUITE = "gpu-tp"
 HANG_S = float(os.environ.get("KVSERVE_HANG_DUMP_S", "150"))

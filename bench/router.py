@@ -23,12 +23,13 @@ from typing import Any, Self
 
 import torch
 
+from bench import loadgen
 from bench.common import RESULTS_DIR, environment, free_port, write_result
-from cluster import loadgen
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.synthetic import MODELS, make_config, write_model_dir
+    from bench.synthetic import write_model_dir
+    from engine.shapes import MODELS, make_config
 
     kw: dict[str, Any] = {"device": args.device, "max_model_len": args.max_model_len,
                           "max_num_seqs": max(64, args.concurrency)}  # fmt: skip
@@ -47,7 +48,8 @@ def engine_args(args: argparse.Namespace) -> dict[str, Any]:
 async def in_process(
     kw: dict[str, Any], ps: list[str], args: argparse.Namespace
 ) -> tuple[Any, float]:
-    from cluster.async_engine import AsyncEngine, freeze_heap
+    from cluster.async_engine import AsyncEngine
+    from cluster.process import freeze_heap
     from engine.llm_engine import EngineArgs
     from engine.sampling_params import SamplingParams
 
@@ -105,8 +107,6 @@ class CPUSampler(_Sampler):
     def group(cmdline: str) -> str | None:
         if "ProxyActor" in cmdline:
             return "serve-proxy"
-        if "cluster.engine_core" in cmdline:
-            return "engine-core"
         for name in ("router", "engine", "api", "decode", "prefill"):
             if f":kvserve:{name}" in cmdline or f"#{name}#" in cmdline:
                 return f"replica-{name}"
@@ -157,7 +157,7 @@ class LagSampler(_Sampler):
     def _run(self) -> None:
         import ray
 
-        from cluster.ledger import get_ledger
+        from cluster.placement.ledger import get_ledger
 
         seen: set[tuple[str, float]] = set()
         while not self._stop.wait(1.0):
@@ -247,7 +247,8 @@ def served(
     import ray
     from ray import serve
 
-    from cluster.app import ServeConfig, run, use_haproxy_locally
+    from cluster.app import run, use_haproxy_locally
+    from cluster.config import ServeConfig
 
     if args.haproxy:
         use_haproxy_locally()
@@ -256,9 +257,7 @@ def served(
     model = kw.pop("model")
     cfg = ServeConfig(model=model, model_name="bench", device=kw.pop("device"), http_port=port,
                       grpc_port=0, engine=kw, stream_interval_s=args.stream_interval,
-                      router_replicas=args.router_replicas, haproxy=args.haproxy,
-                      ingress=args.ingress, engine_process=args.engine_process,
-                      api_replicas=args.api_replicas)  # fmt: skip
+                      haproxy=args.haproxy, api_replicas=args.api_replicas)  # fmt: skip
     run(cfg)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -307,23 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="ServeConfig.stream_interval_s of the served engine")  # fmt: skip
-    p.add_argument("--router-replicas", type=int, default=1)
     p.add_argument("--client-procs", type=int, default=1,
                    help="load-generating processes for the served run (concurrency split)")  # fmt: skip
     p.add_argument("--haproxy", action="store_true", help="ServeConfig.haproxy: HAProxy in front")
-    p.add_argument("--api-replicas", type=int, default=2, help="--ingress api: API processes")
-    p.add_argument("--ingress", choices=["router", "engine", "api"], default="router",
-                   help="ServeConfig.ingress: the router deployment, the engine replicas, or API processes")  # fmt: skip
-    p.add_argument("--engine-process", action="store_true",
-                   help="ServeConfig.engine_process: the served engine's step loop in a child "
-                   "process of its replica")  # fmt: skip
+    p.add_argument("--api-replicas", type=int, default=2, help="ServeConfig.api_replicas")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy the proxy, router and engine replica during the served load; "
                    "raw stacks and profile.json go to this folder")  # fmt: skip
     p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--bypass-haproxy", action="store_true",
-                   help="with --haproxy --ingress engine: load the replica's own HTTP server "
+                   help="with --haproxy: load one API replica's own HTTP server "
                    "(what HAProxy adds, apart)")  # fmt: skip
     p.add_argument("--save-records", action="store_true",
                    help="write both runs' per-request records (sent, chunks, timing_ms) to "

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster import loadgen
+from bench import loadgen
 
 
 @dataclass
@@ -93,7 +93,7 @@ def books(deployments: list[str], timeout_s: float = 120) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from cluster.ledger import get_ledger
+    from cluster.placement.ledger import get_ledger
 
     deadline = time.monotonic() + timeout_s
     found: dict[str, Any] = {}
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import RESULTS_DIR, environment, free_port, write_result
     from bench.router import engine_args
-    from cluster.app import ServeConfig, run
+    from cluster.app import run
+    from cluster.config import ServeConfig
 
     kw = engine_args(argparse.Namespace(device=args.device, model=args.model,
                                         max_model_len=args.max_model_len,

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from bench.gpu_env import gpu_ceilings
-from bench.synthetic import Shape, make_config, write_model_dir
+from bench.synthetic import Shape, write_model_dir
 from engine import LLM, SamplingParams
+from engine.shapes import make_config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,33 +30,15 @@ from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Fault injection (tests): sleep this long before each engine step, so that streams live
-# long enough for a test to kill something under them.
-FAULT_STEP_DELAY_S = float(os.environ.get("KVSERVE_FAULT_STEP_DELAY_S", "0"))
-# The interpreter's GIL switch interval while an engine runs in this process (seconds;
-# empty: Python's own, 5 ms). The step thread gives the GIL up while the GPU works and
-# wants it back the moment it is done; a thread of the API holding it meanwhile keeps
-# it up to this long, and every stream's next token waits that much.
-GIL_SWITCH_INTERVAL_S = os.environ.get("KVSERVE_GIL_SWITCH_INTERVAL_S", "")
 
+def executor_for(args: EngineArgs) -> Any:
+    """The executor class a serving core hands its engine: the Ray worker group above
+    TP 1 (unless the args name another), else None (the engine's own choice)."""
+    if args.tensor_parallel_size > 1 and args.distributed_executor_backend in (None, "ray"):
+        from workers.group import RayExecutor
 
-def apply_gil_switch_interval() -> None:
-    """``GIL_SWITCH_INTERVAL_S`` for this process, when set (and shorter than now)."""
-    if GIL_SWITCH_INTERVAL_S:
-        sys.setswitchinterval(min(sys.getswitchinterval(), float(GIL_SWITCH_INTERVAL_S)))
-
-
-def freeze_heap() -> None:
-    """After a serving process's startup (a replica, the engine process, a router):
-    collects, then moves every object alive (the libraries, the model's modules, the
-    tokenizer) to the collector's permanent generation. A full collection then walks
-    only what was allocated since: in a process that imports torch, transformers and
-    Ray it took 0.1-0.2 s of a stopped event loop or step loop, several times a minute
-    under load (vLLM freezes its engine core and API server the same way). Cycles among
-    frozen objects are never collected: for processes that live as long as what they
-    loaded, not for a library's callers."""
-    gc.collect()
-    gc.freeze()
+        return RayExecutor
+    return None
 
 
 class EngineDeadError(RuntimeError):
@@ -73,8 +52,11 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs) -> None:
-        self.engine = LLMEngine(args)
+    def __init__(self, args: EngineArgs, step_delay_s: float = 0.0) -> None:
+        """``step_delay_s``: a sleep before each step (fault injection: streams live long
+        enough for a test to kill something under them)."""
+        self.engine = LLMEngine(args, executor_for(args))
+        self.step_delay_s = step_delay_s
         self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._streams_pending: dict[str, _Stream] = {}  # reserved, K/V not yet in
@@ -83,7 +65,6 @@ class AsyncEngine:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self.num_steps = 0
-        apply_gil_switch_interval()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
@@ -252,8 +233,8 @@ class AsyncEngine:
                 self.engine.release_kv(rid)
 
     def _step(self) -> None:
-        if FAULT_STEP_DELAY_S:  # fault injection (tests): slow steps, long-lived streams
-            time.sleep(FAULT_STEP_DELAY_S)
+        if self.step_delay_s:  # fault injection (tests): slow steps, long-lived streams
+            time.sleep(self.step_delay_s)
         outputs = self.engine.step()
         self.num_steps += 1
         self._publish(outputs)

@@ -42,8 +42,8 @@ def engine_ranks(cfg: Any) -> int:
 
 
 def front_replicas(cfg: Any) -> int:
-    """Replicas of the API front (none when the engine replicas are the ingress)."""
-    return {"router": cfg.router_replicas, "api": cfg.api_replicas}.get(cfg.ingress, 0)
+    """Replicas of the API front."""
+    return int(cfg.api_replicas)
 
 
 def demand(cfg: Any, gpu: bool) -> dict[str, float]:

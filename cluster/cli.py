@@ -54,8 +54,9 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size per instance")
     s.add_argument("--replicas", type=int, default=None, help="engine instances in the pool")
-    s.add_argument("--router-replicas", type=int, default=None,
-                   help="router processes (HTTP/gRPC front) behind Serve's proxy")  # fmt: skip
+    # Removed flags: accepted only to say what replaced them (ServeConfig.from_dict).
+    for gone in ("--router-replicas", "--ingress", "--engine-process"):
+        s.add_argument(gone, default=None, help=argparse.SUPPRESS)
     s.add_argument(
         "--mode",
         choices=["colocated", "disaggregated"],
@@ -71,16 +72,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
                    help="HAProxy in front instead of Serve's Python proxy (default: on when "
                    "this command starts Ray and HAProxy is installed)")  # fmt: skip
-    s.add_argument("--ingress", choices=["router", "engine", "api"], default=None,
-                   help="who serves the API: a router deployment in front of the pool "
-                   "(default), the engine replicas themselves (no Ray call per request), "
-                   "or API processes attached to the engine processes (no Ray call)")  # fmt: skip
-    s.add_argument(
-        "--api-replicas", type=int, default=None, help="--ingress api: API processes (default 2)"
-    )
-    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
-                   help="run each engine's step loop in a child process of its replica, "
-                   "apart from the API's per-token work (colocated, TP 1)")  # fmt: skip
+    s.add_argument("--api-replicas", type=int, default=None,
+                   help="API processes (HTTP/gRPC front, placement, failover; default 2)")  # fmt: skip
     s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None,
                    help="Serve's access log, a line per request (default off)")  # fmt: skip
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
@@ -102,18 +95,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("text", nargs="+", help="prompt(s)")
     _add_model_args(g)
     _add_sampling_args(g)
-
-    b = sub.add_parser("bench", help="load a running server; TTFT/ITL percentiles and a plot")
-    b.add_argument("--url", default="http://127.0.0.1:8000")
-    b.add_argument("--model", default=None, help="default: the server's first model")
-    b.add_argument("--requests", type=int, default=128)
-    b.add_argument("--concurrency", type=int, default=16)
-    b.add_argument("--rate", type=float, default=None, help="requests/s (Poisson) instead")
-    b.add_argument("--prompt-words", type=int, default=200)
-    b.add_argument("--max-tokens", type=int, default=64)
-    b.add_argument("--plot", default="kvserve-bench.png", help="PNG path ('' for none)")
-    b.add_argument("--json", default=None, help="write the summary here")
-    b.add_argument("--api-key", default=None)
 
     st = sub.add_parser("status", help="table of the cluster's engine instances")
     st.add_argument("--address", default="auto")
@@ -137,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     commands = {"serve": cmd_serve, "chat": cmd_chat, "generate": cmd_generate,
-                "status": cmd_status, "plan": cmd_plan, "bench": cmd_bench}  # fmt: skip
+                "status": cmd_status, "plan": cmd_plan}  # fmt: skip
     try:
         return int(commands[args.cmd](args))
     except ValueError as e:
@@ -156,9 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import ServeConfig, haproxy_in_front, run
+    from cluster.app import haproxy_in_front, run
+    from cluster.config import ServeConfig
 
-    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    data = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
     for field, value in (("model", args.model), ("model_name", args.model_name),
                          ("tensor_parallel_size", args.tp), ("num_replicas", args.replicas),
                          ("router_replicas", args.router_replicas),
@@ -171,12 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          ("api_replicas", args.api_replicas),
                          ("access_log", args.access_log)):  # fmt: skip
         if value is not None:
-            setattr(cfg, field, value)
+            data[field] = value
     if args.device != "auto":
-        cfg.device = args.device
+        data["device"] = args.device
     if args.max_model_len:
-        cfg.engine = {**cfg.engine, "max_model_len": args.max_model_len}
-    cfg = ServeConfig(**cfg.to_dict())  # validated
+        data["engine"] = {**data.get("engine", {}), "max_model_len": args.max_model_len}
+    cfg = ServeConfig.from_dict(data)  # validated once
     t0 = time.perf_counter()
     try:
         dashboard = run(cfg, args.address, dashboard=True)
@@ -196,13 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"  Ray dashboard  http://{dashboard}")
     gcs = ray.get_runtime_context().gcs_address
     console.print(f"  Ray cluster    {gcs}   (RAY_AUTH_MODE=token kvserve status --address {gcs})")
-    ingress = {"engine": "engine replicas", "api": "API replicas"}.get(
-        cfg.ingress, "router replicas"
-    )
-    if haproxy_in_front():
-        console.print(f"  front          HAProxy (Serve's direct ingress to the {ingress})")
-    elif cfg.ingress == "engine":
-        console.print("  front          Serve's proxy, to the engine replicas")
+    proxy = "HAProxy (Serve's direct ingress)" if haproxy_in_front() else "Serve's proxy"
+    console.print(f"  front          {proxy} to {cfg.api_replicas} API replicas")
     if args.chat:
         answer = _chat_http(base, [{"role": "user", "content": args.chat}], cfg.served_name,
                             {"max_tokens": 128, "temperature": 0}, None)  # fmt: skip
@@ -332,46 +309,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- bench ------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace) -> int:
-    import asyncio
-    from pathlib import Path
-
-    from cluster import loadgen
-
-    ps = loadgen.prompts(args.requests, args.prompt_words)
-    records, wall = asyncio.run(loadgen.http_load(
-        args.url.rstrip("/"), args.model, ps, args.max_tokens,
-        None if args.rate else args.concurrency, args.rate, args.api_key,
-    ))  # fmt: skip
-    summary = loadgen.summarize(records, wall)
-    table = Table(title=f"{summary['ok']}/{summary['requests']} requests in {wall:.1f} s: "
-                        f"{summary['output_tok_s']:.0f} output tok/s")  # fmt: skip
-    table.add_column("latency")
-    for q in ("p50", "p90", "p99"):
-        table.add_column(q, justify="right")
-    for name in ("ttft_s", "itl_s", "e2e_s"):
-        table.add_row(
-            name.removesuffix("_s"),
-            *(f"{summary[name][q] * 1e3:.1f} ms" for q in ("p50", "p90", "p99")),
-        )
-    console.print(table)
-    for err in summary["errors"]:
-        console.print(f"[red]error:[/red] {err}")
-    if args.plot:
-        load = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}"
-        loadgen.plot(records, Path(args.plot), f"{args.url}: {load}")
-        console.print(f"[dim]plot: {args.plot}[/dim]")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0 if summary["ok"] == summary["requests"] else 1
-
-
 # --- status -----------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.ledger import get_ledger
+    from cluster.placement.ledger import get_ledger
 
     ray.init(address=args.address, logging_level=logging.ERROR)
     rows = ray.get(get_ledger().instances.remote())
@@ -396,8 +338,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- plan -------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    from bench.synthetic import MODELS, make_config
     from engine.config import ModelConfig
+    from engine.shapes import MODELS, make_config
 
     if args.model in MODELS:
         hf: Any = make_config(args.model)

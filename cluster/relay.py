@@ -21,7 +21,7 @@ from engine.outputs import CompletionOutput, RequestOutput
 def engine_info(model: str, role: str, engine: Any) -> dict[str, Any]:
     """What a front says of the engine it serves (``EngineReplica.info``): the model,
     its context, and how ``engine`` (an ``LLMEngine`` or ``EngineView``) hashes prefix
-    blocks (the router's ``cluster.affinity.PromptHasher`` hashes prompts the same way)."""
+    blocks (the router's ``cluster.placement.affinity.PromptHasher`` hashes prompts the same way)."""
     return {"model": model, "max_model_len": engine.scheduler_config.max_model_len,
             "role": role, "model_dir": str(engine.model_dir),
             "block_size": engine.args.block_size, "prefix_key": engine.prefix_key.hex()}  # fmt: skip
@@ -50,15 +50,13 @@ async def relay(
     sent = {} if sent is None else sent
     out: RequestOutput | None = first
     submitted = req.get("submitted_at")
-    api_at = req.get("api_arrived_at")
-    http_at = req.get("http_read_at")
     try:
         while out is not None:
             delta = delta_of(out, sent, tokenizer)
             delta["kv"] = kv
             now = time.monotonic()
             if submitted is not None and timer.last is None and delta["choices"]:
-                kv["timing_ms"] = first_token_timing(out, submitted, now, api_at, http_at)
+                kv["timing_ms"] = first_token_timing(out, submitted, now)
             timer.tokens(sum(len(c["token_ids"]) for c in delta["choices"]), now)
             if out.finished:
                 timer.finish(now, delta["prompt_tokens"])
@@ -117,32 +115,18 @@ def _logprobs(c: CompletionOutput, start: int, tokenizer: Any) -> list[dict[str,
     return entries
 
 
-def first_token_timing(out: RequestOutput, submitted: float, now: float,
-                       api_at: float | None = None,
-                       http_at: float | None = None) -> dict[str, float]:  # fmt: skip
-    """Where a request's first token spent its time in the API's process (ms; see
-    ``cluster.front._kv_extension``). With the engine in its own process
-    (``cluster.engine_core``), what follows the first token splits further:
-    ``core_out`` until the core sent it, ``pipe`` until this process read it, and
-    ``replica_wake`` until its stream here took it. ``api_parse``: from the HTTP call
-    reaching this process's API (``api_at``) to ``submitted``. ``replica_received_at`` is
-    the request's arrival on this host's ``time.monotonic()`` clock (ms), so that a
-    client on the same host can split what lies outside the replica. ``http_wait``
-    (only while ``cluster.front_trace`` stamps HTTP reads): from the HTTP server parsing
-    the request's first bytes to ``api_at``."""
+def first_token_timing(out: RequestOutput, submitted: float, now: float) -> dict[str, float]:
+    """Where a request's first token spent its time in the engine replica (ms; see
+    ``cluster.api.http._kv_extension``): ``replica_queue`` from its arrival
+    (``submitted``) until the engine took it, ``engine_ttft`` from then to the first
+    token, ``replica_first_delta`` until its first delta left. ``replica_received_at``
+    is the arrival on this host's ``time.monotonic()`` clock (ms), so that a client on
+    the same host can split what lies outside the replica."""
     m = out.metrics
     arrival = m.get("arrival", submitted)
     timing = {"replica_queue": (arrival - submitted) * 1e3,
               "replica_first_delta": (now - submitted) * 1e3,
               "replica_received_at": submitted * 1e3}  # fmt: skip
-    if api_at is not None:
-        timing["api_parse"] = (submitted - api_at) * 1e3
-        if http_at is not None:
-            timing["http_wait"] = (api_at - http_at) * 1e3
     if "ttft_s" in m:
         timing["engine_ttft"] = m["ttft_s"] * 1e3
-        if "core_sent" in m and "pipe_read" in m:
-            timing["core_out"] = (m["core_sent"] - arrival - m["ttft_s"]) * 1e3
-            timing["pipe"] = (m["pipe_read"] - m["core_sent"]) * 1e3
-            timing["replica_wake"] = (now - m["pipe_read"]) * 1e3
     return {k: round(v, 3) for k, v in timing.items()}

@@ -1,30 +1,17 @@
-"""Serve request router of the engine pools: calls aimed at one replica, and load-aware
-placement of new requests.
+"""Serve request router of the engine pools, for the Serve calls between replicas
+(an API replica's ``core_link``, a decode replica's ``prefill``): calls aimed at one
+replica, and load-aware placement of the others.
 
-The router talks to an engine replica over one long-lived stream per (router, replica)
-pair (see ``cluster.streams``); the calls that belong to that pair (``subscribe``,
-``cancel``) name their replica with a ``target`` keyword argument, and this router
-sends them there. New requests (``submit``) go to the replica with the least load,
-where load is the larger of
-
-- the requests this process has live on the replica (``cluster.streams.LIVE``, exact
-  and current for a single router), and
-- what the replica last reported through ``record_routing_stats`` (running + waiting
-  in its engine: every router's requests, one stats period old).
-
-A call that carries its prompt's leading block hashes (``prefix``) goes first to the
-replica whose prefix cache holds the most of them, while that replica's load is within
-``cluster.affinity.SLACK`` of the least loaded one's (``cluster.affinity.rank``).
-
-A call may also name replicas to ``avoid`` (a decode replica's quarantined prefill
-peers, ``cluster.pair_health``): they get it only when no other replica exists.
-
-A target that is no longer a running replica is sent to any replica: the replica sees
-that it is not the target and refuses the call, so the caller learns at once that its
-instance is gone (rather than waiting on a route that cannot exist).
-
-Use it with ``request_router_config=RequestRouterConfig(request_router_class=
-"cluster.request_router:EngineRequestRouter")``.
+A call that names its replica with a ``target`` keyword argument goes there; a target
+that is no longer a running replica is sent to any replica, which sees that it is not
+the target and refuses the call, so the caller learns at once that its instance is
+gone. Other calls go to the replica with the least load: what it last reported
+through ``record_routing_stats`` (running + waiting) or Serve's count of its ongoing
+calls, whichever is larger. A call that carries its prompt's leading block hashes
+(``prefix``) goes first to the replica whose prefix cache holds the most of them, while
+its load is within ``cluster.placement.affinity.SLACK`` of the least loaded one's; a
+call may name replicas to ``avoid`` (a decode replica's quarantined prefill peers):
+they get it only when no other replica exists.
 """
 
 from __future__ import annotations
@@ -39,23 +26,21 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from cluster import affinity
-from cluster.streams import LIVE
+from cluster.placement import affinity
 
 ROUTER_CLASS = "cluster.request_router:EngineRequestRouter"
 TARGET = "target"  # the keyword argument that pins a call to one replica
 AVOID = "avoid"  # replicas (unique ids) a call should not go to while others exist
-PREFIX = "prefix"  # the prompt's leading block hashes (cluster.affinity)
+PREFIX = "prefix"  # the prompt's leading block hashes (cluster.placement.affinity)
 
 
 def load_of(replica: RunningReplica, queue_len: int | None = None) -> float:
     """A replica's load as this process sees it (see the module docstring);
     ``queue_len``: Serve's last probe of its ongoing calls, when known (what counts for
     pools whose requests are whole calls, like the prefill pool)."""
-    uid = replica.replica_id.unique_id
     stats = replica.routing_stats or {}
     reported = float(stats.get("running", 0)) + float(stats.get("waiting", 0))
-    return max(float(LIVE.get(uid, 0)), reported, float(queue_len or 0))
+    return max(reported, float(queue_len or 0))
 
 
 class EngineRequestRouter(LocalityMixin, RequestRouter):

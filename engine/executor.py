@@ -1,9 +1,12 @@
 """Executors: what runs a step's model forward on one or several ranks.
 
 The engine talks to one ``Executor``; it never knows how many processes hold the
-model. ``LocalExecutor`` runs rank 0 of 1 in this process. A tensor-parallel group
-is supplied by ``workers/`` (``workers.group.RayExecutor``) and looked up by name,
-as vLLM's ``distributed_executor_backend`` is, so ``engine`` never imports Ray.
+model. ``LocalExecutor`` runs rank 0 of 1 in this process. Other executors are
+handed in (``LLMEngine(args, executor_class=...)``: a serving core passes
+``workers.group.RayExecutor``) or found by name, as vLLM's
+``distributed_executor_backend`` is, among the ``kvserve.executors`` entry points that
+installed packages declare (``workers`` declares ``ray`` in ``pyproject.toml``), so
+``engine`` never imports Ray or names ``workers``.
 
 Contract of every executor:
 
@@ -19,19 +22,15 @@ Contract of every executor:
 
 from __future__ import annotations
 
-import importlib
-from typing import Protocol
+from importlib.metadata import entry_points
+from typing import Any, Protocol
 
 import torch
 
 from engine.model_runner import ModelRunner, RunnerConfig
 from engine.scheduler_output import SchedulerOutput
 
-# Executors by name; ``workers`` registers nothing, it is imported only when asked for.
-EXECUTORS = {
-    "local": "engine.executor:LocalExecutor",
-    "ray": "workers.group:RayExecutor",
-}
+ENTRY_POINTS = "kvserve.executors"  # the entry-point group of named executors
 
 
 class Executor(Protocol):
@@ -69,16 +68,25 @@ class LocalExecutor:
         return None
 
 
-def make_executor(
-    name: str | None, cfg: RunnerConfig, tensor_parallel_size: int, timeout_s: float
-) -> Executor:
-    """``name`` None: "local" at size 1, "ray" above."""
-    name = name or ("local" if tensor_parallel_size == 1 else "ray")
-    if name not in EXECUTORS:
-        raise ValueError(
-            f"distributed_executor_backend must be one of {sorted(EXECUTORS)}, got {name!r}"
-        )
-    module, cls = EXECUTORS[name].split(":")
-    factory = getattr(importlib.import_module(module), cls)
-    executor: Executor = factory(cfg, tensor_parallel_size, timeout_s=timeout_s)
+def executor_classes() -> dict[str, Any]:
+    """Executor classes by name: ``local`` and every ``kvserve.executors`` entry point
+    (loaded only when asked for)."""
+    named: dict[str, Any] = {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+    named["local"] = LocalExecutor
+    return named
+
+
+def make_executor(name: str | None, cfg: RunnerConfig, tensor_parallel_size: int,
+                  timeout_s: float, executor_class: Any = None) -> Executor:  # fmt: skip
+    """``executor_class`` (handed in), else the one named ``name`` (None: "local" at size
+    1, "ray" above)."""
+    if executor_class is None:
+        name = name or ("local" if tensor_parallel_size == 1 else "ray")
+        named = executor_classes()
+        if name not in named:
+            raise ValueError(f"distributed_executor_backend must be one of {sorted(named)}, "
+                             f"got {name!r} (is the package that provides it installed?)")  # fmt: skip
+        found = named[name]
+        executor_class = found if found is LocalExecutor else found.load()
+    executor: Executor = executor_class(cfg, tensor_parallel_size, timeout_s=timeout_s)
     return executor

@@ -122,7 +122,10 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs | None = None) -> None:
+    def __init__(self, args: EngineArgs | None = None, executor_class: Any = None) -> None:
+        """``executor_class``: what runs the model on the ranks, handed in (a serving
+        core passes ``workers.group.RayExecutor``); None: the one
+        ``args.distributed_executor_backend`` names (``engine.executor``)."""
         args = args or EngineArgs()
         if args.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {args.tensor_parallel_size}")
@@ -162,7 +165,7 @@ class LLMEngine:
         # Runs the model on every rank; rank 0's runner lives in this process.
         self.executor: Executor = make_executor(
             args.distributed_executor_backend, runner_cfg, args.tensor_parallel_size,
-            args.distributed_timeout_s,
+            args.distributed_timeout_s, executor_class,
         )  # fmt: skip
         self.runner: ModelRunner = self.executor.runner
         self.kv: KVCacheManager | None = None

@@ -107,7 +107,8 @@ def serving(**config: Any) -> Iterator[Any]:
     ``grpc_port`` is given) for the body of the ``with``; yields its ``ServeConfig``."""
     from ray import serve
 
-    from cluster.app import ServeConfig, run
+    from cluster.app import run
+    from cluster.config import ServeConfig
 
     cfg = ServeConfig(**{"device": "cpu", "http_port": free_port(), "grpc_port": 0, **config})
     try:

@@ -1,4 +1,4 @@
-"""Prefix-cache affinity (cluster.affinity): the router hashes prompts exactly as the
+"""Prefix-cache affinity (cluster.placement.affinity): the router hashes prompts exactly as the
 engine hashes the blocks it caches, and ``rank`` prefers the replica holding the
 prefix only while its load stays within the slack."""
 
@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.affinity import PromptHasher, leading_hits, prompt_prefix, rank, short
+from cluster.placement.affinity import PromptHasher, leading_hits, prompt_prefix, rank, short
 from engine import SamplingParams
 
 

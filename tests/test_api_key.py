@@ -15,15 +15,13 @@ from tests.factories import free_port, serving
 KEY = "sk-test-kvserve"
 
 
-@pytest.mark.parametrize("ingress", ["router", "engine"])
-def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path],
-                                  ingress: str) -> None:  # fmt: skip
+def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:  # fmt: skip
     import grpc
 
     from protos import health_pb2, health_pb2_grpc, kvserve_pb2, kvserve_pb2_grpc
 
     with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", grpc_port=free_port(),
-                 api_key=KEY, engine={"max_model_len": 256}, ingress=ingress) as cfg:  # fmt: skip
+                 api_key=KEY, engine={"max_model_len": 256}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4}
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
@@ -62,7 +60,8 @@ def test_a_proxy_that_never_comes_up_leaves_no_controller(
     from ray.serve._private import api
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME
 
-    from cluster.app import ServeConfig, start_serve
+    from cluster.app import start_serve
+    from cluster.config import ServeConfig
 
     monkeypatch.setattr(api, "HTTP_PROXY_TIMEOUT", 0)
     with pytest.raises(TimeoutError):

@@ -1,13 +1,15 @@
-"""``ServeConfig`` → the Serve application, without starting anything: which deployment
-is the ingress, and what environment its replicas get (``ServeConfig.ingress``)."""
+"""``ServeConfig`` → the Serve application, without starting anything: the API ingress
+bound to the pool it calls in each mode, what environment its replicas get, the
+settings that are gone, and fitting a local Ray."""
 
 from __future__ import annotations
 
 import pytest
 
-from cluster.app import ENGINE_INGRESS_ENV, ServeConfig, build_app
-from cluster.replica import EngineIngress, EngineReplica
-from cluster.router import Router
+from cluster.api.ingress import ApiIngress
+from cluster.app import build_app
+from cluster.config import ServeConfig
+from cluster.replica import EngineReplica
 
 
 def _env(deployment: object) -> dict[str, str]:
@@ -15,72 +17,48 @@ def _env(deployment: object) -> dict[str, str]:
     return dict(options.get("runtime_env", {}).get("env_vars", {}))
 
 
-def test_router_ingress_is_the_default() -> None:
-    app = build_app(ServeConfig(device="cpu", api_key="k"))
-    router = app._bound_deployment
-    assert router.name == "router" and issubclass(router.func_or_class, Router)
-    assert _env(router) == {"KVSERVE_API_KEY": "k"}  # the key goes where the API runs
-    (engine,) = router.init_args[:1]  # the pool's application, bound to the router
-    pool = engine._bound_deployment
-    assert pool.name == "engine" and not issubclass(pool.func_or_class, EngineIngress)
-    assert issubclass(pool.func_or_class, EngineReplica)
+@pytest.mark.parametrize(("mode", "pool_name", "roles"),
+                         [("colocated", "engine", ("both",)), ("disaggregated", "decode", ("decode",))])  # fmt: skip
+def test_the_api_ingress_fronts_every_mode(
+    mode: str, pool_name: str, roles: tuple[str, ...]
+) -> None:
+    """The API replicas are the one ingress, bound to the pool they send requests to
+    (colocated, or decode: its replicas call the prefill pool); they get the API key
+    and ``api_env``; every setting reaches its process as an argument."""
+    cfg = ServeConfig(device="cpu", api_key="k", mode=mode, api_replicas=3,
+                      api_env={"NCCL_DEBUG": "WARN"}, failover_timeout_s=2.0,
+                      core_host="10.0.0.1", tensor_parallel_size=2,
+                      faults={"step_delay_s": 0.5}, pd={"prefill_attempts": 3})  # fmt: skip
+    front = build_app(cfg)._bound_deployment
+    assert front.name == "api" and issubclass(front.func_or_class, ApiIngress)
+    assert front._deployment_config.num_replicas == 3
+    env = _env(front)
+    assert env["KVSERVE_API_KEY"] == "k" and env["NCCL_DEBUG"] == "WARN"
+    pool_app, name, got_roles, failovers, failover_s, place_s = front.init_args
+    assert (name, got_roles, failovers, failover_s, place_s) == (
+        "SmolLM2-135M-Instruct", roles, 3, 2.0, 60.0)  # fmt: skip
+    pool = pool_app._bound_deployment
+    assert pool.name == pool_name and issubclass(pool.func_or_class, EngineReplica)
+    assert pool.init_args[2] == roles[0] and pool.init_args[-1] == "10.0.0.1"  # core_host
+    assert pool.init_kwargs["faults"].step_delay_s == 0.5  # sections: mappings → dataclasses
+    assert cfg.pd.prefill_attempts == 3 and ServeConfig.from_dict(cfg.to_dict()) == cfg
+    assert ServeConfig().core_bind == "127.0.0.1"  # a loopback API keeps the cores there
+    assert ServeConfig(host="0.0.0.0").core_bind == ""  # else each node's own address
 
 
-@pytest.mark.parametrize("mode,name", [("colocated", "engine"), ("disaggregated", "decode")])
-def test_engine_ingress_serves_the_api_itself(mode: str, name: str) -> None:
-    """No router: the pool the API calls (colocated, or decode) is the ingress; its
-    replicas get the API key and ``ENGINE_INGRESS_ENV``, which the pool's env overrides."""
-    own = {"KVSERVE_GIL_SWITCH_INTERVAL_S": "0.001"}
-    cfg = ServeConfig(device="cpu", api_key="k", ingress="engine", mode=mode,
-                      **({"decode_env": own} if mode == "disaggregated" else {"env": own}))  # fmt: skip
-    pool = build_app(cfg)._bound_deployment
-    assert pool.name == name and issubclass(pool.func_or_class, EngineIngress)
-    env = _env(pool)
-    assert env["KVSERVE_API_KEY"] == "k"
-    assert env["KVSERVE_GIL_SWITCH_INTERVAL_S"] == "0.001"  # the pool's own wins
-    assert (
-        env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]
-        == (ENGINE_INGRESS_ENV["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"])
-    )
-
-
-def test_bad_ingress_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="ingress must be one of"):
-        ServeConfig(ingress="proxy")
-    with pytest.raises(ValueError, match="no router"):
-        ServeConfig(ingress="engine", router_replicas=2)
-
-
-def test_engine_process_reaches_the_colocated_replicas() -> None:
-    """``engine_process`` reaches the colocated pool's replicas (their seventh argument;
-    the eighth, ``api_links``, only with ``ingress="api"``, which implies it); the
-    disaggregated pools and TP > 1 refuse it (their engine must be in the replica)."""
-    for ingress in ("router", "engine", "api"):
-        app = build_app(ServeConfig(device="cpu", ingress=ingress, engine_process=ingress != "api",
-                                    api_replicas=3))  # fmt: skip
-        front = app._bound_deployment
-        pool = front if ingress == "engine" else front.init_args[0]._bound_deployment
-        assert pool.init_args[6] is True and pool.init_args[2] == "both"
-        assert pool.init_args[7] is (ingress == "api")
-        if ingress == "api":
-            assert front.name == "api" and front._deployment_config.num_replicas == 3
-            assert front.init_args[1:] == ("SmolLM2-135M-Instruct", 256 + 1024, 0.0)
-    for bad, match in (({"mode": "disaggregated"}, "colocated pool at TP 1"),
-                       ({"tensor_parallel_size": 2}, "colocated pool at TP 1"),
-                       ({"api_replicas": 0}, "api_replicas"),
-                       ({"router_replicas": 2}, "no router"),
-                       ({"autoscaling": {"min_replicas": 1}}, "no autoscaling")):  # fmt: skip
+def test_removed_settings_name_their_replacement() -> None:
+    for name, value, match in (("ingress", "engine", "one front"),
+                               ("engine_process", True, "thread of its replica"),
+                               ("router_replicas", 2, "api_replicas"),
+                               ("router_env", {}, "api_env")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            ServeConfig(ingress="api", **bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="api_links"):
-        EngineReplica.__init__(object.__new__(EngineReplica), {}, "m", api_links=True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="colocated pool at TP 1"):
-        ServeConfig(engine_process=True, mode="disaggregated")
-    with pytest.raises(ValueError, match="colocated pool at TP 1"):
-        ServeConfig(engine_process=True, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="colocated pool only"):
-        EngineReplica.__init__(object.__new__(EngineReplica), {}, "m", "decode", 0.0,  # type: ignore[arg-type]
-                               prefill=object(), engine_process=True)  # fmt: skip
+            ServeConfig.from_dict({name: value})
+    with pytest.raises(ValueError, match="unknown settings"):
+        ServeConfig.from_dict({"no_such_setting": 1})
+    with pytest.raises(ValueError, match="api_replicas"):
+        ServeConfig(api_replicas=0)
+    with pytest.raises(AttributeError):  # frozen: validated once, changed by nobody
+        ServeConfig().api_replicas = 3  # type: ignore[misc]
 
 
 def test_fit_local_shares_the_cores_and_refuses_what_is_missing() -> None:
@@ -91,7 +69,7 @@ def test_fit_local_shares_the_cores_and_refuses_what_is_missing() -> None:
     have = {"CPU": 2.0}
     for cfg in (ServeConfig(mode="disaggregated"), ServeConfig(tensor_parallel_size=2),
                 ServeConfig(mode="disaggregated", tensor_parallel_size=2),
-                ServeConfig(ingress="api", api_replicas=2)):  # fmt: skip
+                ServeConfig(api_replicas=2)):  # fmt: skip
         fit = fit_local(cfg, have, gpu=False)
         assert 0 < fit.engine_cpus <= 1.0
         assert demand(fit, gpu=False)["CPU"] <= 2.0

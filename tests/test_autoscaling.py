@@ -77,7 +77,7 @@ def _ctx(n: int, ongoing: float, kv: list[float], waiting: list[float]) -> Any:
 
 
 def test_policy_scales_on_kv_pressure_and_waiting_not_only_requests() -> None:
-    from cluster.autoscale import kv_aware_policy
+    from cluster.placement.autoscale import kv_aware_policy
 
     idle, _ = kv_aware_policy(_ctx(2, ongoing=1, kv=[0.1, 0.1], waiting=[0, 0]))
     assert idle < 2  # few requests, empty caches: shrink

@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.factories import serving
 
 
-@pytest.mark.parametrize("ingress", ["router", "engine"])
-def test_full_queues_give_429(ray_cluster: Any, tiny_dirs: dict[str, Path], ingress: str) -> None:
+def test_full_queues_give_429(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:
     """The replica's own limit refuses, whether the router or the replica's API asked."""
     results: list[httpx.Response] = []
     lock = threading.Lock()
     with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", max_ongoing_requests=2,
-                 max_queued_requests=1, engine={"max_model_len": 512},
-                 ingress=ingress) as cfg:  # fmt: skip
+                 max_queued_requests=1, engine={"max_model_len": 512}) as cfg:  # fmt: skip
         url = f"http://127.0.0.1:{cfg.http_port}/v1/completions"
 
         def one() -> None:

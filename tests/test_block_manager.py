@@ -8,7 +8,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cluster.block_manager import GlobalBlockManager, LedgerError
+from cluster.placement.block_manager import GlobalBlockManager, LedgerError
 
 
 def _ledger() -> GlobalBlockManager:

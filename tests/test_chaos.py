@@ -5,9 +5,9 @@ every request's outcome is checked, then the pools and the ledger.
   while transfers are in flight (those requests are re-placed on the other prefill
   replica), then a decode replica dies mid-stream (its requests resume on the other).
   Every request ends with the undisturbed greedy text.
-- The router replica dies mid-stream: its streams end without ``[DONE]`` (never a
+- The API replica dies mid-stream: its streams end without ``[DONE]`` (never a
   truncated answer dressed as complete), the engines abort its requests, Serve starts a
-  new router and requests are served again.
+  new API replica and requests are served again.
 - Disaggregated pools at TP=2: every rank's share of the K/V moves; then a rank actor
   of a decode instance dies mid-stream: the instance's engine fails, its requests
   resume on the other decode instance with the same tokens, and Serve replaces the
@@ -52,7 +52,7 @@ def reference(smollm2_llm: Any) -> dict[str, str]:
 
 def _ledger_clean(ray_cluster: Any, instances: set[str]) -> None:
     """No reservation left; every live instance reports to the ledger."""
-    from cluster.ledger import get_ledger
+    from cluster.placement.ledger import get_ledger
 
     seen: list[Any] = []
 
@@ -84,13 +84,13 @@ def _holding_prefill(ids: set[str], timeout: float = 60) -> str:
     raise AssertionError("no prefill replica ever held a transfer")
 
 
-def test_disaggregated_pools_and_router_survive_kills(
+def test_disaggregated_pools_and_api_survive_kills(
     ray_cluster: Any, smollm2_dir: Path, reference: dict[str, str]
 ) -> None:
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
                  prefill_replicas=2, decode_replicas=2, engine={"max_model_len": 512},
-                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "2.5"},
-                 decode_env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
+                 api_replicas=1,
+                 faults={"send_delay_s": 2.5, "step_delay_s": 0.02}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         prefills, decodes = replica_ids("prefill"), replica_ids("decode")
         assert len(prefills) == 2 and len(decodes) == 2
@@ -126,13 +126,13 @@ def test_disaggregated_pools_and_router_survive_kills(
             if s.kv["mode"] == "resumed":
                 assert s.kv["instance"] != dead_decode and s.kv["resumed_tokens"] > 0
 
-        # 2. The router replica dies mid-stream.
-        (router,) = replica_ids("router")
+        # 2. The (one) API replica dies mid-stream.
+        (router,) = replica_ids("api")
         streams = [Stream(base, p, MODEL, MAX_TOKENS) for p in PROMPTS]
         for s in streams:
             s.start()
         wait_until(lambda: all(len(s.pieces) >= 2 for s in streams), 120, "streams to run")
-        kill_replica("router", router)
+        kill_replica("api", router)
         for s in streams:
             s.join(180)
         for s in streams:  # finished whole, or visibly cut off: never a short "success"
@@ -143,8 +143,8 @@ def test_disaggregated_pools_and_router_survive_kills(
                     s.error is not None or s.status != 200 or len(s.text) < len(reference[s.prompt])
                 ), s.prompt
                 assert reference[s.prompt].startswith(s.text), s.prompt
-        assert not all(s.done for s in streams), "the router died after every stream ended"
-        wait_until(lambda: replica_ids("router") - {router} != set(), 120, "a new router")
+        assert not all(s.done for s in streams), "the API replica died after every stream ended"
+        wait_until(lambda: replica_ids("api") - {router} != set(), 120, "a new API replica")
         wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200, 120,
                    "health")  # fmt: skip
         again = Stream(base, PROMPTS[0], MODEL, MAX_TOKENS)
@@ -180,7 +180,7 @@ def test_disaggregated_tp2_transfers_every_rank_and_survives_a_decode_rank_kill(
     with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", tensor_parallel_size=2,
                  mode="disaggregated", prefill_replicas=1, decode_replicas=2,
                  engine={"max_model_len": 256, "block_size": 16},
-                 decode_env={"KVSERVE_FAULT_STEP_DELAY_S": "0.02"}) as cfg:  # fmt: skip
+                 faults={"step_delay_s": 0.02}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         before = replica_ids("decode")
         assert len(before) == 2

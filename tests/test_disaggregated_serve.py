@@ -88,7 +88,7 @@ def _pools_whole(timeout: float = 30) -> dict[str, dict[str, Any]]:
 
 def _ledger_agrees(ray_cluster: Any, pools: dict[str, dict[str, Any]]) -> None:
     """The ledger's rows for these instances equal their own counts; nothing reserved."""
-    from cluster.ledger import get_ledger
+    from cluster.placement.ledger import get_ledger
 
     ids = {s["instance"]: s for s in pools.values()}
     deadline = time.monotonic() + 20
@@ -107,13 +107,12 @@ def _ledger_agrees(ray_cluster: Any, pools: dict[str, dict[str, Any]]) -> None:
     assert totals["capacity"] == sum(r["num_blocks"] for r in rows.values())
 
 
-@pytest.mark.parametrize("ingress", ["router", "engine"])
 def test_disaggregated_equals_colocated_over_http(
-    ray_cluster: Any, smollm2_dir: Path, reference: list[str], ingress: str
+    ray_cluster: Any, smollm2_dir: Path, reference: list[str]
 ) -> None:
-    """Through the router, and with the decode replicas as the ingress themselves."""
+    """Through the API processes, which place requests on the decode pool."""
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
-                 engine={"max_model_len": 1024}, ingress=ingress) as cfg:  # fmt: skip
+                 engine={"max_model_len": 1024}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent, varied lengths
             outs = list(pool.map(lambda p: _complete(base, p), PROMPTS))
@@ -158,7 +157,7 @@ def test_prefill_killed_mid_transfer_falls_back(
 
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
                  engine={"max_model_len": 1024},
-                 prefill_env={"KVSERVE_FAULT_SEND_DELAY_S": "3"}) as cfg:  # fmt: skip
+                 faults={"send_delay_s": 3.0}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         victim = _stats("prefill")["instance"]
         actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
@@ -192,13 +191,12 @@ def test_failing_pair_is_quarantined_then_rebuilt(
 ) -> None:
     """The prefill replica fails its first 3 prefills (after offering the link). The decode
     replica recomputes each of them, quarantines the pair after the third, runs the next
-    request locally without touching the pair, and once the quarantine (2 s) is over it
+    request locally without touching the pair, and once the quarantine (5 s) is over it
     closes the old link and the next transfer goes over a new one."""
     with serving(model=str(smollm2_dir), model_name=MODEL, mode="disaggregated",
                  engine={"max_model_len": 1024},
-                 prefill_env={"KVSERVE_FAULT_FAIL_PREFILLS": "3"},
-                 decode_env={"KVSERVE_PAIR_MAX_FAILURES": "3",
-                             "KVSERVE_PAIR_QUARANTINE_S": "2"}) as cfg:  # fmt: skip
+                 faults={"fail_prefills": 3},
+                 pd={"pair_max_failures": 3, "pair_quarantine_s": 5.0}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         modes = []
         for i in range(4):
@@ -210,7 +208,7 @@ def test_failing_pair_is_quarantined_then_rebuilt(
         decode = _stats("decode")
         assert decode["pair_quarantines"] == 1
         assert decode["kv_link_failures"] == 1  # the pair's link, closed on quarantine
-        time.sleep(2.5)
+        time.sleep(5.5)
         out = _complete(base, PROMPTS[4])
         assert out["choices"][0]["text"] == reference[4]
         assert out["kvserve"]["mode"] == "transferred", out["kvserve"]
@@ -250,7 +248,7 @@ def test_decode_side_prefix_hits_and_conditional_local_prefill(
 
     with serving(model=str(model), model_name="tiny", mode="disaggregated", decode_replicas=2,
                  engine={"max_model_len": 512},
-                 decode_env={"KVSERVE_LOCAL_PREFILL_TOKENS": "20"}) as cfg:  # fmt: skip
+                 pd={"local_prefill_tokens": 20}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         wait_until(lambda: httpx.get(f"{base}/health", timeout=10).json().get("affinity")
                    == "on", 60, "the router's prefix affinity")  # fmt: skip

@@ -1,4 +1,4 @@
-"""cluster.front's SSE response (``EventStream`` over ``OpenAIFront._sse``): one body
+"""cluster.api.http's SSE response (``EventStream`` over ``OpenAIFront._sse``): one body
 message per engine output, the last one carrying the final chunks, the usage chunk and
 ``[DONE]`` and ending the response; an engine failure mid-stream ends it with an
 in-band error; a cancelled response (Serve cancels it when the client leaves) closes the
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cluster.front import EventStream, OpenAIFront
+from cluster.api.http import EventStream, OpenAIFront
 from cluster.openai_protocol import CompletionRequest, StreamOptions
 
 

@@ -2,8 +2,8 @@
 continues with no gap and no repeat, and the output equals an undisturbed run.
 
 The engine resumes a request from its prompt plus the tokens it had produced
-(``LLMEngine.add_request(resume=...)``); the router's ``StreamMux`` re-places it when its
-replica dies (``cluster.streams``). Health tells the truth while instances die and come
+(``LLMEngine.add_request(resume=...)``); the API process (``cluster.api.server``) re-places it when its
+replica dies (``cluster.api.server``). Health tells the truth while instances die and come
 back. Real Ray, real Serve, real ``ray.kill``.
 """
 
@@ -119,7 +119,7 @@ def test_a_replica_killed_mid_stream_loses_no_request(
         # Serve replaced the dead replica; it reports to the ledger; nothing leaked.
         whole = wait_whole("engine", 2)
         assert victim not in {s["instance"] for s in whole}
-        from cluster.ledger import get_ledger
+        from cluster.placement.ledger import get_ledger
 
         wait_until(lambda: {s["instance"] for s in whole} <= {
             r["instance_id"] for r in ray_cluster.get(get_ledger().instances.remote())
@@ -140,8 +140,7 @@ def test_health_tells_the_truth_and_no_capacity_is_a_clear_503(
     grpc_port = free_port()
     with serving(model=str(smollm2_dir), model_name=MODEL, grpc_port=grpc_port,
                  engine={"max_model_len": 512},
-                 router_env={"KVSERVE_FAILOVER_TIMEOUT_S": "2",
-                             "KVSERVE_PLACE_TIMEOUT_S": "3"}) as cfg:  # fmt: skip
+                 failover_timeout_s=2.0, place_timeout_s=3.0) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         health = health_pb2_grpc.HealthStub(channel)

@@ -1,4 +1,4 @@
-"""Bad input against the running app: schemathesis over the OpenAPI schema the router
+"""Bad input against the running app: schemathesis over the OpenAPI schema the API
 publishes, hostile bodies, malformed gRPC messages. Nothing may get a 5xx, a response
 must match the schema, and a stream running meanwhile must finish unharmed.
 

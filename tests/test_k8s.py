@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster import k8s
-from cluster.app import GRPC_SERVICERS, ServeConfig
+from cluster.app import GRPC_SERVICERS
+from cluster.config import ServeConfig
+from k8s import generate as k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -58,7 +59,7 @@ def _render(overlay: str) -> list[dict[str, Any]]:
 
 
 def test_generated_manifests_are_current() -> None:
-    assert k8s.main(["--check"]) == 0, "run: python -m cluster.k8s"
+    assert k8s.main(["--check"]) == 0, "run: python -m k8s.generate"
 
 
 def test_dockerfile_matches_pinned_ray() -> None:
@@ -128,7 +129,7 @@ def test_serve_config_matches_the_application(overlay: str) -> None:
     assert type(built).__name__ == "Application"
     names = k8s.deployment_names(cfg)
     assert sorted(d["name"] for d in app["deployments"]) == sorted(names)
-    assert set(names) == {"router", "prefill", "decode"}  # disaggregated pools
+    assert set(names) == {"api", "prefill", "decode"}  # disaggregated pools
     # Ports: the container ports named serve/grpc are the ones Serve listens on.
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}

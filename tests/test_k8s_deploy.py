@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from bench.common import free_port
-from cluster import k8s
+from k8s import generate as k8s
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SERVE = str(Path(sys.executable).with_name("serve"))

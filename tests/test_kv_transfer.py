@@ -147,7 +147,7 @@ def test_a_link_between_different_tp_sizes_is_refused_clearly() -> None:
     the offer with a message naming both sizes (the request is then recomputed)."""
     import asyncio
 
-    from cluster.kv_links import KVLinks, LinkError
+    from workers.kv_links import KVLinks, LinkError
 
     async def accept() -> None:
         KVLinks("decode-1", "127.0.0.1", "gloo").accept(

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from bench import loadgen
 from bench.soak import books, run_soak
-from cluster import loadgen
 from engine import SamplingParams
 from tests.factories import free_port, serving
 

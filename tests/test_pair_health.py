@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.pair_health import PairHealth
+from cluster.pd.pairs import PairHealth
 
 
 def test_quarantine_probation_and_doubling() -> None:

@@ -24,13 +24,11 @@ LONG_PROMPT = (
 )
 
 
-@pytest.fixture(scope="module", params=["router", "engine", "api"])
-def app(request: pytest.FixtureRequest, ray_cluster: Any, smollm2_dir: Path) -> Any:
-    """The application's ServeConfig, once /health answers: every test runs against
-    each ingress (``ServeConfig.ingress``: the router deployment, the engine replicas)."""
+@pytest.fixture(scope="module")
+def app(ray_cluster: Any, smollm2_dir: Path) -> Any:
+    """The application's ServeConfig, once /health answers."""
     with serving(model=str(smollm2_dir), model_name=MODEL, grpc_port=free_port(),
-                 engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2},
-                 ingress=request.param) as cfg:  # fmt: skip
+                 engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2}) as cfg:  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -227,11 +225,9 @@ def test_bad_input_does_not_disturb_a_stream(client: Any, server: str, smollm2_l
 
 
 def test_api_processes_share_one_engine(app: Any, server: str, smollm2_llm: LLM) -> None:
-    """``ingress="api"``: concurrent requests are answered by both API replicas (the
-    ``kvserve.api`` of each response), all from the one engine instance, each equal to
-    the offline engine's greedy text."""
-    if app.ingress != "api":
-        pytest.skip("the API processes of ingress 'api'")
+    """Concurrent requests are answered by both API replicas (the ``kvserve.api`` of
+    each response), all from the one engine instance, each equal to the offline
+    engine's greedy text."""
     prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
     refs = smollm2_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
     got: list[dict[str, Any]] = [{} for _ in prompts]
@@ -284,7 +280,7 @@ def test_status_and_metrics(server: str, client: Any, ray_cluster: Any) -> None:
     import subprocess
     import sys
 
-    from cluster.ledger import get_ledger
+    from cluster.placement.ledger import get_ledger
 
     client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)
     deadline = time.monotonic() + 20
@@ -421,12 +417,12 @@ def test_grpc_reflection(grpc_target: str) -> None:
         assert {m.name for m in service.method} == {"Generate", "GenerateStream", "ListModels"}
 
 
-def test_kvserve_bench_against_the_server(server: str, tmp_path: Path) -> None:
+def test_loadgen_against_the_server(server: str, tmp_path: Path) -> None:
     import subprocess
     import sys
 
     png, summary = tmp_path / "bench.png", tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "cluster.cli", "bench", "--url", server, "--requests", "8",
+    cmd = [sys.executable, "-m", "bench.loadgen", "--url", server, "--requests", "8",
            "--concurrency", "4", "--prompt-words", "20", "--max-tokens", "8", "--plot", str(png),
            "--json", str(summary)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

@@ -1,5 +1,5 @@
-"""The router's streams to engine replicas (cluster.streams, cluster.request_router):
-many requests share one stream per replica, new requests go to the least loaded
+"""API processes' links to the engine replicas (``cluster.api``, ``cluster.core``): many
+requests share one link per (API process, replica), new requests go to the least loaded
 replica (or to the one holding their prompt's prefix), and what comes back per request
 is exactly its own tokens."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from cluster.streams import merge
+from cluster.api.server import merge
 from engine import LLM, SamplingParams
 from tests.factories import random_prompts, serving
 from tests.serve_helpers import wait_until
@@ -38,8 +38,8 @@ def _stream(url: str, prompt: list[int]) -> tuple[str, int]:
     assert usage["completion_tokens"] == MAX_TOKENS
     # The first token's time, split by where it went: each part within the one before.
     t = kv["timing_ms"]
-    assert 0 <= t["replica_queue"] <= t["replica_first_delta"] <= t["router_first_delta"], t
-    assert 0 < t["router_place"] <= t["router_first_delta"], t
+    assert 0 <= t["replica_queue"] <= t["replica_first_delta"] <= t["api_first_delta"], t
+    assert 0 < t["api_place"] <= t["api_first_delta"], t
     assert 0 < t["engine_ttft"] <= t["replica_first_delta"] - t["replica_queue"] + 2e-3, t
     return text, chunks
 
@@ -48,7 +48,7 @@ def _instances(ray_cluster: Any, n: int, submitted: int) -> list[dict[str, Any]]
     """The ledger rows of the ``n`` replicas once they report ``submitted`` requests in
     all and none running or waiting (a report is up to a second old: one sent while the
     last requests were finishing still counts them)."""
-    from cluster.ledger import get_ledger
+    from cluster.placement.ledger import get_ledger
 
     deadline = time.monotonic() + 20
     rows: list[dict[str, Any]] = []
@@ -75,22 +75,22 @@ def test_shared_streams_two_replicas(ray_cluster: Any, tiny_dirs: dict[str, Path
             got = list(pool.map(lambda p: _stream(url, p), prompts))
         assert [text for text, _ in got] == want
         rows = _instances(ray_cluster, 2, len(prompts))
-        # Every request went through a replica's shared stream, both replicas took some
-        # (least loaded first), and a stream item carried several requests' deltas.
+        # Every request went through a replica's link, both replicas took some (least
+        # loaded first), and a link message carried several requests' deltas.
         assert sum(r["submitted"] for r in rows) == len(prompts)
         assert all(r["submitted"] > 0 for r in rows), rows
-        items = sum(r["stream_items"] for r in rows)
-        deltas = sum(r["stream_deltas"] for r in rows)
+        items = sum(r["link_messages"] for r in rows)
+        deltas = sum(r["link_deltas"] for r in rows)
         assert deltas >= len(prompts) and items < deltas, (items, deltas)
         # Everything is back: no request left running, every block free.
         for r in rows:
             assert r["running"] == 0 and r["waiting"] == 0
         # Prefix affinity: 6 concurrent requests sharing 5 blocks of prompt all go where
         # those blocks are cached (least-loaded alone would split them 3/3); the
-        # replicas' reports reach the request router about once a second.
-        # The router loads the engine's tokenizer from its start, in the background.
+        # replicas' hashes reach the API processes on their links about once a second.
+        # An API process loads the engine's tokenizer once attached, in the background.
         wait_until(lambda: httpx.get(f"{url}/health", timeout=10).json().get("affinity") == "on",
-                   60, "the router's prefix affinity")  # fmt: skip
+                   60, "the API's prefix affinity")  # fmt: skip
         shared = random_prompts(1, 80, 80, vocab=512, seed=11)[0]
         first = _complete(url, [*shared, 1])
         assert first["kvserve"]["cached_tokens"] == 0

@@ -1,5 +1,5 @@
 """The global block manager's core: a ledger of every engine instance's KV capacity and
-the reservations it grants. Pure Python, no Ray (``cluster/ledger.py`` hosts it in an
+the reservations it grants. Pure Python, no Ray (``cluster/placement/ledger.py`` hosts it in an
 actor); deterministic given its inputs and the ``now`` it is told.
 
 It is a ledger, not an allocator. Instances report capacity and use; the ledger

@@ -1,4 +1,4 @@
-"""kvserve's API front: OpenAI-compatible HTTP and the gRPC service, whoever serves it.
+"""The OpenAI-compatible HTTP API of the API replicas.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` as server-sent events ending with
@@ -6,22 +6,13 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 "param", "code"}}``: 400 for bad input (never a 5xx for it), 401 without the API key
 (when ``KVSERVE_API_KEY`` is set), 404 for an unknown model, 413 for a body over the
 limit, 429 with ``Retry-After`` when the engine's queue is full, 503 with
-``Retry-After`` when the engine is gone.
+``Retry-After`` when no engine can serve.
 
-``OpenAIFront`` holds the routes and RPCs; a Serve ingress class derives from it and
-says where a request's deltas come from (``_open``), what the engine is (``_engine_info``)
-and whether it can serve (``_serving``). Two do:
-
-- ``cluster.router.Router``: a replica of its own in front of the engine pool (prefix-
-  and load-aware placement, failover; two Ray calls per request);
-- ``cluster.replica.EngineIngress``: the engine replica itself (behind HAProxy no Ray
-  call at all between the client's connection and the engine).
-
-Each gets its own FastAPI app from ``ingress_app()`` (Serve binds an app's routes to
-one class).
+``OpenAIFront`` holds the routes; the ingress (``cluster.api.ingress.ApiIngress``) says
+where a request's deltas come from (``_open``), what the engine is (``_engine_info``)
+and whether it can serve (``_serving``). ``ingress_app()`` is its FastAPI app.
 """
 
-import asyncio
 import contextvars
 import json
 import logging
@@ -38,9 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.core.server import EngineGone, PoolFull
 from cluster.front_trace import HTTP_READ_KEY
-from cluster.openai_protocol import MAX_N, ChatCompletionRequest, CompletionRequest
-from cluster.streams import EngineGone, PoolFull
+from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +78,7 @@ _ERRORS = {400: "bad input", 401: "missing or wrong API key", 404: "unknown mode
            503: "no engine instance can serve now (Retry-After)"}  # fmt: skip
 
 
-def _api_key() -> str | None:
+def api_key() -> str | None:
     """The key clients must present: ``KVSERVE_API_KEY`` of this router process
     (``ServeConfig.api_key`` reaches it through the deployment's runtime_env)."""
     return os.environ.get("KVSERVE_API_KEY") or None
@@ -152,7 +143,7 @@ class _Guard:
                 HTTP_READ.set(scope[HTTP_READ_KEY])
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}  # fmt: skip
-            key = _api_key()
+            key = api_key()
             wrong_key = key and headers.get("authorization", "") != f"Bearer {key}"
             refusal = None
             if wrong_key and scope.get("path") != "/health":
@@ -230,19 +221,16 @@ def _kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     instance).
 
     ``timing_ms`` splits the first token's latency (milliseconds, each within one
-    process): ``router_first_delta`` from the router opening the request to its first
-    delta arriving there (``router_place``: to the replica's ``submit`` answering);
-    ``replica_first_delta`` from the replica's ``submit`` to that delta leaving it, of
-    which ``replica_queue`` before the engine took the request and ``engine_ttft`` from
-    then to the first token. What ``router_first_delta`` has beyond
-    ``replica_first_delta`` is the two Serve calls' wire and queueing time. With the
-    engine as the ingress (``cluster.replica.EngineIngress``) there is no router: the
-    ``replica_*`` figures run from the request's arrival at the replica's API. With the
-    engine in its own process, ``core_out``, ``pipe`` and ``replica_wake`` split what
-    follows ``engine_ttft``; ``api_parse`` is the HTTP API's own time before
-    ``replica_*`` starts (routing, body parsing). ``replica_received_at`` is no duration but the request's
-    arrival at the replica on its host's monotonic clock (ms; ``cluster.loadgen`` on the
-    same host turns it into the time outside the replica, in and out)."""
+    process): ``api_first_delta`` from the API process opening the request to its first
+    delta arriving there (``api_place``: until a core took it; ``api_parse``: the HTTP
+    call's routing and body parsing before the opening); ``replica_first_delta`` from
+    the engine replica taking the request to that delta leaving it, of which
+    ``replica_queue`` before the engine took it and ``engine_ttft`` from then to the
+    first token. What ``api_first_delta`` has beyond ``replica_first_delta`` is the
+    link's wire and queueing time, both ways. ``replica_received_at`` is no duration
+    but the request's arrival at the replica on its host's monotonic clock (ms;
+    ``bench.loadgen`` on the same host turns it into the time outside the replica, in
+    and out). ``api`` names the API replica that served the request."""
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")
     acct["cached_tokens"] = int(item.get("cached_tokens", 0))
@@ -273,7 +261,7 @@ def _completion_logprobs(entries: list[dict[str, Any]], body: Any) -> dict[str, 
     }
 
 
-def _engine_error(e: BaseException) -> APIError:
+def engine_error(e: BaseException) -> APIError:
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(e, ValueError):
@@ -287,37 +275,8 @@ def _engine_error(e: BaseException) -> APIError:
                     code="engine_unavailable", headers={"Retry-After": "5"})  # fmt: skip
 
 
-# --- gRPC (through Serve's gRPC proxy) ----------------------------------------------------
-def _grpc_params(opts: Any) -> Any:
-    """SamplingParams from ``SamplingOptions`` (unset optional fields keep defaults)."""
-    from engine.sampling_params import SamplingParams
-
-    kw: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-                 "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "n"):  # fmt: skip
-        if opts.HasField(name):
-            kw[name] = getattr(opts, name)
-    kw.setdefault("max_tokens", 16)
-    # The same limits as the HTTP API's (cluster.openai_protocol).
-    if kw.get("n", 1) > MAX_N:
-        raise ValueError(f"n must be in [1, {MAX_N}]")
-    if len(opts.stop) > 8 or any(not s for s in opts.stop):
-        raise ValueError("stop: at most 8 non-empty strings")
-    return SamplingParams(stop=tuple(opts.stop), ignore_eos=opts.ignore_eos, **kw)
-
-
-def _grpc_choices(pb: Any, item: dict[str, Any]) -> list[Any]:
-    out = []
-    for c in item["choices"]:
-        lps = [pb.TokenLogprob(token=e["token"], logprob=e["logprob"], top=dict(e["top"]))
-               for e in c["logprobs"] or []]  # fmt: skip
-        out.append(pb.Choice(index=c["index"], text=c["text"], token_ids=c["token_ids"],
-                             finish_reason=c["finish_reason"] or "", logprobs=lps))  # fmt: skip
-    return out
-
-
 class OpenAIFront:
-    """The HTTP routes (``ROUTES``) and gRPC methods of an ingress; see the module doc.
+    """The HTTP routes (``ROUTES``) of an ingress; see the module doc.
 
     A subclass sets ``model_name``, ``created`` (unix seconds) and ``affinity`` (what
     ``/health`` says of prefix affinity) and defines the three hooks below."""
@@ -393,7 +352,7 @@ class OpenAIFront:
             raise APIError(500, "the engine returned nothing", "server_error") from None
         except Exception as e:
             await gen.aclose()
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
         if "error" in first:
             raise bad_request(first["error"], "messages" if chat else "prompt")
         if body.stream:
@@ -424,7 +383,7 @@ class OpenAIFront:
         except StopAsyncIteration:
             pass
         except Exception as e:
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
         finally:
             await gen.aclose()  # a client that left cancels its request in the engine
         usage = _usage(item, sum(counts))
@@ -471,7 +430,7 @@ class OpenAIFront:
         except StopAsyncIteration:
             yield "data: [DONE]\n\n", False
         except Exception as e:  # mid-stream: the status is sent already; say it in-band
-            err = _engine_error(e)
+            err = engine_error(e)
             yield _event({"error": {"message": err.message, "type": err.type, "param": None,
                                     "code": err.code}}), False  # fmt: skip
         finally:
@@ -494,169 +453,6 @@ class OpenAIFront:
                       if body.logprobs is not None else None}  # fmt: skip
         return {"id": rid, "object": obj, "created": created, "model": self.model_name,
                 "choices": [choice]}  # fmt: skip
-
-    # --- gRPC ------------------------------------------------------------------------------
-    def _grpc_admit(self, request: Any, context: Any) -> bool:
-        """The API key (when one is configured) and a message that parsed; else False
-        after setting UNAUTHENTICATED / INVALID_ARGUMENT on ``context``."""
-        import grpc
-
-        from cluster.grpc_api import Malformed
-
-        key = _api_key()
-        if key and context is not None:
-            meta = dict(context.invocation_metadata())
-            if meta.get("authorization") != f"Bearer {key}":
-                context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-                context.set_details("missing or wrong API key (metadata authorization: Bearer ...)")
-                return False
-        if isinstance(request, Malformed):
-            if context is not None:
-                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                context.set_details(request.problem)
-            return False
-        return True
-
-    def _grpc_check(self, request: Any, context: Any) -> dict[str, Any] | None:
-        """The engine request for a ``GenerateRequest``, or None after setting
-        INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED on ``context``."""
-        import grpc
-
-        if not self._grpc_admit(request, context):
-            return None
-        problem, code = None, grpc.StatusCode.INVALID_ARGUMENT
-        req: dict[str, Any] = {}
-        if request.model and request.model != self.model_name:
-            problem, code = (
-                f"model {request.model!r} does not exist; this server has {self.model_name!r}",
-                grpc.StatusCode.NOT_FOUND,
-            )
-        else:
-            kind = request.WhichOneof("input")
-            if kind == "text":
-                req["prompt"] = request.text
-            elif kind == "token_ids":
-                req["prompt"] = list(request.token_ids.ids)
-            elif kind == "chat":
-                req["messages"] = [
-                    {"role": m.role, "content": m.content} for m in request.chat.messages
-                ]
-            else:
-                problem = "one of text, token_ids or chat is required"
-            try:
-                req["params"] = _grpc_params(request.sampling)
-            except (ValueError, TypeError) as e:
-                problem = str(e)
-        if problem is not None:
-            if context is not None:
-                context.set_code(code)
-                context.set_details(problem)
-            return None
-        req["request_id"] = f"grpc-{uuid.uuid4().hex}"
-        return req
-
-    async def _grpc_items(self, req: dict[str, Any], context: Any) -> AsyncIterator[dict[str, Any]]:
-        import grpc
-
-        gen: Any = self._open(req)
-        try:
-            async for item in gen:
-                if "error" in item:
-                    if context is not None:
-                        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                        context.set_details(item["error"])
-                    return
-                yield item
-        except Exception as e:
-            err = _engine_error(e)
-            if context is not None:
-                context.set_code(
-                    grpc.StatusCode.INVALID_ARGUMENT
-                    if err.status == 400
-                    else grpc.StatusCode.UNAVAILABLE
-                )
-                context.set_details(err.message)
-        finally:
-            await gen.aclose()
-
-    async def Generate(self, request: Any, grpc_context: Any = None) -> Any:
-        from protos import kvserve_pb2 as pb
-
-        req = self._grpc_check(request, grpc_context)
-        if req is None:
-            return pb.GenerateResponse()
-        n = req["params"].n
-        texts, reasons = [""] * n, [""] * n
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        lps: list[list[Any]] = [[] for _ in range(n)]
-        last: dict[str, Any] | None = None
-        async for item in self._grpc_items(req, grpc_context):
-            last = item
-            for c in _grpc_choices(pb, item):
-                texts[c.index] += c.text
-                tokens[c.index].extend(c.token_ids)
-                reasons[c.index] = c.finish_reason or reasons[c.index]
-                lps[c.index].extend(c.logprobs)
-        if last is None:
-            return pb.GenerateResponse()
-        choices = [pb.Choice(index=i, text=texts[i], token_ids=tokens[i], finish_reason=reasons[i],
-                             logprobs=lps[i]) for i in range(n)]  # fmt: skip
-        return self._grpc_response(pb, last, choices, sum(len(t) for t in tokens))
-
-    async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        from protos import kvserve_pb2 as pb
-
-        req = self._grpc_check(request, grpc_context)
-        if req is None:
-            return
-        total = 0
-        async for item in self._grpc_items(req, grpc_context):
-            choices = _grpc_choices(pb, item)
-            total += sum(len(c.token_ids) for c in choices)
-            yield self._grpc_response(pb, item, choices, total)
-
-    def _grpc_response(
-        self, pb: Any, item: dict[str, Any], choices: list[Any], completion: int
-    ) -> Any:
-        usage = pb.Usage(prompt_tokens=item["prompt_tokens"], completion_tokens=completion,
-                         cached_tokens=item["cached_tokens"])  # fmt: skip
-        acct = item.get("kv") or {}
-        kv = pb.KVAccounting(cached_tokens=item["cached_tokens"], instance=acct.get("instance", ""),
-                             transferred_bytes=int(acct.get("transferred_bytes", 0)),
-                             transfer_seconds=float(acct.get("transfer_seconds", 0.0)),
-                             prefill_instance=acct.get("prefill_instance", ""),
-                             mode=acct.get("mode", "colocated"))  # fmt: skip
-        return pb.GenerateResponse(request_id=item["request_id"], choices=choices,
-                                   finished=item["finished"], usage=usage, kv=kv)  # fmt: skip
-
-    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
-        """grpc.health.v1: SERVING while the engine pool answers its health check."""
-        from protos import health_pb2 as hpb
-
-        ok = request.service in ("", "kvserve.v1.KVServe") and (await self._serving())[0]
-        status = hpb.HealthCheckResponse.SERVING if ok else hpb.HealthCheckResponse.NOT_SERVING
-        return hpb.HealthCheckResponse(status=status)
-
-    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        """grpc.health.v1 Watch: the status now, then each change (polled every second)."""
-
-        last = None
-        while True:
-            resp = await self.Check(request, grpc_context)
-            if resp.status != last:
-                last = resp.status
-                yield resp
-            await asyncio.sleep(1.0)
-
-    async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:
-        from protos import kvserve_pb2 as pb
-
-        if not self._grpc_admit(request, grpc_context):
-            return pb.ListModelsResponse()
-
-        info = await self._engine_info()
-        return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.model_name,
-                                                          max_model_len=info["max_model_len"])])  # fmt: skip
 
 
 # (path, HTTP method, OpenAIFront method): the routes every ingress serves.

@@ -1,4 +1,5 @@
-"""Load against an OpenAI-compatible server (``kvserve bench``) or an in-process engine.
+"""Load against an OpenAI-compatible server (``python -m bench.loadgen``) or an in-process
+engine.
 
 Each request streams ``/v1/completions`` and records when it was sent, when each
 chunk arrived and how many tokens it carried. ``summarize`` turns the records into
@@ -319,3 +320,59 @@ def plot(records: list[Record], path: Path, title: str) -> None:
 
 def records_json(records: list[Record]) -> list[dict[str, Any]]:
     return [asdict(r) for r in records]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.loadgen --url ...``: loads a running server, prints TTFT / ITL
+    percentiles, draws them (PNG); exit status 1 if a request failed."""
+    import argparse
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser(prog="python -m bench.loadgen",
+                                 description="load a running server; TTFT/ITL percentiles "
+                                 "and a plot")  # fmt: skip
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default=None, help="default: the server's first model")
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rate", type=float, default=None, help="requests/s (Poisson) instead")
+    ap.add_argument("--prompt-words", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--plot", default="kvserve-bench.png", help="PNG path ('' for none)")
+    ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--api-key", default=None)
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    console = Console()
+    ps = prompts(args.requests, args.prompt_words)
+    records, wall = asyncio.run(http_load(
+        args.url.rstrip("/"), args.model, ps, args.max_tokens,
+        None if args.rate else args.concurrency, args.rate, args.api_key,
+    ))  # fmt: skip
+    summary = summarize(records, wall)
+    table = Table(title=f"{summary['ok']}/{summary['requests']} requests in {wall:.1f} s: "
+                        f"{summary['output_tok_s']:.0f} output tok/s")  # fmt: skip
+    table.add_column("latency")
+    for q in ("p50", "p90", "p99"):
+        table.add_column(q, justify="right")
+    for name in ("ttft_s", "itl_s", "e2e_s"):
+        table.add_row(
+            name.removesuffix("_s"),
+            *(f"{summary[name][q] * 1e3:.1f} ms" for q in ("p50", "p90", "p99")),
+        )
+    console.print(table)
+    for err in summary["errors"]:
+        console.print(f"[red]error:[/red] {err}")
+    if args.plot:
+        load = f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}"
+        plot(records, Path(args.plot), f"{args.url}: {load}")
+        console.print(f"[dim]plot: {args.plot}[/dim]")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] == summary["requests"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from cluster.block_manager import GlobalBlockManager
+from cluster.placement.block_manager import GlobalBlockManager
 
 LEDGER_NAME = "kvserve-ledger"
 NAMESPACE = "kvserve"
@@ -53,7 +53,7 @@ class InstanceLedger:
     def settle(self, reservation_id: str, token: int, used: bool) -> bool:
         """Ends a reservation: the K/V landed (``used``: confirm) or not (release).
         False when it was gone already (lease ran out, instance forgotten)."""
-        from cluster.block_manager import LedgerError
+        from cluster.placement.block_manager import LedgerError
 
         try:
             if used:

@@ -9,16 +9,16 @@ up/down delays around it.
 
 Desired replicas = the largest of
 - requests / ``target_ongoing_requests``, where requests is the larger of Serve's
-  ongoing count and the replicas' own running + waiting (the router's requests reach
-  engine replicas through short calls and shared streams, ``cluster.streams``, so only
-  the replicas know how many they hold);
+  ongoing count and the replicas' own running + waiting (the API processes' requests
+  reach engine replicas over TCP links, not Serve calls, so only the replicas know how
+  many they hold);
 - KV pressure: current × mean KV usage / ``KV_TARGET`` (a pool whose caches are 90 %
   full needs more caches even when its request count looks fine);
 - queueing: one more replica while any replica has requests waiting for KV blocks
   or batch slots.
 
 Use it with ``autoscaling_config={"policy": {"policy_function":
-"cluster.autoscale:kv_aware_policy"}, ...}`` (``ServeConfig.autoscaling`` does).
+"cluster.placement.autoscale:kv_aware_policy"}, ...}`` (``ServeConfig.autoscaling`` does).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 KV_TARGET = 0.7  # mean KV usage the pool aims at
-POLICY = "cluster.autoscale:kv_aware_policy"
+POLICY = "cluster.placement.autoscale:kv_aware_policy"
 
 
 def _mean(values: dict[Any, float] | None) -> float:

@@ -1,0 +1,131 @@
+"""An API process's view of the engine cores: a link to each, and where a request goes.
+
+``Cores.start`` runs a task on the API replica's event loop that reads the ledger every
+``WATCH_PERIOD_S``: it attaches to each live core of the model that the API calls
+(role ``both``, or ``decode`` when disaggregated: the decode core asks the prefill
+pool itself) and drops links whose instance is dead or no longer listed. The key of a
+core comes from its replica (``EngineReplica.core_link``, a Serve call pinned to it).
+
+``place`` picks the core for a new request (``cluster.placement.affinity.rank``): the
+one whose prefix cache holds the most of the prompt's leading blocks, while its load
+is within the slack of the least loaded one; else the least loaded. The figures come
+on the links with every message (each step, at least every second), so placement
+makes no Ray call per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from cluster.core.client import CoreLink
+from cluster.placement import affinity
+from cluster.placement.ledger import get_ledger, up
+
+logger = logging.getLogger(__name__)
+
+WATCH_PERIOD_S = 1.0  # the ledger is read this often
+ATTACH_TIMEOUT_S = 30.0
+LEDGER_TIMEOUT_S = 10.0
+
+
+class Cores:
+    def __init__(self, pool: Any, model_name: str, roles: tuple[str, ...]) -> None:
+        """``pool``: the handle of the engine pool the API calls (its replicas' cores);
+        ``roles``: the roles of that pool's instances."""
+        self.pool = pool
+        self.model_name = model_name
+        self.roles = roles
+        self.links: dict[str, CoreLink] = {}
+        self.attached = asyncio.Event()  # set while a link is up
+        self.hasher: affinity.PromptHasher | None = None
+        self.affinity = "loading"  # then "on", or "off: why" (``/health``)
+        self._task: asyncio.Task[None] | None = None
+        self._hasher_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for link in self.links.values():
+            link.close()
+
+    def alive(self) -> list[CoreLink]:
+        return [link for link in self.links.values() if link.dead is None]
+
+    def place(self, prefix: Sequence[int] = (), avoid: Sequence[str] = ()) -> CoreLink | None:
+        """The core for a new request (see the module doc) outside ``avoid``; None when
+        no such core is attached."""
+        kept = [link for link in self.alive() if link.instance_id not in avoid]
+        ranked = affinity.rank(kept, CoreLink.load,
+                               lambda link: affinity.leading_hits(prefix, link.held))  # fmt: skip
+        return ranked[0] if ranked else None
+
+    def prefix(self, req: dict[str, Any]) -> list[int]:
+        """The prompt's leading block hashes (none until the tokenizer is loaded, or when
+        the prompt does not tokenize: the core says why). Sets ``req["prompt_ids"]``:
+        the core does not tokenize again."""
+        hasher = self.hasher
+        if hasher is None:
+            return []
+        try:
+            ids = hasher.token_ids(req)
+        except Exception:
+            return []
+        req["prompt_ids"] = ids
+        return hasher.prefix(ids)
+
+    async def _watch(self) -> None:
+        ledger = None
+        while True:
+            try:
+                ledger = ledger or get_ledger()
+                rows = await asyncio.wait_for(ledger.instances.remote(), LEDGER_TIMEOUT_S)
+                await self._reconcile(rows)
+            except Exception as e:
+                logger.warning("api: reading the ledger failed: %s", e)
+                ledger = None
+            await asyncio.sleep(WATCH_PERIOD_S if self.links else 0.2)
+
+    async def _reconcile(self, rows: list[dict[str, Any]]) -> None:
+        """Drops the links whose core is dead or whose instance the ledger no longer
+        lists (or lists as dead), then attaches to the live cores not linked yet."""
+        listed = {str(r["instance_id"]) for r in rows if not r.get("dead")}
+        for iid, link in list(self.links.items()):
+            if link.dead is not None or iid not in listed:
+                del self.links[iid]
+                link.close()
+        for row in up(rows, self.model_name, self.roles):
+            iid = str(row["instance_id"])
+            if row.get("core") is None or iid in self.links:
+                continue
+            try:
+                got = await asyncio.wait_for(self.pool.core_link.remote(target=iid),
+                                             ATTACH_TIMEOUT_S)  # fmt: skip
+                host, port = got["address"]
+                link = await CoreLink.open(iid, str(host), int(port), bytes.fromhex(got["authkey"]))
+            except Exception as e:  # gone meanwhile, or not up yet: next round
+                logger.warning("api: attaching to engine core %s failed: %s", iid, e)
+                continue
+            self.links[iid] = link
+            logger.info("api: attached to the engine core of %s", iid)
+            if self._hasher_task is None:
+                self._hasher_task = asyncio.ensure_future(self._load_hasher(link.info))
+        if self.alive():
+            self.attached.set()
+        else:
+            self.attached.clear()
+
+    async def _load_hasher(self, info: dict[str, Any]) -> None:
+        """The engine's tokenizer, for prefix affinity (loading takes seconds of CPU:
+        on a thread, so the first requests are not held)."""
+        try:
+            self.hasher = await asyncio.to_thread(affinity.PromptHasher, info)
+            self.affinity = "on"
+        except Exception as e:  # e.g. the model directory is on another node
+            logger.warning("no prefix affinity in this API process: %s", e)
+            self.affinity = f"off: {type(e).__name__}: {str(e)[:200]}"

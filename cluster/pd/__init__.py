@@ -1,0 +1,1 @@
+"""Disaggregation between engine cores: the decode side, the prefill side, pair health."""

@@ -1,0 +1,1 @@
+"""KubeRay manifests generated from the serving config (``python -m k8s.generate``)."""
