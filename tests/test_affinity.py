@@ -1,6 +1,7 @@
-"""Prefix-cache affinity (cluster.placement.affinity): the router hashes prompts exactly as the
-engine hashes the blocks it caches, and ``rank`` prefers the replica holding the
-prefix only while its load stays within the slack."""
+"""Prefix-cache affinity (cluster.placement.affinity): the API processes hash prompts
+exactly as the engine hashes the blocks it caches, without torch (``engine.tokenizer``),
+and ``rank`` prefers the replica holding the prefix only while its load stays within the
+slack."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from cluster.placement.affinity import PromptHasher, leading_hits, prompt_prefix
 from engine import SamplingParams
 
 
-def test_router_hashes_equal_what_the_engine_caches(smollm2_llm: Any, smollm2_dir: Any) -> None:
-    """A chat and a text prompt run through the engine; the router's hasher, built from
+def test_api_hashes_equal_what_the_engine_caches(smollm2_llm: Any, smollm2_dir: Any) -> None:
+    """A chat and a text prompt run through the engine; the API's hasher, built from
     the engine's ``info``, finds every full block of both in the engine's cache."""
     eng = smollm2_llm.engine
     info = {"model_dir": str(eng.model_dir), "block_size": eng.args.block_size,
@@ -35,6 +36,44 @@ def test_router_hashes_equal_what_the_engine_caches(smollm2_llm: Any, smollm2_di
     # Another key (another model directory) hashes differently: no false hits.
     other = prompt_prefix(hasher.token_ids(text), eng.args.block_size, b"another model")
     assert leading_hits(other, held) == 0
+
+
+TORCH_FREE = """
+import sys
+from cluster.api.ingress import ApiIngress
+from cluster.placement.affinity import PromptHasher
+hasher = PromptHasher({"model_dir": sys.argv[1], "block_size": 16, "prefix_key": "00"})
+print(hasher.token_ids({"messages": [{"role": "user", "content": "w5 w6"}]}))
+print(hasher.token_ids({"prompt": "w7 w8 w9"}))
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "torch in the API"
+print("torch-free")
+"""
+
+
+def test_the_api_tokenizes_like_the_engine_without_torch(tiny_dirs: dict[str, Any],
+                                                         smollm2_llm: Any) -> None:  # fmt: skip
+    """``engine.tokenizer`` gives the engine's ids for texts and chats (SmolLM2's
+    template; a tiny model's), and a process that imports the API ingress and loads a
+    tokenizer has no torch in ``sys.modules``."""
+    import subprocess
+    import sys
+
+    from engine import LLM
+    from engine.tokenizer import Tokenizer
+
+    chats = [[{"role": "user", "content": "Name three rivers of Europe."}],
+             [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]]  # fmt: skip
+    texts = ["The printing press, 1440.", "  spaces and\nnew lines ", "emoji 🙂 and 中文"]
+    for eng in (smollm2_llm.engine, LLM(tiny_dirs["llama3"], device="cpu").engine):
+        tok = Tokenizer(eng.model_dir)
+        for text in texts:
+            assert tok.encode(text) == eng.tokenize(text), text
+        for chat in chats:
+            assert tok.render_chat(chat) == eng.apply_chat_template(chat)
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE, str(tiny_dirs["llama3"])],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "torch-free" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 def test_leading_hits_stop_at_the_first_miss() -> None:

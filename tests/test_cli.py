@@ -19,7 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import loadgen, netbind
+from bench import loadgen
+from cluster import netbind
 from tests.factories import free_port
 
 

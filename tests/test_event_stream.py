@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from cluster.api.http import EventStream, OpenAIFront
-from cluster.openai_protocol import CompletionRequest, StreamOptions
+from cluster.api.asgi import EventStream
+from cluster.api.http import OpenAIFront
+from cluster.api.openai import CompletionRequest, StreamOptions
 
 
 class Front(OpenAIFront):

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from cluster.api.http import api_key, engine_error
-from cluster.openai_protocol import MAX_N
+from cluster.api.errors import api_key, engine_error
+from cluster.api.openai import MAX_N
 from protos import kvserve_pb2 as pb
 
 SERVICE = "kvserve.v1.KVServe"
@@ -73,7 +73,7 @@ def _grpc_params(opts: Any) -> Any:
         if opts.HasField(name):
             kw[name] = getattr(opts, name)
     kw.setdefault("max_tokens", 16)
-    # The same limits as the HTTP API's (cluster.openai_protocol).
+    # The same limits as the HTTP API's (cluster.api.openai).
     if kw.get("n", 1) > MAX_N:
         raise ValueError(f"n must be in [1, {MAX_N}]")
     if len(opts.stop) > 8 or any(not s for s in opts.stop):

@@ -21,9 +21,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.api import server
+from cluster.api.asgi import stamp_arrival
 from cluster.api.cores import Cores
 from cluster.api.grpc import GrpcMethods
-from cluster.api.http import OpenAIFront, ingress_app, stamp_arrival
+from cluster.api.http import OpenAIFront, ingress_app
 from cluster.process import freeze_heap, serve_replica_id
 
 START_TIMEOUT_S = 600.0  # an API replica is ready once a core is attached, at most this

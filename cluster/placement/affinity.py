@@ -18,7 +18,6 @@ never a wrong answer: the engine looks up its own cache.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -29,7 +28,7 @@ REPORT_MAX = 4096  # cached block hashes a replica reports
 MAX_BLOCKS = 64  # leading blocks of a prompt that are hashed for routing
 # A replica holding the prompt's prefix is preferred while its load (running + waiting
 # requests) is at most the least loaded replica's plus this.
-SLACK = float(os.environ.get("KVSERVE_AFFINITY_SLACK", "8"))
+SLACK = 8.0
 
 T = TypeVar("T")
 
@@ -75,28 +74,27 @@ def rank(candidates: Sequence[T], load: Callable[[T], float], hits: Callable[[T]
 
 
 class PromptHasher:
-    """Tokenizes a request's prompt as the engine does and hashes its leading blocks.
+    """Tokenizes a request's prompt as the engine does and hashes its leading blocks,
+    without torch (``engine.tokenizer``: an API process imports none).
 
-    ``info``: a replica's ``info()`` (``model_dir``, ``block_size``, ``prefix_key``).
-    Raises ``OSError`` when the model directory is not on this node (then the router
-    goes without affinity)."""
+    ``info``: a core's ``info`` (``model_dir``, ``block_size``, ``prefix_key``).
+    Raises ``OSError`` when the model directory is not on this node (then the API
+    process goes without affinity)."""
 
     def __init__(self, info: dict[str, Any]) -> None:
-        from transformers import AutoTokenizer
+        from engine.tokenizer import Tokenizer
 
         self.block_size = int(info["block_size"])
         self.key = bytes.fromhex(str(info["prefix_key"]))
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(info["model_dir"]))
+        self.tokenizer = Tokenizer(str(info["model_dir"]))
 
     def token_ids(self, req: dict[str, Any]) -> list[int]:
         """The prompt's token ids (``prompt``: text or ids; or chat ``messages``)."""
-        from engine.llm_engine import render_chat, tokenize
-
         if req.get("messages") is not None:
-            return tokenize(self.tokenizer, render_chat(self.tokenizer, req["messages"]))
+            return self.tokenizer.encode(self.tokenizer.render_chat(req["messages"]))
         prompt = req.get("prompt")
         if isinstance(prompt, str):
-            return tokenize(self.tokenizer, prompt)
+            return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt or ()]
 
     def prefix(self, token_ids: list[int]) -> list[int]:

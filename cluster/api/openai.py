@@ -7,6 +7,7 @@ the model (length, vocabulary). Unknown fields are ignored, as OpenAI's server d
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -129,3 +130,71 @@ class ChatCompletionRequest(_Sampling):
     def to_params(self, default_max_tokens: int | None = None) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(lp, default_max_tokens)
+
+
+# --- response shapes -----------------------------------------------------------------
+def event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def usage(item: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
+    prompt = int(item["prompt_tokens"])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": min(prompt, int(item["cached_tokens"]))},
+    }
+
+
+def kv_extension(item: dict[str, Any]) -> dict[str, Any]:
+    """kvserve's per-request KV accounting (an extension field of the response): the
+    decode (or only) instance, prompt tokens found in its prefix cache, and for a
+    disaggregated request the prefill instance and the bytes and seconds of the
+    transfer (only the prompt's blocks the decode instance had not cached move);
+    ``mode`` is colocated, transferred, recomputed (prefill or transfer failed), local
+    (no room to reserve, or little left to compute after prefix hits) or resumed (its
+    first instance died; this one went on after ``resumed_tokens``; ``earlier`` holds
+    the failed attempts' accounting). ``prefill_failures`` names prefill instances that
+    failed the request (``prefill_retries`` of them were followed by another prefill
+    instance).
+
+    ``timing_ms`` splits the first token's latency (milliseconds, each within one
+    process): ``api_first_delta`` from the API process opening the request to its first
+    delta arriving there (``api_place``: until a core took it; ``api_parse``: the HTTP
+    call's routing and body parsing before the opening); ``replica_first_delta`` from
+    the engine replica taking the request to that delta leaving it, of which
+    ``replica_queue`` before the engine took it and ``engine_ttft`` from then to the
+    first token. What ``api_first_delta`` has beyond ``replica_first_delta`` is the
+    link's wire and queueing time, both ways. ``replica_received_at`` is no duration
+    but the request's arrival at the replica on its host's monotonic clock (ms;
+    ``bench.loadgen`` on the same host turns it into the time outside the replica, in
+    and out). ``api`` names the API replica that served the request."""
+    acct = dict(item.get("kv") or {})
+    acct.setdefault("mode", "colocated")
+    acct["cached_tokens"] = int(item.get("cached_tokens", 0))
+    return acct
+
+
+def chat_logprobs(entries: list[dict[str, Any]], body: Any) -> dict[str, Any]:
+    k = body.top_logprobs or 0
+    return {"content": [
+        {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                          for t, lp in e["top"][:k]]}
+        for e in entries
+    ]}  # fmt: skip
+
+
+def completion_logprobs(entries: list[dict[str, Any]], body: Any) -> dict[str, Any]:
+    k = body.logprobs or 0
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [dict(e["top"][:k]) for e in entries],
+        "text_offset": offsets,
+    }
