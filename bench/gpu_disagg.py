@@ -34,7 +34,8 @@ class _End:
     """One engine on one GPU, and one end of the KV link."""
 
     def __init__(self, model_dir: str, max_model_len: int) -> None:
-        from engine.llm_engine import EngineArgs, LLMEngine
+        from engine.config import EngineArgs
+        from engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine(EngineArgs(model=model_dir, device="cuda", dtype="bfloat16",
                                            load_format="dummy", seed=0,

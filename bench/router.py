@@ -50,7 +50,7 @@ async def in_process(
 ) -> tuple[Any, float]:
     from cluster.async_engine import AsyncEngine
     from cluster.process import freeze_heap
-    from engine.llm_engine import EngineArgs
+    from engine.config import EngineArgs
     from engine.sampling_params import SamplingParams
 
     engine = AsyncEngine(EngineArgs(**kw))

@@ -15,16 +15,16 @@ each request's outputs to the asyncio loop that asked for them. Callers see:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from engine.llm_engine import EngineArgs, LLMEngine
+from cluster.core.handoff import Stream, consume, hand_over, post, set_exception, set_result
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -45,12 +45,6 @@ class EngineDeadError(RuntimeError):
     """The engine's step loop failed; this instance serves nothing more."""
 
 
-@dataclass(slots=True)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
-
-
 class AsyncEngine:
     def __init__(self, args: EngineArgs, step_delay_s: float = 0.0) -> None:
         """``step_delay_s``: a sleep before each step (fault injection: streams live long
@@ -58,8 +52,8 @@ class AsyncEngine:
         self.engine = LLMEngine(args, executor_for(args))
         self.step_delay_s = step_delay_s
         self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
-        self._streams_pending: dict[str, _Stream] = {}  # reserved, K/V not yet in
+        self._streams: dict[str, Stream] = {}
+        self._streams_pending: dict[str, Stream] = {}  # reserved, K/V not yet in
         self._dead: EngineDeadError | None = None
         self._stop = threading.Event()
         self._next_id = 0
@@ -84,7 +78,7 @@ class AsyncEngine:
             raise self._dead
         loop = asyncio.get_running_loop()
         rid = request_id or self.new_request_id()
-        stream = _Stream(loop, asyncio.Queue())
+        stream = Stream(loop, asyncio.Queue())
         added: asyncio.Future[str] = loop.create_future()
         self._cmds.put(("add", prompt, params, rid, stream, added, tuple(resume)))
         try:
@@ -95,7 +89,7 @@ class AsyncEngine:
         async for item in self._consume(rid, stream):
             yield item
 
-    def _consume(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    def _consume(self, rid: str, stream: Stream) -> AsyncIterator[RequestOutput]:
         """The outputs of a registered request until it finishes; leaving early aborts it."""
         return consume(stream.queue, lambda: self._cmds.put(("abort", rid)))
 
@@ -111,7 +105,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise self._dead
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
+        stream = Stream(loop, asyncio.Queue())
         added: asyncio.Future[Any] = loop.create_future()
         self._cmds.put(("add_prefill", prompt, params, request_id, stream, added))
         await added
@@ -134,7 +128,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise self._dead
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
+        stream = Stream(loop, asyncio.Queue())
         added: asyncio.Future[Any] = loop.create_future()
         self._cmds.put(("reserve", prompt, params, request_id, stream, added))
         blocks: list[int] | None = await added
@@ -149,6 +143,11 @@ class AsyncEngine:
         self._cmds.put(("transferred", request_id, first_token, stream))
         async for item in self._consume(request_id, stream):
             yield item
+
+    def prefix_hashes(self, limit: int) -> list[bytes]:
+        """The newest ``limit`` blocks of the prefix cache (read without a lock: a list
+        copy of the pool's hashes)."""
+        return self.engine.prefix_hashes(limit)
 
     def kv_caches(self) -> list[Any]:
         """This instance's (rank 0's) per-layer KV cache tensors, for the transfer."""
@@ -197,10 +196,10 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(prompt, params, rid, resume)
                 except Exception as e:  # bad input: the caller gets it, nothing queued
-                    post(stream.loop, _set_exception, added, e)
+                    post(stream.loop, set_exception, added, e)
                     continue
                 self._streams[rid] = stream
-                post(stream.loop, _set_result, added, rid)
+                post(stream.loop, set_result, added, rid)
             elif kind in ("add_prefill", "reserve"):
                 _, prompt, params, rid, stream, added = cmd
                 try:
@@ -209,13 +208,13 @@ class AsyncEngine:
                     else:
                         result = self.engine.add_transferred_request(prompt, params, rid)
                 except Exception as e:
-                    post(stream.loop, _set_exception, added, e)
+                    post(stream.loop, set_exception, added, e)
                     continue
                 if kind == "add_prefill":
                     self._streams[rid] = stream
                 elif result is not None:
                     self._streams_pending[rid] = stream
-                post(stream.loop, _set_result, added, result)
+                post(stream.loop, set_result, added, result)
             elif kind == "transferred":
                 _, rid, token, stream = cmd
                 self._streams[rid] = stream
@@ -241,7 +240,7 @@ class AsyncEngine:
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         """Hands a step's outputs to their streams (``hand_over``)."""
-        items: list[tuple[_Stream, Any]] = []
+        items: list[tuple[Stream, Any]] = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -264,7 +263,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if cmd[0] in ("add", "add_prefill", "reserve"):
-                post(cmd[4].loop, _set_exception, cmd[5], self._dead)
+                post(cmd[4].loop, set_exception, cmd[5], self._dead)
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -291,64 +290,3 @@ def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
         "steps": num_steps,
         "dead": dead,
     }
-
-
-async def consume(
-    q: asyncio.Queue[RequestOutput | BaseException], on_leave: Callable[[], None]
-) -> AsyncIterator[RequestOutput]:
-    """A request's outputs from its queue until the finished one; an exception in the
-    queue is raised. Leaving before the finished output (client gone, ``aclose``,
-    cancellation) calls ``on_leave`` (it aborts the request)."""
-    finished = False
-    try:
-        while True:
-            item = await q.get()
-            # Outputs are cumulative: a consumer that fell behind gets the newest one
-            # only (one message for several steps, no added latency when it keeps up).
-            while not isinstance(item, BaseException) and not item.finished:
-                try:
-                    item = q.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-            if isinstance(item, BaseException):
-                raise item
-            finished = item.finished
-            yield item
-            if finished:
-                return
-    finally:
-        if not finished:
-            on_leave()
-
-
-def post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
-    """``fn(*args)`` on ``loop`` from another thread; nothing if that loop is closed (its
-    callers are gone: the engine goes on for everyone else)."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
-
-
-def hand_over(items: list[tuple[_Stream, Any]]) -> None:
-    """Puts each output in its stream's queue, from the engine's thread: one thread-safe
-    call per event loop (each wakes its loop through the self-pipe), not one per stream;
-    in the order given, which is the order the streams' tasks wake in."""
-    batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-    for stream, out in items:
-        batches.setdefault(stream.loop, []).append((stream.queue, out))
-    for loop, batch in batches.items():
-        post(loop, _deliver, batch)
-
-
-def _deliver(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for q, out in batch:
-        q.put_nowait(out)
-
-
-def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future[Any], err: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(err)

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
+    from cluster.chat import cmd_chat, cmd_generate
+    from cluster.plan import cmd_plan
+
     commands = {"serve": cmd_serve, "chat": cmd_chat, "generate": cmd_generate,
                 "status": cmd_status, "plan": cmd_plan}  # fmt: skip
     try:
@@ -181,7 +184,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     proxy = "HAProxy (Serve's direct ingress)" if haproxy_in_front() else "Serve's proxy"
     console.print(f"  front          {proxy} to {cfg.api_replicas} API replicas")
     if args.chat:
-        answer = _chat_http(base, [{"role": "user", "content": args.chat}], cfg.served_name,
+        from cluster.chat import chat_http
+
+        answer = chat_http(base, [{"role": "user", "content": args.chat}], cfg.served_name,
                             {"max_tokens": 128, "temperature": 0}, None)  # fmt: skip
         if not answer:
             return 1
@@ -197,115 +202,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
-    return 0
-
-
-# --- chat -------------------------------------------------------------------------------
-def _chat_http(base: str, messages: list[dict[str, str]], model: str | None,
-               sampling: dict[str, Any], api_key: str | None) -> str:  # fmt: skip
-    """Streams one answer from the server's chat endpoint to the terminal; returns it."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    if model is None:
-        model = httpx.get(f"{base}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-    body = {"model": model, "messages": messages, "stream": True, **sampling}
-    parts: list[str] = []
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers,
-                      timeout=300) as r:  # fmt: skip
-        if r.status_code != 200:
-            r.read()
-            console.print(f"[red]error {r.status_code}:[/red] {r.text}")
-            return ""
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                console.print(f"\n[red]error:[/red] {chunk['error']['message']}")
-                break
-            for choice in chunk.get("choices", []):
-                piece = choice["delta"].get("content") or ""
-                parts.append(piece)
-                console.print(piece, end="", markup=False, highlight=False)
-    console.print()
-    return "".join(parts)
-
-
-def _chat_local(engine: Any, messages: list[dict[str, str]], params: Any) -> str:
-    """Streams one answer from an in-process engine (add_request + step)."""
-    rid = engine.add_request(engine.apply_chat_template(messages), params)
-    shown = ""
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == rid:
-                text = out.outputs[0].text
-                console.print(text[len(shown) :], end="", markup=False, highlight=False)
-                shown = text
-    console.print()
-    return shown
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
-                "top_p": args.top_p, "seed": args.seed}  # fmt: skip
-    if args.url:
-
-        def answer(msgs: list[dict[str, str]]) -> str:
-            return _chat_http(args.url.rstrip("/"), msgs, None, sampling, args.api_key)
-    else:
-        from engine import LLM, SamplingParams
-
-        llm = LLM(args.model, device=args.device,
-                  **({"max_model_len": args.max_model_len} if args.max_model_len else {}))  # fmt: skip
-        params = SamplingParams(**sampling)
-
-        def answer(msgs: list[dict[str, str]]) -> str:
-            return _chat_local(llm.engine, msgs, params)
-
-    if args.text:
-        return 0 if answer([{"role": "user", "content": " ".join(args.text)}]) else 1
-    history: list[dict[str, str]] = []
-    console.print("[dim]an empty line or Ctrl-D ends the conversation[/dim]")
-    while True:
-        try:
-            line = console.input("[bold]you>[/bold] ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        console.print("[bold]kvserve>[/bold] ", end="")
-        history.append({"role": "assistant", "content": answer(history)})
-    return 0
-
-
-# --- generate ---------------------------------------------------------------------------
-def cmd_generate(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
-
-    t0 = time.perf_counter()
-    kw: dict[str, Any] = {"device": args.device}
-    if args.max_model_len:
-        kw["max_model_len"] = args.max_model_len
-    llm = LLM(args.model, **kw)
-    load_s = time.perf_counter() - t0
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
-    t0 = time.perf_counter()
-    outs = llm.generate(args.text, params)
-    gen_s = time.perf_counter() - t0
-    ntok = 0
-    for out in outs:
-        sample = out.outputs[0]
-        ntok += len(sample.token_ids)
-        console.print(f"[bold]{out.prompt}[/bold]", end="")
-        console.print(sample.text, markup=False, highlight=False)
-        console.print(
-            f"[dim]({len(sample.token_ids)} tokens, finish: {sample.finish_reason})[/dim]"
-        )
-    console.print(f"[dim]loaded in {load_s:.1f} s; {ntok} tokens in {gen_s:.2f} s "
-                  f"({ntok / gen_s:.1f} tok/s)[/dim]")  # fmt: skip
     return 0
 
 
@@ -333,53 +229,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                       str(r["running"]), str(r["waiting"]), rate, str(r["preemptions"]),
                       f"{r['age_s']:.1f}s ago" + (" DEAD" if r.get("dead") else ""))  # fmt: skip
     console.print(table)
-    return 0
-
-
-# --- plan -------------------------------------------------------------------------------
-def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.config import ModelConfig
-    from engine.shapes import MODELS, make_config
-
-    if args.model in MODELS:
-        hf: Any = make_config(args.model)
-    else:
-        from transformers import AutoConfig
-
-        from engine.loader import resolve_model
-
-        hf = AutoConfig.from_pretrained(resolve_model(args.model))
-    m = ModelConfig.from_hf(hf)
-    m.check_tensor_parallel(args.tp)
-    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
-    kv_bytes = 1 if args.kv_cache_dtype == "fp8" else dtype_bytes
-    kv_heads = max(1, m.num_kv_heads // args.tp)  # replicated when tp > kv heads
-    per_token = m.kv_bytes_per_token(kv_bytes, kv_heads)
-    params = m.num_params
-    weights = params * dtype_bytes / args.tp
-    budget = args.gpu_memory_gib * 2**30 * args.utilization - weights
-    block = per_token * args.block_size
-    blocks = max(0, int(budget // block))
-    tokens = blocks * args.block_size
-    table = Table(title=f"KV plan: {args.model or 'SmolLM2-135M-Instruct'}, TP {args.tp}, "
-                        f"{args.gpu_memory_gib:g} GiB GPUs")  # fmt: skip
-    table.add_column("quantity")
-    table.add_column("per GPU (rank)", justify="right")
-    table.add_row("KV bytes per token",
-                  f"{m.num_layers} layers × 2 × {kv_heads} kv heads × {m.head_dim} head_dim × "
-                  f"{kv_bytes} B = {per_token:,} B")  # fmt: skip
-    table.add_row("weights", f"{params / 1e9:.2f} B params × {dtype_bytes} B / {args.tp} = "
-                             f"{weights / 2**30:.2f} GiB")  # fmt: skip
-    table.add_row("KV budget", f"{args.gpu_memory_gib:g} GiB × {args.utilization} − weights = "
-                               f"{max(budget, 0) / 2**30:.2f} GiB")  # fmt: skip
-    table.add_row(
-        "blocks", f"{blocks:,} of {args.block_size} tokens ({block / 2**20:.2f} MiB each)"
-    )
-    table.add_row("tokens held", f"{tokens:,}")
-    table.add_row(f"sessions of {args.context:,} tokens", f"{tokens / args.context:.1f}")
-    console.print(table)
-    console.print("[dim]activations and CUDA graphs take a little more; the engine logs its "
-                  "exact plan at start-up[/dim]")  # fmt: skip
     return 0
 
 

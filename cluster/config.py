@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.llm_engine import EngineArgs
+from engine.config import EngineArgs
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MODES = ("colocated", "disaggregated")

@@ -1,19 +1,13 @@
 """A pool replica: one engine instance (over one worker group) as a Serve deployment.
 
-An engine replica hosts its engine's core: ``AsyncEngine`` (the step loop on a thread)
-and a ``CoreServer`` on the replica's event loop, where the API processes attach
-(``cluster.core``). A request an API process adds runs ``generate``, which yields
-plain-dict deltas, one per engine step that advanced the request:
-
-    {"request_id", "prompt_tokens", "cached_tokens", "finished", "kv",
-     "choices": [{"index", "text", "token_ids", "logprobs", "finish_reason"}]}
-
-``text`` / ``token_ids`` / ``logprobs`` hold only what is new since the previous item.
-Bad input yields one ``{"error": message}`` item and ends. An abort (the client went
-away) aborts the request in the engine, so its blocks return to the pool. A decode
-replica (``role="decode"``) has a prefill replica compute the prompt and send its K/V
-(``_disaggregated``); a prefill replica serves only decode replicas (``prefill``).
-"""
+It hosts its engine's core: ``AsyncEngine`` (the step loop on a thread) and a
+``CoreServer`` on the replica's event loop, where API processes attach
+(``cluster.core``). A request added there runs ``generate``: plain-dict deltas, one
+per step that advanced it (``{"request_id", "prompt_tokens", "cached_tokens",
+"finished", "kv", "choices": [{"index", "text", "token_ids", "logprobs",
+"finish_reason"}]}``, only what is new in each), or one ``{"error"}`` for bad input.
+An abort returns the request's blocks. A decode replica has a prefill replica compute
+the prompt and send its K/V (``cluster.pd``)."""
 
 from __future__ import annotations
 
@@ -31,16 +25,15 @@ from cluster.async_engine import AsyncEngine
 from cluster.config import Faults, PDConfig
 from cluster.core.server import CoreServer, Outbox, pump
 from cluster.metrics import EngineMetrics, RequestTimer
-from cluster.pd.decode import DecodeSide
+from cluster.pd.decode import DecodeSide, kv_links
 from cluster.pd.pairs import PairHealth
 from cluster.pd.prefill import PrefillSide
 from cluster.placement import affinity
 from cluster.placement.ledger import get_ledger
 from cluster.process import freeze_heap, serve_replica_id
 from cluster.relay import engine_info, prompt_of, relay
-from engine.llm_engine import EngineArgs
+from engine.config import EngineArgs
 from engine.sampling_params import SamplingParams
-from workers.kv_links import KVLinks
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +77,14 @@ class EngineReplica(DecodeSide, PrefillSide):
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
         self.metrics = EngineMetrics(model_name, self.replica_id)
-        self.links: KVLinks | None = None
+        self.links = None
         self.pd = pd or PDConfig()
         self.faults = faults or Faults()
         q = self.pd.pair_quarantine_s
         self.pairs = PairHealth(self.pd.pair_max_failures, q, max(q, 300.0))
         self._faults_left = self.faults.fail_prefills
         if role != "both":
-            backend = "nccl" if self.engine.engine.runner.device.type == "cuda" else "gloo"
-            executor = self.engine.engine.executor
-            ranks = executor.rank_actors() if hasattr(executor, "rank_actors") else []
-            self.links = KVLinks(self.replica_id, _node_ip(), backend, ranks=ranks)
+            self.links = kv_links(self.replica_id, _node_ip(), self.engine)
         self._stop = threading.Event()
         self._lags: list[float] = []  # the event loop's lag (s) since the last report
         # The API processes' links (not the prefill role's: decode replicas call it).
@@ -221,7 +211,7 @@ class EngineReplica(DecodeSide, PrefillSide):
     def record_routing_stats(self) -> dict[str, Any]:
         """What ``cluster.request_router`` places new requests by (Serve collects it):
         the load, and the prefix-cache blocks held (``cluster.placement.affinity``)."""
-        held = self.engine.engine.prefix_hashes(affinity.REPORT_MAX)
+        held = self.engine.prefix_hashes(affinity.REPORT_MAX)
         return {**self._load(), "prefix": [affinity.short(h) for h in held]}
 
     def _load(self) -> dict[str, float]:
@@ -247,7 +237,7 @@ class EngineReplica(DecodeSide, PrefillSide):
 
     def prefix_report(self) -> list[int]:
         """The prefix-cache blocks held (short hashes: ``cluster.placement.affinity``)."""
-        return [affinity.short(h) for h in self.engine.engine.prefix_hashes(affinity.REPORT_MAX)]
+        return [affinity.short(h) for h in self.engine.prefix_hashes(affinity.REPORT_MAX)]
 
     def start(self, req: dict[str, Any], box: Outbox) -> str | None:
         """Starts an API process's request (``request_id`` set); its deltas go to ``box``.

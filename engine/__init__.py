@@ -12,14 +12,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.config import EngineArgs
     from engine.llm import LLM
-    from engine.llm_engine import EngineArgs, LLMEngine
+    from engine.llm_engine import LLMEngine
     from engine.outputs import CompletionOutput, RequestOutput
     from engine.sampling_params import SamplingParams
 
 _EXPORTS = {
     "LLM": "engine.llm",
-    "EngineArgs": "engine.llm_engine",
+    "EngineArgs": "engine.config",
     "LLMEngine": "engine.llm_engine",
     "CompletionOutput": "engine.outputs",
     "RequestOutput": "engine.outputs",

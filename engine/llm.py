@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine.llm_engine import EngineArgs, LLMEngine
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from engine.block_pool import BlockPool
-from engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from engine.executor import Executor, make_executor
 from engine.kv_cache_manager import KVCacheManager
@@ -32,39 +32,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineArgs:
-    """Everything needed to start an engine; validated by the configs it builds."""
-
-    model: str | os.PathLike[str] | None = None  # None: the default model (SmolLM2)
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: str = (
-        "auto"  # "auto" (float32 on CPU, bfloat16 on GPU) | "float32" | "bfloat16" | "float16"
-    )
-    block_size: int = 16
-    max_model_len: int | None = None  # None: min(config's max positions, 8192)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) without chunking
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    kv_cache: bool = True
-    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8" (e4m3, per-layer scales)
-    # The KV cache's size on CPU (default 2 GiB; ``KVSERVE_CPU_KV_CACHE_BYTES`` changes
-    # the default, e.g. for a test suite that runs many small engines at once).
-    cpu_kv_cache_bytes: int = field(default_factory=lambda: int(
-        os.environ.get("KVSERVE_CPU_KV_CACHE_BYTES", str(2 * 1024**3))))  # fmt: skip
-    gpu_memory_utilization: float = 0.9
-    num_blocks: int | None = None
-    seed: int = 0
-    tensor_parallel_size: int = 1  # ranks of the worker group (one per GPU, or CPU process)
-    distributed_executor_backend: str | None = None  # None: "local" at TP 1, "ray" above
-    distributed_timeout_s: float = 300.0  # a collective waiting longer than this fails
-    attention_backend: str = "auto"  # "auto" (Triton on CUDA) | "torch" | "triton"
-    load_format: str = "auto"  # "auto" | "dummy" (seeded random weights, for benchmarks)
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
-    fused_ops: bool = True  # fused Triton elementwise kernels on the GPU path
 
 
 # Run once at start-up when the KV cache is FP8, to set each layer's scales.

@@ -16,7 +16,7 @@ import pytest
 
 from cluster.core import transport
 from cluster.core.client import CoreLink
-from cluster.core.server import EngineGone
+from cluster.core.messages import EngineGone
 from engine import LLM
 from engine.sampling_params import SamplingParams
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import LLM, LLMEngine, SamplingParams
-from engine.llm_engine import EngineArgs
+from engine.config import EngineArgs
 from tests.factories import random_prompts
 from workers.kv_transfer import pack_blocks, unpack_blocks
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine import LLM, LLMEngine, SamplingParams
-from engine.llm_engine import EngineArgs
+from engine.config import EngineArgs
 from tests.factories import hf_greedy, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)

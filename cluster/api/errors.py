@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.core.server import EngineGone, PoolFull
+from cluster.core.messages import EngineGone, PoolFull
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from cluster.api.cores import Cores
 from cluster.core.client import CoreLink, DeltaQueue
-from cluster.core.server import EngineGone, PoolFull
+from cluster.core.messages import EngineGone, PoolFull
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from cluster.core import transport
-from cluster.core.server import EngineGone, PoolFull
+from cluster.core.messages import EngineGone, PoolFull
 
 logger = logging.getLogger(__name__)
 

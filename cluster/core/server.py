@@ -39,15 +39,6 @@ CLIENT_IO_TIMEOUT_S = 5.0  # a client that reads nothing this long is dropped
 HASHES_EVERY_S = 1.0  # prefix-cache hashes (placement by affinity) this often
 
 
-class EngineGone(RuntimeError):
-    """The core serving a request failed, or the link to it broke (HTTP 503; the API
-    resumes the request on another core)."""
-
-
-class PoolFull(RuntimeError):
-    """The core refused a new request: its queue is full (HTTP 429, retry shortly)."""
-
-
 class Outbox:
     """The deltas one core owes one client, taken as lists in order; and the tasks of
     that client's requests (by request id)."""

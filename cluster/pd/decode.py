@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def kv_links(replica_id: str, host: str, engine: AsyncEngine) -> KVLinks:
+    """The KV links of a prefill or decode replica (NCCL on GPUs, gloo on CPU), over
+    every rank of its worker group."""
+    from workers.kv_links import KVLinks
+
+    backend = "nccl" if engine.engine.runner.device.type == "cuda" else "gloo"
+    executor = engine.engine.executor
+    ranks = executor.rank_actors() if hasattr(executor, "rank_actors") else []
+    return KVLinks(replica_id, host, backend, ranks=ranks)
+
+
 class PairQuarantined(RuntimeError):
     """The prefill replica that took the request is quarantined for this decode replica."""
 
