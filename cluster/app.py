@@ -176,7 +176,7 @@ def use_haproxy_locally() -> None:
 
 
 def start_serve(
-    cfg: ServeConfig, address: str | None = None, dashboard: bool = False
+    cfg: ServeConfig, address: str | None = None, dashboard: bool = False, verbose: bool = True
 ) -> tuple[str | None, bool]:
     """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray on loopback, unless
     Ray is up already; then Serve's front (HTTP on ``cfg.host:cfg.http_port``, gRPC on
@@ -195,7 +195,8 @@ def start_serve(
         if address:
             if cfg.haproxy:
                 log.info("haproxy: the cluster at %s must run with %s=1", address, HAPROXY_FLAG)
-            ctx = ray.init(address=address)
+            ctx = ray.init(address=address, log_to_driver=verbose,
+                           logging_level=logging.INFO if verbose else logging.ERROR)  # fmt: skip
         else:
             if cfg.haproxy is not False:
                 try:
@@ -206,6 +207,8 @@ def start_serve(
                     log.warning("%s; Serve's Python proxy serves instead", e)
             local = True
             ctx = ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard,
+                           log_to_driver=verbose,
+                           logging_level=logging.INFO if verbose else logging.ERROR,
                            dashboard_host="127.0.0.1",
                            runtime_env=netbind.runtime_env(cfg.host))  # fmt: skip
         url = getattr(ctx, "dashboard_url", None) or None
@@ -227,15 +230,21 @@ def start_serve(
     return url, local
 
 
-def run(cfg: ServeConfig, address: str | None = None, dashboard: bool = False) -> str | None:
+def run(cfg: ServeConfig, address: str | None = None, dashboard: bool = False,
+        verbose: bool = True) -> str | None:  # fmt: skip
     """Deploys the application as ``kvserve`` (see ``start_serve``) and returns once it
     runs. On a local Ray it started, the engine ranks' CPUs are sized to the machine
     (``ValueError`` if it lacks what the config needs); ``RuntimeError`` when a
     deployment fails or waits ``cfg.schedule_timeout_s`` for resources
-    (``cluster.capacity``). Returns the dashboard's address (see ``start_serve``)."""
+    (``cluster.capacity``). Returns the dashboard's address (see ``start_serve``).
+    ``verbose`` False: the Ray processes' logs stay in Ray's log files (the session's
+    ``logs/`` folder), not on this process's console."""
     import ray
 
-    url, local = start_serve(cfg, address, dashboard)
+    if not verbose:  # Ray's and Serve's own lines go to Ray's log files
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    url, local = start_serve(cfg, address, dashboard, verbose)
     if local:
         cfg = capacity.fit_local(cfg, ray.cluster_resources(), _uses_gpu(cfg))
     target = serve.RunTarget(build_app(cfg), name=capacity.APP_NAME, route_prefix="/")

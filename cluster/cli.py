@@ -43,10 +43,13 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kvserve", description=__doc__.split("\n")[0] if __doc__ else ""
     )
-    ap.add_argument("-v", "--verbose", action="store_true", help="log start-up")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="log start-up, and show Ray's, Serve's and HAProxy's logs")  # fmt: skip
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the serving application")
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's, Serve's and HAProxy's logs too")  # fmt: skip
     _add_model_args(s)
     s.add_argument("--config", default=None, help="YAML file of ServeConfig fields")
     s.add_argument(
@@ -164,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig.from_dict(data)  # validated once
     t0 = time.perf_counter()
     try:
-        dashboard = run(cfg, args.address, dashboard=True)
+        dashboard = run(cfg, args.address, dashboard=True, verbose=args.verbose)
     except RuntimeError as e:  # a deployment failed, or cannot be placed
         console.print(f"[red]error:[/red] {e}")
         serve.shutdown()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from cluster.api.server import merge
 from engine import LLM, SamplingParams
@@ -126,3 +127,44 @@ def test_merge_joins_consecutive_deltas() -> None:
     assert a["choices"][0]["text"] == "he"  # inputs untouched
     err = {"request_id": "r", "error": "bad"}
     assert merge(a, err) is err
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_a_conversations_second_turn_finds_its_prefix(
+    ray_cluster: Any, tiny_dirs: dict[str, Path], mode: str
+) -> None:
+    """Two API replicas over two engine replicas (colocated, or two decode replicas with
+    a prefill pool): the second turn of each of 4 conversations goes to the replica
+    that holds its first turn's blocks, chosen by the placement policy
+    (``GlobalBlockManager.place`` over the links' prefix hashes), and is served from
+    that prefix cache (``cached_tokens`` > 0)."""
+    pools = ({"num_replicas": 2} if mode == "colocated"
+             else {"mode": "disaggregated", "decode_replicas": 2, "prefill_replicas": 1})  # fmt: skip
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", api_replicas=2,
+                 engine={"max_model_len": 512}, **pools) as cfg:  # fmt: skip
+        url = f"http://127.0.0.1:{cfg.http_port}"
+        wait_until(lambda: all(httpx.get(f"{url}/health", timeout=10).json().get("affinity")
+                               == "on" for _ in range(6)), 60, "prefix affinity in both APIs")  # fmt: skip
+        firsts, chats = [], []
+        for i in range(4):
+            system = " ".join(f"w{(i * 37 + j) % 500 + 5}" for j in range(48))
+            chat = [{"role": "system", "content": system}, {"role": "user", "content": "w9 w8"}]
+            out = _chat(url, chat)
+            chats.append([*chat, {"role": "assistant", "content": out["text"]},
+                          {"role": "user", "content": "w7 w6 w5"}])  # fmt: skip
+            firsts.append(out)
+        time.sleep(2.5)  # the cores' prefix hashes reach every API process (each second)
+        for first, chat in zip(firsts, chats, strict=True):
+            second = _chat(url, chat)
+            assert second["instance"] == first["instance"], (first, second)
+            assert second["cached_tokens"] >= 48, second
+
+
+def _chat(url: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    body = {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    return {"text": got["choices"][0]["message"]["content"],
+            "instance": got["kvserve"]["instance"],
+            "cached_tokens": got["usage"]["prompt_tokens_details"]["cached_tokens"]}  # fmt: skip

@@ -27,7 +27,16 @@ def test_placement_prefers_prefix_affinity_then_free_blocks() -> None:
     assert hit is not None and hit.decode_id == "d0" and hit.cached_blocks == 3
     assert hit.reservation.blocks == 5 and hit.prefill_id == "p0"
     cold = g.place("b", 8, prefix_hashes=(99,))
-    assert cold is not None and cold.decode_id == "d1"  # more free blocks
+    assert cold is not None and cold.decode_id == "d1"  # the least loaded
+    # The prefix holder loses its pull once it is busier than the least loaded + slack.
+    g.report("d0", used=60, running=10, waiting=0, prefix_hashes=frozenset({11, 12, 13}))
+    busy = g.place("c", 8, prefix_hashes=(11, 12, 13, 14), slack=8)
+    assert busy is not None and busy.decode_id == "d1" and busy.cached_blocks == 0
+    assert g.place("d", 8, avoid=("d1",)) is not None  # d1 avoided: d0 (it has room)
+    both = GlobalBlockManager()
+    both.register("b0", "both", 1, 16, 10)
+    p = both.place("e", 2)
+    assert p is not None and p.prefill_id == p.decode_id == "b0"  # colocated: itself
     g.check()
 
 
@@ -115,7 +124,8 @@ class LedgerMachine(RuleBasedStateMachine):
         if p is None:
             return
         inst = self.g.instances[p.decode_id]
-        assert inst.serves("decode") and self.g.instances[p.prefill_id].serves("prefill")
+        assert inst.serves("decode")
+        assert p.prefill_id is None or self.g.instances[p.prefill_id].serves("prefill")
         assert inst.used + inst.reserved <= inst.capacity  # never oversold
         assert p.reservation.blocks + p.cached_blocks == blocks
         assert p.reservation.token > self.last_token

@@ -35,6 +35,10 @@ def test_kvserve_serve_answers_a_chat_on_loopback_only(smollm2_dir: Path) -> Non
            "--chat", "What is the capital of France?"]  # fmt: skip
     with _kvserve_serve(cmd, env, timeout_s=400) as (_, text):
         assert "kvserve is up" in text and "Paris" in text
+        # A quiet console: kvserve's own lines; Ray's, Serve's and HAProxy's stay in
+        # Ray's log files (``--verbose`` shows them).
+        assert "ServeController" not in text and "HAProxyManager" not in text, text
+        assert len(text.splitlines()) <= 30, text
         assert "front          HAProxy" in text  # the default when kvserve starts Ray
         dashboard = int(re.search(r"Ray dashboard\s+http://127\.0\.0\.1:(\d+)", text)[1])  # type: ignore[index]
         binds = _listening({http, grpc, dashboard})

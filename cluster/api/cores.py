@@ -6,22 +6,26 @@
 pool itself) and drops links whose instance is dead or no longer listed. The key of a
 core comes from its replica (``EngineReplica.core_link``, a Serve call pinned to it).
 
-``place`` picks the core for a new request (``cluster.placement.affinity.rank``): the
-one whose prefix cache holds the most of the prompt's leading blocks, while its load
-is within the slack of the least loaded one; else the least loaded. The figures come
-on the links with every message (each step, at least every second), so placement
-makes no Ray call per request.
+``place`` picks the core for a new request with the one placement policy,
+``GlobalBlockManager.place`` (this process's view, ``blocks``): the core holding the
+most of the prompt's leading blocks while its load is within a slack of the least
+loaded one's, else the least loaded, among those with room for the prompt's blocks;
+it records a leased reservation, confirmed once the core took the request and
+released if it did not. The figures come on the links with every message (each step,
+at least every second), so placement makes no Ray call per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from cluster.core.client import CoreLink
 from cluster.placement import affinity
+from cluster.placement.block_manager import GlobalBlockManager, LedgerError, Placement
 from cluster.placement.ledger import get_ledger, up
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ logger = logging.getLogger(__name__)
 WATCH_PERIOD_S = 1.0  # the ledger is read this often
 ATTACH_TIMEOUT_S = 30.0
 LEDGER_TIMEOUT_S = 10.0
+LEASE_S = 30.0  # a reservation not confirmed or released by then lapses
 
 
 class Cores:
@@ -39,6 +44,7 @@ class Cores:
         self.model_name = model_name
         self.roles = roles
         self.links: dict[str, CoreLink] = {}
+        self.blocks = GlobalBlockManager(lease_s=LEASE_S)  # this process's view of the cores
         self.attached = asyncio.Event()  # set while a link is up
         self.hasher: affinity.PromptHasher | None = None
         self.affinity = "loading"  # then "on", or "off: why" (``/health``)
@@ -57,13 +63,58 @@ class Cores:
     def alive(self) -> list[CoreLink]:
         return [link for link in self.links.values() if link.dead is None]
 
-    def place(self, prefix: Sequence[int] = (), avoid: Sequence[str] = ()) -> CoreLink | None:
-        """The core for a new request (see the module doc) outside ``avoid``; None when
-        no such core is attached."""
-        kept = [link for link in self.alive() if link.instance_id not in avoid]
-        ranked = affinity.rank(kept, CoreLink.load,
-                               lambda link: affinity.leading_hits(prefix, link.held))  # fmt: skip
-        return ranked[0] if ranked else None
+    def place(
+        self,
+        request_id: str,
+        num_blocks: int,
+        prefix: Sequence[int] = (),
+        avoid: Sequence[str] = (),
+    ) -> tuple[CoreLink, Placement] | None:
+        """The core for a new request of ``num_blocks`` prompt blocks (see the module
+        doc) outside ``avoid``, and its placement (``settle`` it); None when no core
+        outside ``avoid`` has room."""
+        now = time.monotonic()
+        for link in self.alive():
+            self._report(link, now)
+        placed = self.blocks.place(request_id, num_blocks, prefix, now, avoid)
+        if placed is None:
+            return None
+        return self.links[placed.decode_id], placed
+
+    def settle(self, placed: Placement | None, taken: bool) -> None:
+        """The core took the request (its blocks count in its next figures), or not."""
+        if placed is None:
+            return
+        res = placed.reservation
+        try:
+            if taken:
+                self.blocks.confirm(res.reservation_id, res.token)
+            else:
+                self.blocks.release(res.reservation_id, res.token)
+        except LedgerError:  # lapsed, or the instance was dropped meanwhile
+            pass
+
+    def _report(self, link: CoreLink, now: float) -> None:
+        """A link's latest figures into ``blocks``; this process's requests in flight
+        there count as waiting when the core's own figures do not show them yet."""
+        s = link.stats
+        iid = link.instance_id
+        capacity = int(s.get("num_blocks", 0))
+        known = self.blocks.instances.get(iid)
+        if known is None or known.capacity != capacity:
+            self.blocks.register(iid, link.role, int(s.get("tp", 1)),
+                                 int(s.get("block_size", 16)), capacity, now)  # fmt: skip
+        running = int(s.get("running", 0))
+        waiting = max(int(s.get("waiting", 0)), link.live - running)
+        used = min(capacity, max(0, capacity - int(s.get("free_blocks", capacity))))
+        self.blocks.report(iid, used, running, waiting, link.held, now)
+
+    def blocks_for(self, req: dict[str, Any]) -> int:
+        """The KV blocks ``req``'s prompt takes (1 while its length is unknown here)."""
+        ids = req.get("prompt_ids")
+        if ids is None or self.hasher is None:
+            return 1
+        return max(1, -(-len(ids) // self.hasher.block_size))
 
     def prefix(self, req: dict[str, Any]) -> list[int]:
         """The prompt's leading block hashes (none until the tokenizer is loaded, or when
@@ -99,6 +150,8 @@ class Cores:
             if link.dead is not None or iid not in listed:
                 del self.links[iid]
                 link.close()
+                if iid in self.blocks.instances:
+                    self.blocks.remove_instance(iid)
         for row in up(rows, self.model_name, self.roles):
             iid = str(row["instance_id"])
             if row.get("core") is None or iid in self.links:

@@ -104,24 +104,32 @@ async def _place(cores: Cores, req: dict[str, Any], prefix: Sequence[int], faile
     next one tried until ``timeout_s`` passes (``EngineGone``)."""
     deadline = time.monotonic() + timeout_s
     avoid = list(failed)
+    rid = str(req["request_id"])
+    blocks = cores.blocks_for(req)
     last = "no engine core is attached to this API process"
     while True:
-        link = cores.place(prefix, avoid)
-        if link is not None:
+        got = cores.place(rid, blocks, prefix, avoid)
+        if got is not None:
+            link, placed = got
             link.live += 1
             try:
-                return link, await link.add(req)
+                queue = await link.add(req)
+                cores.settle(placed, True)
+                return link, queue
             except PoolFull as e:
                 link.live -= 1
+                cores.settle(placed, False)
                 if not failed:
                     raise
                 last = str(e)
             except EngineGone as e:
                 link.live -= 1
+                cores.settle(placed, False)
                 avoid.append(link.instance_id)
                 last = str(e)
             except BaseException:
                 link.live -= 1
+                cores.settle(placed, False)
                 raise
         elif cores.alive():
             last = "only engine instances that failed this request are up"

@@ -7,10 +7,12 @@ chooses where a request goes and records a *reservation* of decode-side blocks w
 lease and a fencing token. The instance allocates the blocks itself when the transfer
 arrives and reports back; the ledger reconciles:
 
-- ``place``: a decode instance (role ``decode`` or ``both``) whose free blocks (capacity
-  − used − reserved) fit the request, scored by prefix-cache affinity (leading block
-  hashes it already holds), then free fraction, then load; a prefill instance (role
-  ``prefill`` or ``both``) with the shortest queue. Records a reservation.
+- ``place``: the one placement policy. A decode instance (role ``decode`` or ``both``)
+  whose free blocks (capacity − used − reserved) fit the request: the one holding the
+  most of its prompt's leading blocks while its load is within a slack of the least
+  loaded one's, else the least loaded; a prefill instance. Records a reservation. Each
+  API process runs it over its own view (``cluster.api.cores``), fed by the cores'
+  figures on its links; the ledger actor keeps the cluster's rows.
 - ``confirm`` (the instance holds the blocks now: they leave ``reserved`` and count in the
   instance's next ``used`` report) and ``release`` (given back) need the reservation's
   fencing token: a stale holder, one whose lease ran out and whose blocks went to
@@ -26,7 +28,10 @@ fencing tokens only grow; no reservation refers to an unknown instance.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+
+from cluster.placement.affinity import SLACK, leading_hits
 
 ROLES = ("prefill", "decode", "both")
 
@@ -70,7 +75,7 @@ class Reservation:
 @dataclass(frozen=True)
 class Placement:
     request_id: str
-    prefill_id: str
+    prefill_id: str | None  # None: the decode instance's own prefill pool decides
     decode_id: str
     reservation: Reservation
     cached_blocks: int  # leading prompt blocks the decode instance already holds
@@ -114,40 +119,57 @@ class GlobalBlockManager:
         return gone
 
     # --- placement ------------------------------------------------------------------------
-    def place(self, request_id: str, num_blocks: int, prefix_hashes: tuple[int, ...] = (),
-              now: float = 0.0) -> Placement | None:  # fmt: skip
-        """Chooses prefill and decode instances and reserves ``num_blocks`` on the decode
-        one (minus the blocks its prefix cache already holds); None when no decode
-        instance has room (the caller queues or refuses with a retriable error)."""
+    def place(self, request_id: str, num_blocks: int, prefix_hashes: Sequence[int] = (),
+              now: float = 0.0, avoid: Collection[str] = (),
+              slack: float = SLACK) -> Placement | None:  # fmt: skip
+        """The one placement policy (every API process runs it over its own view).
+
+        The decode instance: one that serves decode (role ``decode`` or ``both``),
+        outside ``avoid``, whose free blocks fit the request's ``num_blocks`` less the
+        leading blocks its prefix cache holds. Among those, the one holding the most
+        leading blocks while its load (running + waiting) is at most the least load plus
+        ``slack``; else the least loaded; ties by free fraction, then id. The prefill
+        instance: the decode one itself when it serves both, else the prefill instance
+        with the shortest queue, else None (the decode instance's own pool decides).
+        Records a reservation of the blocks not cached (at least one: the prompt's
+        last block and growth). None when no decode instance has room."""
         if num_blocks < 1:
             raise LedgerError("num_blocks must be >= 1")
         self.expire(now)
-        best: tuple[tuple[float, ...], Instance, int] | None = None
+        fits: list[tuple[Instance, int]] = []
         for inst in self.instances.values():
-            if not inst.serves("decode"):
+            if not inst.serves("decode") or inst.instance_id in avoid:
                 continue
-            # At least one block is always reserved: the prompt's last one and growth.
-            cached = min(_leading_hits(prefix_hashes, inst.prefix_hashes), num_blocks - 1)
-            need = num_blocks - cached
-            if need > inst.free:
-                continue
-            load = inst.running + inst.waiting
-            score = (cached, inst.free / max(1, inst.capacity), -load)
-            if best is None or score > best[0]:
-                best = (score, inst, cached)
-        if best is None:
+            cached = min(leading_hits(prefix_hashes, inst.prefix_hashes), num_blocks - 1)
+            if num_blocks - cached <= inst.free:
+                fits.append((inst, cached))
+        if not fits:
             return None
-        _, decode, cached = best
-        prefills = [i for i in self.instances.values() if i.serves("prefill")]
-        if not prefills:
-            return None
-        prefill = min(prefills, key=lambda i: (i.waiting, i.running, i.instance_id))
+
+        def load(c: tuple[Instance, int]) -> int:
+            return c[0].running + c[0].waiting
+
+        def roomy(c: tuple[Instance, int]) -> tuple[float, str]:
+            return (-c[0].free / max(1, c[0].capacity), c[0].instance_id)
+
+        least = min(load(c) for c in fits)
+        near = [c for c in fits if c[1] > 0 and load(c) <= least + slack]
+        if near:
+            decode, cached = min(near, key=lambda c: (-c[1], load(c), *roomy(c)))
+        else:
+            decode, cached = min(fits, key=lambda c: (load(c), *roomy(c)))
+        prefill: Instance | None = decode
+        if decode.role != "both":
+            prefills = [i for i in self.instances.values() if i.role == "prefill"]
+            prefill = min(prefills, key=lambda i: (i.waiting, i.running, i.instance_id),
+                          default=None)  # fmt: skip
         res = Reservation(f"res-{request_id}-{next(self._tokens)}", request_id,
                           decode.instance_id, num_blocks - cached, next(self._tokens),
                           now + self.lease_s)  # fmt: skip
         self.reservations[res.reservation_id] = res
         decode.reserved += res.blocks
-        return Placement(request_id, prefill.instance_id, decode.instance_id, res, cached)
+        return Placement(request_id, None if prefill is None else prefill.instance_id,
+                         decode.instance_id, res, cached)  # fmt: skip
 
     def reserve_on(self, instance_id: str, request_id: str, num_blocks: int,
                    now: float = 0.0) -> Reservation | None:  # fmt: skip
@@ -236,13 +258,3 @@ class GlobalBlockManager:
         for r in gone:
             del self.reservations[r.reservation_id]
         return gone
-
-
-def _leading_hits(wanted: tuple[int, ...], held: frozenset[int]) -> int:
-    """How many of the request's leading block hashes the instance holds, in a row."""
-    n = 0
-    for h in wanted:
-        if h not in held:
-            break
-        n += 1
-    return n
