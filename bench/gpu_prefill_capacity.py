@@ -17,7 +17,7 @@ import torch
 from bench.common import random_prompts, stats
 from bench.drivers import greedy, hf_generate, timed
 from bench.gpu_env import GPUEnv
-from bench.gpu_workloads import Result, _error, small_pool
+from bench.gpu_workloads import Result, error_result, small_pool
 
 
 # --- W4 prefill ---------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def run_w4(env: GPUEnv, cfg: W4Config) -> Result:
         raw["peer"] = {"forward_s": min(fwd), "forward_reps_s": fwd, "ttft_s": min(gen),
                        "generate1_reps_s": gen}  # fmt: skip
     except Exception as e:
-        result["peer_error"] = _error(e)
+        result["peer_error"] = error_result(e)
     flops = env.shape.prefill_flops(cfg.prompt_len)
     rate = env.ceilings["matmul_flop_per_s"]
     raw |= {"prefill_flops": flops, "floor_s": flops / rate}

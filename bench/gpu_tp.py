@@ -36,7 +36,7 @@ from bench.drivers import greedy, ours_token_times, timed
 from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
 from bench.gpu_workloads import W1Config, W2Config, small_pool
 from bench.synthetic import w1_floor, write_model_dir
-from bench.workloads import _latency
+from bench.workloads import latency_of
 from engine.shapes import make_config
 
 SUITE = "gpu-tp"
@@ -145,7 +145,7 @@ def w2(env: GPUEnv, tp: int, cfg: W2Config, dispatch: str | None = None,
     _with_dispatch(None)
     timer.cancel()
     faulthandler.cancel_dump_traceback_later()
-    lat = _latency(t0, times)
+    lat = latency_of(t0, times)
     rate = env.ceilings["copy_bytes_per_s"] * tp
     floors = [
         env.facts.decode_floor_s(cfg.prompt_len + k + 1, rate) for k in range(cfg.output_len - 1)

@@ -17,12 +17,12 @@ from bench.common import random_prompts
 from bench.drivers import TimingStreamer, greedy, hf_generate, ours_token_times, timed
 from bench.gpu_env import GPUEnv, build_peer, hf_generate_batch
 from bench.synthetic import w1_floor
-from bench.workloads import W2Config, _latency
+from bench.workloads import W2Config, latency_of
 
 Result = dict[str, Any]
 
 
-def _error(e: BaseException) -> str:
+def error_result(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
@@ -93,7 +93,7 @@ def run_w1(env: GPUEnv, cfg: W1Config) -> Result:
         if raw["peer"]["output_tokens"] != len(prompts) * cfg.output_len:
             env.log(f"W1 peer: WARNING {raw['peer']['output_tokens']} output tokens generated")
     except Exception as e:
-        result["peer_error"] = _error(e)
+        result["peer_error"] = error_result(e)
         env.log(f"W1 peer failed: {result['peer_error']}")
     for name in ("ours", "peer"):
         if name in raw:
@@ -143,16 +143,16 @@ def run_w2(env: GPUEnv, cfg: W2Config) -> Result:
     t0, times = ours_token_times(llm, prompt, greedy(cfg.output_len), env.device)
     del llm
     env.free()
-    raw: dict[str, Any] = {"ours": _latency(t0, times)}
+    raw: dict[str, Any] = {"ours": latency_of(t0, times)}
     result: Result = {}
     try:
         peer = env.peer()
         streamer = TimingStreamer(env.device)
         p0 = time.perf_counter()
         hf_generate(peer, env.device, env.pad_token_id, [prompt], cfg.output_len, streamer=streamer)
-        raw["peer"] = _latency(p0, streamer.times)
+        raw["peer"] = latency_of(p0, streamer.times)
     except Exception as e:
-        result["peer_error"] = _error(e)
+        result["peer_error"] = error_result(e)
     rate = env.ceilings["copy_bytes_per_s"]
     floors = [
         env.facts.decode_floor_s(cfg.prompt_len + k + 1, rate) for k in range(cfg.output_len - 1)
@@ -253,7 +253,7 @@ def run_w3(env: GPUEnv, cfg: W3Config) -> Result:
         peer = env.peer()
         raw["peer_probe_s"] = _peer_wall(env, peer, prompt, cfg.probe_tokens, use_cache=False)
     except Exception as e:
-        result["peer_error"], peer = _error(e), None
+        result["peer_error"], peer = error_result(e), None
     out_len = _w3_ours_recompute(env, cfg, prompt, raw)
     env.free()
     raw["ours_cache_s"] = _ours_wall(env, prompt, out_len, **small_pool(cfg.max_model_len))
@@ -264,7 +264,7 @@ def run_w3(env: GPUEnv, cfg: W3Config) -> Result:
             raw["peer_cache_s"] = _peer_wall(env, peer, prompt, out_len, use_cache=True)
             raw["peer_recompute_s"] = _peer_wall(env, peer, prompt, out_len, use_cache=False)
         except Exception as e:
-            result["peer_error"] = _error(e)
+            result["peer_error"] = error_result(e)
     ratios = {"ours_cache_speedup": raw["ours_recompute_s"] / raw["ours_cache_s"]}
     if "peer_recompute_s" in raw:
         ratios |= {

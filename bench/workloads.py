@@ -111,7 +111,7 @@ class W2Config:
     seed: int = 1
 
 
-def _latency(t0: float, times: list[float]) -> dict[str, Any]:
+def latency_of(t0: float, times: list[float]) -> dict[str, Any]:
     itl = [b - a for a, b in itertools.pairwise(times)]
     decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {
@@ -132,7 +132,7 @@ def run_w2(ctx: Context, cfg: W2Config) -> Result:
     gc.collect()
     p0 = time.perf_counter()
     peer_generate(ctx, [prompt], cfg.output_len, streamer=streamer)
-    ours, peer = _latency(t0, ours_times), _latency(p0, streamer.times)
+    ours, peer = latency_of(t0, ours_times), latency_of(p0, streamer.times)
     rate = ctx.ceilings["copy_bytes_per_s"]
     # The step producing token k + 2 attends to prompt_len + k + 1 positions.
     floors = [
