@@ -71,8 +71,10 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[
     options["ray_actor_options"] = {"num_cpus": cfg.engine_cpus, "num_gpus": 1 if gpu else 0}
     if resources:
         options["ray_actor_options"]["resources"] = dict(resources)
-    if env:
-        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env)}
+    # The core's links run on the replica's event loop: Serve's own loop, one thread less
+    # between the step thread and the sockets.
+    env_vars = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **env}
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
     if cfg.tensor_parallel_size > 1:
         options["placement_group_bundles"] = [dict(bundle) for _ in range(cfg.tensor_parallel_size)]
         options["placement_group_strategy"] = "STRICT_PACK"

@@ -96,6 +96,9 @@ class ServeConfig:
     # (``cluster.capacity.fit_local``).
     engine_cpus: float = 1.0
     front_cpus: float = 0.1  # logical CPUs of each API replica (I/O-bound work)
+    # An engine replica's interpreter hands the GIL to the step thread after at most
+    # this long (Python's 5 ms would hold a step behind the links' per-token work).
+    gil_switch_interval_s: float = 0.0001
     # ``run`` fails when a deployment's replicas have waited this long for resources
     # (Serve reports the wait after 30 s); 0: wait, e.g. for a cluster autoscaler.
     schedule_timeout_s: float = 45.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -52,14 +53,16 @@ class EngineReplica(DecodeSide, PrefillSide):
     def __init__(self, engine_args: dict[str, Any], model_name: str, role: str = "both",
                  stream_interval_s: float = 0.0, prefill: Any = None,
                  max_live_requests: int = 1 << 30, core_host: str = "",
-                 pd: PDConfig | None = None, faults: Faults | None = None) -> None:  # fmt: skip
+                 pd: PDConfig | None = None, faults: Faults | None = None,
+                 gil_switch_interval_s: float | None = None) -> None:  # fmt: skip
         """``role``: "both" (colocated), "prefill" or "decode" (disaggregated pools; a
         decode replica gets the prefill pool's handle as ``prefill``).
         ``max_live_requests``: new requests beyond this many live ones are refused
         (HTTP 429). The colocated and decode roles take API processes on ``core_host``
         ("": this node's address) (``CoreServer``: its address goes into the ledger
         reports, its key to ``core_link``). ``pd``: the disaggregation settings;
-        ``faults``: fault injection (tests)."""
+        ``faults``: fault injection (tests). ``gil_switch_interval_s``: this process's
+        (``ServeConfig`` documents it; None: Python's own)."""
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {role!r}")
         if role == "decode" and prefill is None:
@@ -73,6 +76,8 @@ class EngineReplica(DecodeSide, PrefillSide):
         self.max_live_requests = max_live_requests
         self.submitted = 0
         self.replica_id = serve_replica_id()
+        if gil_switch_interval_s:
+            sys.setswitchinterval(min(sys.getswitchinterval(), gil_switch_interval_s))
         self.engine = AsyncEngine(EngineArgs(**engine_args), (faults or Faults()).step_delay_s)
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.scheduler_config.max_model_len
