@@ -114,3 +114,18 @@ def wait_until(pred: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def wait_attached(base: str, cores: int, timeout: float = 60) -> None:
+    """Until every API replica (polled through the proxy) has links to ``cores``
+    engine cores: a replica is ready once one core is attached, and attaches to the
+    others the ledger lists within about a second."""
+
+    def all_attached() -> bool:
+        for _ in range(8):  # the proxy spreads the polls over the API replicas
+            r = httpx.get(f"{base}/health", timeout=10)
+            if r.status_code != 200 or not r.json().get("instances", "").startswith(f"{cores} "):
+                return False
+        return True
+
+    wait_until(all_attached, timeout, f"API replicas attached to {cores} cores")

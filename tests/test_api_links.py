@@ -17,7 +17,7 @@ import pytest
 from cluster.api.server import merge
 from engine import LLM, SamplingParams
 from tests.factories import random_prompts, serving
-from tests.serve_helpers import wait_until
+from tests.serve_helpers import wait_attached, wait_until
 
 MAX_TOKENS = 24
 
@@ -72,6 +72,7 @@ def test_shared_streams_two_replicas(ray_cluster: Any, tiny_dirs: dict[str, Path
     with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", num_replicas=2,
                  engine={"max_model_len": 512}) as cfg:  # fmt: skip
         url = f"http://127.0.0.1:{cfg.http_port}"
+        wait_attached(url, 2)
         with ThreadPoolExecutor(12) as pool:
             got = list(pool.map(lambda p: _stream(url, p), prompts))
         assert [text for text, _ in got] == want

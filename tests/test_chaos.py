@@ -34,6 +34,7 @@ from tests.serve_helpers import (
     kill_replica,
     replica_ids,
     stats_of,
+    wait_attached,
     wait_until,
     wait_whole,
 )
@@ -93,6 +94,7 @@ def test_disaggregated_pools_and_api_survive_kills(
                  faults={"send_delay_s": 2.5, "step_delay_s": 0.02}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         prefills, decodes = replica_ids("prefill"), replica_ids("decode")
+        wait_attached(base, 2)  # the streams spread over both decode replicas
         assert len(prefills) == 2 and len(decodes) == 2
 
         # 1. A prefill replica dies with transfers in flight, then a decode replica dies
@@ -183,6 +185,7 @@ def test_disaggregated_tp2_transfers_every_rank_and_survives_a_decode_rank_kill(
                  faults={"step_delay_s": 0.02}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
         before = replica_ids("decode")
+        wait_attached(base, 2)  # the streams spread over both decode replicas
         assert len(before) == 2
         streams = [Stream(base, p, "tiny", 120) for p in prompts]
         for s in streams:

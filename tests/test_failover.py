@@ -18,7 +18,15 @@ import pytest
 
 from engine import SamplingParams
 from tests.factories import free_port, serving
-from tests.serve_helpers import PROMPTS, Stream, kill_replica, replica_ids, wait_until, wait_whole
+from tests.serve_helpers import (
+    PROMPTS,
+    Stream,
+    kill_replica,
+    replica_ids,
+    wait_attached,
+    wait_until,
+    wait_whole,
+)
 
 MODEL = "smol-failover"
 MAX_TOKENS = 48
@@ -101,6 +109,7 @@ def test_a_replica_killed_mid_stream_loses_no_request(
         base = f"http://127.0.0.1:{cfg.http_port}"
         before = replica_ids("engine")
         assert len(before) == 2
+        wait_attached(base, 2)  # the streams spread over both
         streams = [Stream(base, p, MODEL, MAX_TOKENS) for p in PROMPTS * 2]
         for s in streams:
             s.start()
