@@ -80,8 +80,8 @@ async def stream(cores: Cores, req: dict[str, Any], prefix: Sequence[int] = (),
                 elif choices:
                     n = -1  # samples went out: n > 1 cannot resume
                 yield item
+            return
         except EngineGone as e:
-            link.live -= 1
             if n < 0 or len(failed) >= max_failovers:
                 raise
             failed.append(link.instance_id)
@@ -89,12 +89,8 @@ async def stream(cores: Cores, req: dict[str, Any], prefix: Sequence[int] = (),
             kv = None
             logger.warning("request %s: %s; resuming after %d tokens elsewhere", rid, e,
                            len(tokens))  # fmt: skip
-            continue
-        except BaseException:
+        finally:
             link.live -= 1
-            raise
-        link.live -= 1
-        return
 
 
 async def _place(cores: Cores, req: dict[str, Any], prefix: Sequence[int], failed: list[str],
@@ -112,25 +108,22 @@ async def _place(cores: Cores, req: dict[str, Any], prefix: Sequence[int], faile
         if got is not None:
             link, placed = got
             link.live += 1
+            taken = False
             try:
                 queue = await link.add(req)
-                cores.settle(placed, True)
+                taken = True
                 return link, queue
             except PoolFull as e:
-                link.live -= 1
-                cores.settle(placed, False)
                 if not failed:
                     raise
                 last = str(e)
             except EngineGone as e:
-                link.live -= 1
-                cores.settle(placed, False)
                 avoid.append(link.instance_id)
                 last = str(e)
-            except BaseException:
-                link.live -= 1
-                cores.settle(placed, False)
-                raise
+            finally:
+                cores.settle(placed, taken)
+                if not taken:
+                    link.live -= 1
         elif cores.alive():
             last = "only engine instances that failed this request are up"
         if time.monotonic() >= deadline:
