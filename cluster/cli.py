@@ -47,7 +47,15 @@ def parser() -> argparse.ArgumentParser:
                     help="log start-up, and show Ray's, Serve's and HAProxy's logs")  # fmt: skip
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="run the serving application")
+    from cluster.config import config_table
+
+    s = sub.add_parser("serve", help="run the serving application",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="settings (--set NAME=VALUE, or YAML keys in --config):\n"
+                       + config_table())  # fmt: skip
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any setting below (pd.NAME, faults.NAME for theirs); the value "
+                   "read as YAML")  # fmt: skip
     s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show Ray's, Serve's and HAProxy's logs too")  # fmt: skip
     _add_model_args(s)
@@ -144,9 +152,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import haproxy_in_front, run
-    from cluster.config import ServeConfig
+    from cluster.config import ServeConfig, apply_settings
 
     data = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
+    data = apply_settings(data, args.set)
     for field, value in (("model", args.model), ("model_name", args.model_name),
                          ("tensor_parallel_size", args.tp), ("num_replicas", args.replicas),
                          ("router_replicas", args.router_replicas),

