@@ -69,8 +69,8 @@ class EngineReplica(DecodeSide, PrefillSide):
             raise ValueError("a decode replica needs the prefill pool's handle")
         self.model_name = model_name
         self.prefill_pool = prefill
-        # Least time between two messages of one stream after the first token: fewer,
-        # larger messages through Serve when many streams run (0: one per step).
+        # Least time between two deltas of one stream after the first token (0: one per
+        # step that advanced it).
         self.stream_interval_s = stream_interval_s
         self.role = role
         self.max_live_requests = max_live_requests
