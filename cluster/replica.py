@@ -24,6 +24,7 @@ from ray import serve
 
 from cluster.async_engine import AsyncEngine
 from cluster.config import Faults, PDConfig
+from cluster.core.messages import FULL
 from cluster.core.server import CoreServer, Outbox, pump
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.pd.decode import DecodeSide, kv_links
@@ -250,7 +251,7 @@ class EngineReplica(DecodeSide, PrefillSide):
         dead engine raises (the API process tries another core)."""
         self.engine.check_health()
         if self._live() >= self.max_live_requests:
-            return (f"full: engine instance {self.replica_id} has {self.max_live_requests} "
+            return (f"{FULL}engine instance {self.replica_id} has {self.max_live_requests} "
                     "requests; retry shortly")  # fmt: skip
         rid = str(req["request_id"])
         req["submitted_at"] = time.monotonic()  # this process's clock (timing_ms)

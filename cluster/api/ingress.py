@@ -13,6 +13,7 @@ tensor-parallel size. The engine replicas record the requests' metrics.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,8 +40,6 @@ class ApiIngress(OpenAIFront, GrpcMethods):
         """``engine``: the pool the API calls (colocated, or decode), whose instances
         have ``roles``; the failover limits as ``ServeConfig`` documents them. Ready (to
         Serve, and so to the proxy) once a core is attached."""
-        import asyncio
-
         self.model_name = model_name
         self.replica_id = serve_replica_id()
         self.created = int(time.time())

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from cluster.core import transport
-from cluster.core.messages import EngineGone, PoolFull
+from cluster.core.messages import ABORT, ADD, ADDED, FULL, GONE, OUT, READY, EngineGone, PoolFull
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class CoreLink:
         reader, writer = await transport.connect(host, port, key)
         try:
             msg = await asyncio.wait_for(transport.recv(reader), transport.HANDSHAKE_TIMEOUT_S)
-            if msg[0] != "ready":
+            if msg[0] != READY:
                 raise transport.LinkClosed(f"the core answered {msg[0]!r}")
         except BaseException:
             writer.close()
@@ -81,12 +81,12 @@ class CoreLink:
         self._queues[rid] = queue
         self._added[rid] = added
         try:
-            transport.send(self._writer, ("add", req))
+            transport.send(self._writer, (ADD, req))
             await self._writer.drain()
             refused = await added
         except (ConnectionError, OSError) as e:
             self._die(f"{type(e).__name__}: {e}")
-            refused = f"gone: {e}"
+            refused = f"{GONE}{e}"
         except BaseException:
             self.abort(rid)
             raise
@@ -94,8 +94,8 @@ class CoreLink:
             self._added.pop(rid, None)
         if refused is not None:
             self._queues.pop(rid, None)
-            if refused.startswith("full"):
-                raise PoolFull(refused.removeprefix("full: "))
+            if refused.startswith(FULL):
+                raise PoolFull(refused.removeprefix(FULL))
             raise EngineGone(f"engine instance {self.instance_id}: {refused}")
         return queue
 
@@ -104,7 +104,7 @@ class CoreLink:
         if self._queues.pop(rid, None) is None or self.dead is not None:
             return
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-            transport.send(self._writer, ("abort", rid))
+            transport.send(self._writer, (ABORT, rid))
 
     def forget(self, rid: str) -> None:
         """A finished request: nothing more comes for it."""
@@ -119,7 +119,7 @@ class CoreLink:
             while True:
                 msg = await asyncio.wait_for(transport.recv(self._reader), SILENCE_S)
                 kind = msg[0]
-                if kind == "out":
+                if kind == OUT:
                     _, deltas, self.stats, hashes = msg
                     if hashes is not None:
                         self.held = frozenset(hashes)
@@ -127,7 +127,7 @@ class CoreLink:
                         queue = self._queues.get(str(d.get("request_id")))
                         if queue is not None:
                             queue.put_nowait(d)
-                elif kind == "added":
+                elif kind == ADDED:
                     fut = self._added.get(str(msg[1]))
                     if fut is not None and not fut.done():
                         fut.set_result(msg[2])

@@ -16,9 +16,9 @@ Frames (``cluster.core.transport``) carry tuples:
 
 from __future__ import annotations
 
-ADD, ABORT = "add", "abort"
-READY, ADDED, OUT = "ready", "added", "out"
-FULL, GONE = "full: ", "gone: "
+ADD, ABORT = "add", "abort"  # API → core: the kinds of message
+READY, ADDED, OUT = "ready", "added", "out"  # core → API
+FULL, GONE = "full: ", "gone: "  # the prefixes of a refusal: HTTP 429, or try another core
 
 
 class EngineGone(RuntimeError):

@@ -7,12 +7,7 @@ as one message per batch (normally one engine step's worth for every request of 
 client), with the core's figures, and the prefix-cache hashes every ``HASHES_EVERY_S``.
 An idle client still gets a message every ``REPORT_EVERY_S`` (its link's heartbeat).
 
-Protocol (``cluster.core.transport`` frames):
-
-- client → core: ``("add", req)``; ``("abort", request_id)``.
-- core → client: ``("ready", info, stats)`` once; ``("added", request_id, refused)``
-  (None, or why: ``"full: ..."`` → HTTP 429, ``"gone: ..."`` → another core);
-  ``("out", deltas, stats, hashes | None)``.
+The messages are ``cluster.core.messages``'s, in ``cluster.core.transport`` frames.
 
 A request belongs to the client that added it. A client whose link closes, breaks or
 sends garbage has every request of its own aborted (the blocks return to the pool);
@@ -31,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from cluster.core import transport
+from cluster.core.messages import ABORT, ADD, ADDED, GONE, OUT, READY
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +136,7 @@ class CoreServer:
             return
         box = Outbox()
         self.boxes.add(box)
-        transport.send(writer, ("ready", self.core.link_info(), self.core.link_stats()))
+        transport.send(writer, (READY, self.core.link_info(), self.core.link_stats()))
         out = asyncio.ensure_future(self._write(writer, box))
         logger.info("engine core: %s attached (%d clients)", name, len(self.boxes))
         try:
@@ -158,14 +154,14 @@ class CoreServer:
         while not writer_done():
             msg = await transport.recv(reader)
             kind = msg[0]
-            if kind == "add":
+            if kind == ADD:
                 req = msg[1]
                 try:
                     refused = self.core.start(req, box)
                 except Exception as e:  # a dead engine: the client tries another core
-                    refused = f"gone: {type(e).__name__}: {e}"
-                transport.send(writer, ("added", req["request_id"], refused))
-            elif kind == "abort":
+                    refused = f"{GONE}{type(e).__name__}: {e}"
+                transport.send(writer, (ADDED, req["request_id"], refused))
+            elif kind == ABORT:
                 task = box.tasks.get(str(msg[1]))
                 if task is not None:
                     task.cancel()
@@ -186,7 +182,7 @@ class CoreServer:
                 if items:
                     self.messages += 1
                     self.deltas += len(items)
-                transport.send(writer, ("out", items, self.core.link_stats(), hashes))
+                transport.send(writer, (OUT, items, self.core.link_stats(), hashes))
                 await asyncio.wait_for(writer.drain(), CLIENT_IO_TIMEOUT_S)
         except (ConnectionError, OSError, TimeoutError) as e:
             logger.warning("engine core: dropping a client whose link broke or stalled: %r", e)
