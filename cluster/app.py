@@ -51,8 +51,9 @@ def _uses_gpu(cfg: ServeConfig) -> bool:
     return False
 
 
-def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[str, Any] | None,
-                  resources: dict[str, float], env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+def _pool_options(cfg: ServeConfig, gpu: bool, tp: int, replicas: int,
+                  autoscaling: dict[str, Any] | None, resources: dict[str, float],
+                  env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     """Serve options of a pool. Serve's own limits bound only the Serve calls between
     replicas (``cluster.request_router``); a replica refuses API requests beyond
     ``max_ongoing_requests + max_queued_requests`` itself (HTTP 429)."""
@@ -75,8 +76,8 @@ def _pool_options(cfg: ServeConfig, gpu: bool, replicas: int, autoscaling: dict[
     # between the step thread and the sockets.
     env_vars = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **env}
     options["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
-    if cfg.tensor_parallel_size > 1:
-        options["placement_group_bundles"] = [dict(bundle) for _ in range(cfg.tensor_parallel_size)]
+    if tp > 1:
+        options["placement_group_bundles"] = [dict(bundle) for _ in range(tp)]
         options["placement_group_strategy"] = "STRICT_PACK"
     return options
 
@@ -85,17 +86,18 @@ def build_app(cfg: ServeConfig) -> Application:
     """The application of ``cfg``: the API ingress bound to the pool it calls."""
     gpu = _uses_gpu(cfg)
     live = cfg.max_ongoing_requests + cfg.max_queued_requests
-    args, name = cfg.engine_args(), cfg.served_name
+    name = cfg.served_name
     if cfg.mode == "disaggregated":
-        p_opts = _pool_options(cfg, gpu, cfg.prefill_replicas, cfg.prefill_autoscaling,
-                               cfg.prefill_resources, cfg.prefill_env)  # fmt: skip
+        p_opts = _pool_options(cfg, gpu, cfg.pool_tp("prefill"), cfg.prefill_replicas,
+                               cfg.prefill_autoscaling, cfg.prefill_resources, cfg.prefill_env)  # fmt: skip
         prefill = EngineDeployment.options(name="prefill", **p_opts).bind(
-            args, name, "prefill", cfg.stream_interval_s, pd=cfg.pd, faults=cfg.faults
-        )
-        d_opts = _pool_options(cfg, gpu, cfg.decode_replicas, cfg.decode_autoscaling,
-                               cfg.decode_resources, cfg.decode_env)  # fmt: skip
+            cfg.engine_args("prefill"), name, "prefill", cfg.stream_interval_s, pd=cfg.pd,
+            faults=cfg.faults,
+        )  # fmt: skip
+        d_opts = _pool_options(cfg, gpu, cfg.pool_tp("decode"), cfg.decode_replicas,
+                               cfg.decode_autoscaling, cfg.decode_resources, cfg.decode_env)  # fmt: skip
         pool = EngineDeployment.options(name="decode", **d_opts).bind(
-            args,
+            cfg.engine_args("decode"),
             name,
             "decode",
             cfg.stream_interval_s,
@@ -106,10 +108,10 @@ def build_app(cfg: ServeConfig) -> Application:
             faults=cfg.faults,
         )
     else:
-        options = _pool_options(cfg, gpu, cfg.num_replicas, cfg.autoscaling, cfg.resources,
-                                cfg.env)  # fmt: skip
+        options = _pool_options(cfg, gpu, cfg.tensor_parallel_size, cfg.num_replicas,
+                                cfg.autoscaling, cfg.resources, cfg.env)  # fmt: skip
         pool = EngineDeployment.options(**options).bind(
-            args,
+            cfg.engine_args(),
             name,
             "both",
             cfg.stream_interval_s,

@@ -34,11 +34,11 @@ def pool_replicas(replicas: int, autoscaling: dict[str, Any] | None) -> int:
 
 def engine_ranks(cfg: Any) -> int:
     """Engine ranks (a replica, or one of its rank actors) the config starts with."""
-    tp = cfg.tensor_parallel_size
     if cfg.mode == "disaggregated":
-        return tp * (pool_replicas(cfg.prefill_replicas, cfg.prefill_autoscaling)
-                     + pool_replicas(cfg.decode_replicas, cfg.decode_autoscaling))  # fmt: skip
-    return tp * pool_replicas(cfg.num_replicas, cfg.autoscaling)
+        return (cfg.pool_tp("prefill") * pool_replicas(cfg.prefill_replicas, cfg.prefill_autoscaling)
+                + cfg.pool_tp("decode") * pool_replicas(cfg.decode_replicas,
+                                                        cfg.decode_autoscaling))  # fmt: skip
+    return cfg.tensor_parallel_size * pool_replicas(cfg.num_replicas, cfg.autoscaling)
 
 
 def front_replicas(cfg: Any) -> int:

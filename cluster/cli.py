@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 # --- serve ------------------------------------------------------------------------------
 def _pools(cfg: Any) -> str:
     if cfg.mode == "disaggregated":
-        return f"{cfg.prefill_replicas} prefill + {cfg.decode_replicas} decode instance(s)"
-    return f"{cfg.num_replicas} instance(s)"
+        return (f"{cfg.prefill_replicas} prefill (TP {cfg.pool_tp('prefill')}) + "
+                f"{cfg.decode_replicas} decode (TP {cfg.pool_tp('decode')}) instance(s)")  # fmt: skip
+    return f"{cfg.num_replicas} instance(s) of TP {cfg.tensor_parallel_size}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -182,9 +183,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         return 1
     base = f"http://{cfg.host}:{cfg.http_port}"
-    console.print(f"[bold green]kvserve is up[/bold green] in {time.perf_counter() - t0:.0f} s: "
-                  f"model [bold]{cfg.served_name}[/bold], {_pools(cfg)}, "
-                  f"TP {cfg.tensor_parallel_size}")  # fmt: skip
+    console.print(
+        f"[bold green]kvserve is up[/bold green] in {time.perf_counter() - t0:.0f} s: "
+        f"model [bold]{cfg.served_name}[/bold], {_pools(cfg)}"
+    )
     console.print(f"  OpenAI API     {base}/v1   (try: kvserve chat --url {base})")
     console.print(f"  health         {base}/health")
     if cfg.grpc_port:

@@ -59,7 +59,7 @@ class ServeConfig:
     model: str | None = None  # HF directory or GGUF file; None: the embedded SmolLM2
     model_name: str | None = None  # the name clients send; default from the model
     device: str = "auto"  # "auto" (a GPU when the Ray cluster has one), "cpu", "cuda"
-    tensor_parallel_size: int = 1  # ranks per engine instance (every pool)
+    tensor_parallel_size: int = 1  # ranks per engine instance (of every pool, by default)
     num_replicas: int = 1  # engine instances of the colocated pool
     # Serve's autoscaling_config for the colocated pool (replaces num_replicas when set).
     autoscaling: dict[str, Any] | None = None
@@ -71,6 +71,10 @@ class ServeConfig:
     mode: str = "colocated"  # one pool for prefill and decode, or "disaggregated": two
     prefill_replicas: int = 1  # disaggregated: prefill instances
     decode_replicas: int = 1  # disaggregated: decode instances
+    # Disaggregated: ranks per prefill instance; None: tensor_parallel_size. It may differ
+    # from decode_tp: a transfer re-slices the KV heads between the two groups.
+    prefill_tp: int | None = None
+    decode_tp: int | None = None  # disaggregated: ranks per decode instance (None: as above)
     prefill_autoscaling: dict[str, Any] | None = None  # the prefill pool's autoscaling
     decode_autoscaling: dict[str, Any] | None = None  # the decode pool's autoscaling
     env: dict[str, str] = field(default_factory=dict)  # env of the colocated pool (NCCL_*)
@@ -130,9 +134,11 @@ class ServeConfig:
         unknown = set(self.engine) - known
         if unknown:
             raise ValueError(f"unknown engine arguments: {sorted(unknown)}")
-        counts = (self.tensor_parallel_size, self.num_replicas, self.api_replicas)
+        counts = (self.tensor_parallel_size, self.num_replicas, self.api_replicas,
+                  self.pool_tp("prefill"), self.pool_tp("decode"))  # fmt: skip
         if min(counts) < 1:
-            raise ValueError("tensor_parallel_size, num_replicas and api_replicas must be >= 1")
+            raise ValueError("tensor_parallel_size, prefill_tp, decode_tp, num_replicas and "
+                             "api_replicas must be >= 1")  # fmt: skip
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "disaggregated" and min(self.prefill_replicas, self.decode_replicas) < 1:
@@ -178,9 +184,15 @@ class ServeConfig:
             return self.core_host
         return "127.0.0.1" if self.host.startswith("127.") or self.host == "localhost" else ""
 
-    def engine_args(self) -> dict[str, Any]:
+    def pool_tp(self, pool: str) -> int:
+        """Ranks per instance of ``pool`` ("engine", "prefill" or "decode")."""
+        own = {"prefill": self.prefill_tp, "decode": self.decode_tp}.get(pool)
+        return self.tensor_parallel_size if own is None else own
+
+    def engine_args(self, pool: str = "engine") -> dict[str, Any]:
+        """The ``EngineArgs`` fields of an instance of ``pool``."""
         args = {**self.engine, "model": self.model, "device": self.device,
-                "tensor_parallel_size": self.tensor_parallel_size}  # fmt: skip
+                "tensor_parallel_size": self.pool_tp(pool)}  # fmt: skip
         EngineArgs(**args)  # validates field names and types early
         return args
 

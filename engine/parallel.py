@@ -74,3 +74,15 @@ def divide(numerator: int, denominator: int, what: str) -> int:
             f"{what}: {numerator} is not divisible by tensor-parallel size {denominator}"
         )
     return numerator // denominator
+
+
+def kv_head_range(num_kv_heads: int, size: int, rank: int) -> tuple[int, int]:
+    """The KV heads rank ``rank`` of ``size`` holds: (first head, count). Heads split
+    evenly when ``size`` divides them; when ``size`` is a multiple of them each rank holds
+    one head, the one its query heads use (a head is then on ``size / num_kv_heads``
+    ranks). ``ModelConfig.check_tensor_parallel`` refuses other sizes."""
+    if size >= num_kv_heads:
+        divide(size, num_kv_heads, "tensor-parallel size over KV heads")
+        return rank * num_kv_heads // size, 1
+    count = divide(num_kv_heads, size, "KV heads")
+    return rank * count, count

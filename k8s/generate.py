@@ -213,7 +213,7 @@ def worker_groups(profile: Profile) -> list[dict[str, Any]]:
     cfg = profile.serve
     groups = []
     for pool, size in (("prefill", profile.prefill), ("decode", profile.decode)):
-        gpus = cfg.tensor_parallel_size if profile.gpu else 0
+        gpus = cfg.pool_tp(pool) if profile.gpu else 0
         name = POOL_GROUPS[pool] if profile.gpu else f"{pool}-cpu"
         container = _container("ray-worker", size.cpu, size.memory, gpus, _serve_ports(cfg),
                                profile, head=False)  # fmt: skip

@@ -264,3 +264,48 @@ def test_decode_side_prefix_hits_and_conditional_local_prefill(
         # One prefill call in all: only the long first turn's K/V moved.
         pools = _pools_whole()
         assert pools["prefill"]["kv_bytes_sent"] == kv[1]["transferred_bytes"]
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1)])
+def test_disaggregated_between_tp_sizes_gives_the_offline_tokens(
+    ray_cluster: Any, tiny_dirs: dict[str, Path], prefill_tp: int, decode_tp: int
+) -> None:
+    """A prefill pool of one TP and a decode pool of another (a tiny Llama with 4 KV
+    heads): the link re-slices the heads (1 → 2: the prefill rank sends each decode rank
+    its half; 2 → 1: the decode rank takes a half from each prefill rank), so every head
+    of every prompt block arrives, and the HTTP API answers the offline engine's greedy
+    text. The pools are whole afterwards."""
+    import json
+
+    from engine import LLM
+
+    prompts = [[7, 8, 9, 10, 11 + i] * (1 + 4 * i) for i in range(4)]  # 1 to 4 blocks
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(tiny_dirs["llama3"], device="cpu") as llm:
+        ref = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    hf = json.loads((tiny_dirs["llama3"] / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    block_bytes = hf["num_hidden_layers"] * 2 * BLOCK * hf["num_key_value_heads"] * head_dim * 4
+    with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", mode="disaggregated",
+                 prefill_tp=prefill_tp, decode_tp=decode_tp,
+                 engine={"max_model_len": 256}) as cfg:  # fmt: skip
+        base = f"http://127.0.0.1:{cfg.http_port}"
+
+        def complete(prompt: list[int]) -> dict[str, Any]:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outs = list(pool.map(complete, prompts))
+        assert [o["choices"][0]["text"] for o in outs] == ref
+        for out in outs:
+            kv = out["kvserve"]
+            assert kv["mode"] == "transferred", kv
+            assert kv["transferred_bytes"] == _moved(out) * block_bytes, kv  # every head
+        pools = _pools_whole()
+        assert pools["prefill"]["tp"] == prefill_tp and pools["decode"]["tp"] == decode_tp
+        assert pools["decode"]["kv_bytes_received"] == pools["prefill"]["kv_bytes_sent"] > 0
+        assert pools["decode"]["kv_link_failures"] == 0

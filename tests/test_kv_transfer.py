@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.parallel import kv_head_range
 from workers.comm import new_store_path
+from workers.kv_routes import kv_routes
 from workers.kv_transfer import (
     RECEIVER,
     SENDER,
@@ -142,17 +144,96 @@ def test_transfers_between_actors_land_in_the_reserved_blocks(ray_cluster: Any) 
         ray.kill(a)
 
 
-def test_a_link_between_different_tp_sizes_is_refused_clearly() -> None:
-    """Re-sharding KV heads between TP sizes is not supported: the decode side refuses
-    the offer with a message naming both sizes (the request is then recomputed)."""
+def _tp_sizes(heads: int) -> list[int]:
+    """The TP sizes a model with ``heads`` KV heads can run at (up to 8)."""
+    return [t for t in range(1, 9) if heads % t == 0 or t % heads == 0]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_routes_give_every_decode_head_once_from_a_rank_that_holds_it(data: st.DataObject) -> None:
+    heads = data.draw(st.sampled_from([1, 2, 4, 8]))
+    p = data.draw(st.sampled_from(_tp_sizes(heads)))
+    d = data.draw(st.sampled_from(_tp_sizes(heads)))
+    routes = kv_routes(heads, p, d)
+    for dst in range(d):
+        start, count = kv_head_range(heads, d, dst)
+        got = sorted((r.head + i, r.dst_lo + i) for r in routes if r.dst == dst
+                     for i in range(r.count))  # fmt: skip
+        assert got == [(start + i, i) for i in range(count)]  # each head once, in its place
+    for r in routes:
+        lo, n = kv_head_range(heads, p, r.src)
+        assert lo <= r.head and r.head + r.count <= lo + n and r.src_lo == r.head - lo
+    assert routes == sorted(routes, key=lambda r: (r.head, r.dst))
+    if p == d and heads % p == 0:  # equal groups: rank r to rank r, every head
+        assert [(r.src, r.dst, r.src_lo, r.count) for r in routes] == [
+            (r, r, 0, heads // p) for r in range(p)
+        ]
+
+
+def _rank_caches(full: torch.Tensor, heads: int, tp: int, rank: int) -> list[torch.Tensor]:
+    """One rank's per-layer caches: its KV heads of ``full`` ([layers, *SHAPE])."""
+    lo, n = kv_head_range(heads, tp, rank)
+    return [layer[..., lo : lo + n, :].clone() for layer in full.unbind(0)]
+
+
+@pytest.mark.parametrize(("heads", "p", "d"), [(4, 1, 2), (4, 2, 1), (4, 2, 4), (4, 4, 2),
+                                               (1, 1, 2), (1, 2, 1), (2, 4, 1)])  # fmt: skip
+def test_a_transfer_between_tp_sizes_reslices_the_heads(heads: int, p: int, d: int) -> None:
+    """``p`` prefill ranks send one request's blocks to ``d`` decode ranks (threads of
+    this process, gloo, one store as a link has): each decode rank ends with its heads of
+    the prefill group's blocks, in its own block ids, and nothing else written."""
+    import threading
+
+    from workers.comm import tcp_store
+    from workers.kv_routes import RankChannels
+
+    shape = (LAYERS, 2, 12, 4, heads, 8)
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(heads * 10 + p))
+    senders = [_rank_caches(full, heads, p, r) for r in range(p)]
+    receivers = [_rank_caches(torch.zeros(shape), heads, d, r) for r in range(d)]
+    routes = kv_routes(heads, p, d)
+    master = tcp_store("127.0.0.1", 0, True, 2, 30)
+    src, dst, moved = [3, 7, 1], [9, 0, 4], []
+
+    def end(role: int, rank: int, caches: list[torch.Tensor]) -> None:
+        store = tcp_store("127.0.0.1", master.port, False, 2, 30)
+        ch = RankChannels(store, role, rank, routes, "gloo", 30)
+        moved.append(ch.send(caches, src) if role == SENDER else ch.recv(caches, dst))
+        ch.close()
+
+    threads = [threading.Thread(target=end, args=(SENDER, r, c)) for r, c in enumerate(senders)]
+    threads += [threading.Thread(target=end, args=(RECEIVER, r, c))
+                for r, c in enumerate(receivers)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(moved) == p + d
+    for rank, caches in enumerate(receivers):
+        want = _rank_caches(full, heads, d, rank)
+        for layer, got in zip(want, caches, strict=True):
+            assert torch.equal(got[:, dst], layer[:, src])
+            assert got[:, [b for b in range(12) if b not in dst]].abs().sum() == 0
+    block = LAYERS * 2 * 4 * 8 * 4  # bytes of one head of one block, every layer
+    per_decode_rank = kv_head_range(heads, d, 0)[1]
+    assert sum(moved) == 2 * len(src) * block * per_decode_rank * d  # sent + received
+
+
+def test_a_link_for_another_model_or_tp_is_refused_clearly() -> None:
+    """The decode side refuses an offer made for other KV heads or another decode TP
+    (the request is then recomputed) with a message naming both."""
     import asyncio
 
     from workers.kv_links import KVLinks, LinkError
 
-    async def accept() -> None:
-        KVLinks("decode-1", "127.0.0.1", "gloo").accept(
-            {"peer": "prefill-1", "gen": 1, "host": "127.0.0.1", "port": 1, "tp": 2}
-        )
+    async def accept(kv_heads: int, peer_tp: int) -> None:
+        offer = {"peer": "prefill-1", "gen": 1, "host": "127.0.0.1", "port": 1, "tp": 2,
+                 "peer_tp": peer_tp, "kv_heads": kv_heads}  # fmt: skip
+        KVLinks("decode-1", "127.0.0.1", "gloo", kv_heads=4).accept(offer)
 
-    with pytest.raises(LinkError, match="TP 2, this decode replica TP 1"):
-        asyncio.run(accept())
+    with pytest.raises(LinkError, match="for 8 KV heads at decode TP 1; this decode replica "
+                                        "has 4 at TP 1"):  # fmt: skip
+        asyncio.run(accept(8, 1))
+    with pytest.raises(LinkError, match="at decode TP 2; this decode replica has 4 at TP 1"):
+        asyncio.run(accept(4, 2))

@@ -14,11 +14,11 @@ pair can wait on each other. A link that fails (a peer died, a header mismatch, 
 timeout) is closed at both ends; the next request offers a new one (``gen`` + 1), and
 the requests that were waiting on the broken one fall back to recomputing.
 
-Tensor parallelism: at TP > 1 a link is one channel per rank (``GroupChannel``): rank r
-of the prefill group sends its head group's blocks to rank r of the decode group, all
-ranks at once, each pair meeting in the link's store under its own prefix. Both pools
-must run the same TP (the offer says its TP; a mismatch is refused with a clear error
-and the request is recomputed on the decode side).
+Tensor parallelism: a link is a channel per *route* on every rank of both groups
+(``workers.kv_routes``): at equal TP rank r sends its head group to rank r; between
+different TPs (the decode replica says its TP in the request, the offer says the
+prefill's) the heads are re-sliced, each run of heads going from the prefill rank that
+holds it to the decode rank that needs it. All ranks move their share at once.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from workers.comm import tcp_store
-from workers.kv_transfer import RECEIVER, SENDER, GroupChannel, KVChannel, rank_store, synced
+from workers.kv_routes import GroupChannel, Route, kv_routes
+from workers.kv_transfer import RECEIVER, SENDER, synced
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,13 @@ class LinkError(RuntimeError):
 class _Link:
     peer: str
     gen: int
-    channel_task: asyncio.Future[KVChannel | GroupChannel]
+    channel_task: asyncio.Future[GroupChannel]
     next_seq: int = 0
     broken: BaseException | None = None
     cond: asyncio.Condition = field(default_factory=asyncio.Condition)
     offer: dict[str, Any] = field(default_factory=dict)
 
-    async def channel(self, timeout_s: float) -> KVChannel | GroupChannel:
+    async def channel(self, timeout_s: float) -> GroupChannel:
         if self.broken is not None:
             raise LinkError(f"link to {self.peer} is broken: {self.broken}")
         try:
@@ -67,11 +68,14 @@ class KVLinks:
     """The links of one replica (``instance_id``) to its peers, both directions.
 
     ``backend``: "gloo" (CPU caches) or "nccl" (CUDA caches). ``timeout_s`` bounds the
-    rendezvous, each wait for a turn, and each send/receive."""
+    rendezvous, each wait for a turn, and each send/receive. ``kv_heads``: the model's
+    KV heads (both ends must serve one model); ``ranks``: the rank actors 1.. of this
+    replica's group."""
 
-    def __init__(self, instance_id: str, host: str, backend: str, timeout_s: float = 30.0,
-                 ranks: list[Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, instance_id: str, host: str, backend: str, kv_heads: int,
+                 timeout_s: float = 30.0, ranks: list[Any] | None = None) -> None:  # fmt: skip
         self.instance_id = instance_id
+        self.kv_heads = kv_heads
         self.host = host
         self.backend = backend
         self.timeout_s = timeout_s
@@ -86,10 +90,12 @@ class KVLinks:
         self.failures = 0
 
     # --- sender (prefill) side ----------------------------------------------------------
-    def offer(self, peer: str, stale: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
-        """The offer for ``peer`` (a decode replica): an open link's, or a new one whose
-        rendezvous starts now in the background. ``stale``: generations the peer has
-        closed on its side (they are closed here too, and a new link is offered)."""
+    def offer(self, peer: str, stale: list[int] | tuple[int, ...] = (),
+              peer_tp: int = 1) -> dict[str, Any]:  # fmt: skip
+        """The offer for ``peer`` (a decode replica of TP ``peer_tp``): an open link's,
+        or a new one whose rendezvous starts now in the background. ``stale``:
+        generations the peer has closed on its side (they are closed here too, and a new
+        link is offered)."""
         link = self._send.get(peer)
         if link is not None and link.broken is None and link.gen in stale:
             self._break(link, LinkError(f"{peer} closed link gen {link.gen}"))
@@ -99,10 +105,13 @@ class KVLinks:
         store = tcp_store(self.host, 0, True, 2, self.timeout_s)
         loop = asyncio.get_running_loop()
         key = f"send:{peer}:{gen}"
-        task = loop.run_in_executor(None, lambda: self._channel(key, store, store.port, SENDER))
+        routes = kv_routes(self.kv_heads, self.tp, peer_tp)
+        task = loop.run_in_executor(
+            None, lambda: self._channel(key, store, store.port, SENDER, routes)
+        )
         link = _Link(peer, gen, task)
         link.offer = {"peer": self.instance_id, "gen": gen, "host": self.host, "port": store.port,
-                      "tp": self.tp}  # fmt: skip
+                      "tp": self.tp, "peer_tp": peer_tp, "kv_heads": self.kv_heads}  # fmt: skip
         self._send[peer] = link
         logger.info("offering a KV link to %s (gen %d) on %s:%d", peer, gen, self.host, store.port)
         return link.offer
@@ -126,29 +135,28 @@ class KVLinks:
     def accept(self, offer: dict[str, Any]) -> tuple[str, int]:
         """Joins the link ``offer`` describes (once per (peer, gen)); returns its key."""
         key = (str(offer["peer"]), int(offer["gen"]))
-        if int(offer.get("tp", 1)) != self.tp:
-            raise LinkError(f"prefill replica {key[0]} runs TP {offer.get('tp', 1)}, this decode "
-                            f"replica TP {self.tp}: re-sharding KV heads in a transfer is not "
-                            "supported; give both pools one tensor_parallel_size")  # fmt: skip
+        if (int(offer["kv_heads"]), int(offer["peer_tp"])) != (self.kv_heads, self.tp):
+            raise LinkError(f"prefill replica {key[0]} offers a link for {offer['kv_heads']} KV "
+                            f"heads at decode TP {offer['peer_tp']}; this decode replica has "
+                            f"{self.kv_heads} at TP {self.tp}")  # fmt: skip
         if key not in self._recv:
             for old in [k for k in self._recv if k[0] == key[0] and k[1] < key[1]]:
                 self._break(self._recv.pop(old), LinkError("replaced by a newer link"))
             host, port = str(offer["host"]), int(offer["port"])
             name = f"recv:{key[0]}:{key[1]}"
+            routes = kv_routes(self.kv_heads, int(offer["tp"]), self.tp)
             loop = asyncio.get_running_loop()
             task = loop.run_in_executor(None, lambda: self._channel(
-                name, tcp_store(host, port, False, 2, self.timeout_s), port, RECEIVER, host))  # fmt: skip
+                name, tcp_store(host, port, False, 2, self.timeout_s), port, RECEIVER, routes,
+                host))  # fmt: skip
             self._recv[key] = _Link(key[0], key[1], task)
         return key
 
-    def _channel(self, name: str, store: Any, port: int, role: int,
-                 host: str | None = None) -> KVChannel | GroupChannel:  # fmt: skip
-        """The channel of one link (blocks until the peer joined): rank 0's alone at
-        TP 1, every rank's at TP > 1 (rank r of this group meets rank r of the peer's
-        through the same store, under its own prefix)."""
-        if not self.ranks:
-            return KVChannel(rank_store(store, 0), role, self.backend, self.timeout_s)
-        return GroupChannel.join(self.ranks, name, host or self.host, port, store, role,
+    def _channel(self, name: str, store: Any, port: int, role: int, routes: list[Route],
+                 host: str | None = None) -> GroupChannel:  # fmt: skip
+        """The channels of one link on every rank of this group (blocks until each met
+        its peers: the ranks of both groups meet through the one store, a route each)."""
+        return GroupChannel.join(self.ranks, name, host or self.host, port, store, role, routes,
                                  self.backend, self.timeout_s)  # fmt: skip
 
     async def recv(self, key: tuple[str, int], seq: int, caches: list[torch.Tensor],

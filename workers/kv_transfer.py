@@ -6,7 +6,9 @@ tensor into other block ids of another cache of the same shape. ``KVChannel`` is
 direction between two ranks: a 2-rank process group made on demand (gloo on CPU,
 NCCL on GPU), so pools pair up without a fixed world. A transfer is two messages, a
 header (block count, payload elements) then the payload, so a mismatch fails loudly
-instead of corrupting a cache. Transfers on a channel happen in call order on both
+instead of corrupting a cache. A transfer may carry a part of the KV heads (``heads``):
+groups of different tensor-parallel sizes re-slice them route by route
+(``workers.kv_routes``). Transfers on a channel happen in call order on both
 sides; with one channel per (sender, receiver) pair and both sides calling in the
 same order (the ledger's), concurrent transfers cannot deadlock.
 """
@@ -18,17 +20,10 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from workers.comm import new_group, retire_group
 
 SENDER, RECEIVER = 0, 1
-
-
-def rank_store(store: Any, rank: int) -> Any:
-    """The part of a link's rendezvous ``store`` for the channel of tensor-parallel rank
-    ``rank`` (every rank pair of a link meets in one store, each under its own prefix)."""
-    return dist.PrefixStore(f"rank{rank}", store)
 
 
 def synced(op: Any, caches: list[torch.Tensor], block_ids: list[int]) -> int:
@@ -86,6 +81,14 @@ def scatter_blocks(kv_caches: list[torch.Tensor], stack: torch.Tensor | None, id
             kv_caches[layer].index_copy_(1, idx, src[j])
         return
     _rows(stack[lo:hi]).index_copy_(2, idx, _rows(src))
+
+
+def head_slice(kv_caches: list[torch.Tensor], heads: tuple[int, int] | None) -> list[torch.Tensor]:
+    """The caches' views of KV heads ``heads`` = (first, count) (all: ``None``). A part
+    of the heads is not contiguous, so gathers and scatters take the per-layer path."""
+    if heads is None or heads == (0, kv_caches[0].shape[-2]):
+        return kv_caches
+    return [cache.narrow(-2, heads[0], heads[1]) for cache in kv_caches]
 
 
 def _index(block_ids: list[int], device: torch.device) -> torch.Tensor:
@@ -152,8 +155,9 @@ class KVChannel:
         self.header_wait_s = 0.0  # the last receive's wait for its header
 
     def send(self, kv_caches: list[torch.Tensor], block_ids: list[int],
-             chunk_bytes: int | None = None) -> int:  # fmt: skip
-        """Sends the blocks; returns the bytes of the payload.
+             chunk_bytes: int | None = None, heads: tuple[int, int] | None = None) -> int:  # fmt: skip
+        """Sends the blocks (of KV heads ``heads`` = (first, count) only, when given);
+        returns the bytes of the payload.
 
         A header (block count, elements) goes first. The payload, in ``pack_blocks``'
         layout, goes as messages of whole layers (``chunk_bytes``, default
@@ -162,6 +166,7 @@ class KVChannel:
         i+1 overlaps the send of message i (NCCL's stream waits for the gather it
         depends on). Returns once the sends are issued and the current stream waits
         for them."""
+        kv_caches = head_slice(kv_caches, heads)
         first = kv_caches[0]
         header = torch.tensor([len(block_ids), _payload_elems(kv_caches, len(block_ids))],
                               dtype=torch.long, device=first.device)  # fmt: skip
@@ -176,10 +181,11 @@ class KVChannel:
         return self._count(buf.numel() * buf.element_size())
 
     def recv(self, kv_caches: list[torch.Tensor], block_ids: list[int],
-             chunk_bytes: int | None = None) -> int:  # fmt: skip
-        """Receives a transfer into ``block_ids``; returns the payload's bytes. Every
-        message's receive is posted at once; each is scattered into the cache (one
-        kernel) as it lands."""
+             chunk_bytes: int | None = None, heads: tuple[int, int] | None = None) -> int:  # fmt: skip
+        """Receives a transfer into ``block_ids`` (into KV heads ``heads`` only, when
+        given); returns the payload's bytes. Every message's receive is posted at once;
+        each is scattered into the cache (one kernel) as it lands."""
+        kv_caches = head_slice(kv_caches, heads)
         first = kv_caches[0]
         t0 = time.perf_counter()
         header = torch.zeros(2, dtype=torch.long, device=first.device)
@@ -223,60 +229,3 @@ def _chunks(kv_caches: list[torch.Tensor], num_blocks: int, chunk_bytes: int | N
 def _payload_elems(kv_caches: list[torch.Tensor], num_blocks: int) -> int:
     first = kv_caches[0]
     return len(kv_caches) * first.shape[0] * num_blocks * int(torch.Size(first.shape[2:]).numel())
-
-
-class GroupChannel:
-    """One link's channels on every rank of a tensor-parallel group: rank 0's (a
-    ``KVChannel`` in this process) and ranks 1..N-1's, held by their ``RankWorker``
-    actors under ``key``. Rank r sends its head group's blocks to rank r of the peer;
-    block ids are the same on every rank. ``send``/``recv`` move every rank's share at
-    once and return the bytes of all of them; a rank that fails, or does not finish
-    within ``timeout_s``, fails the call. Built by ``join`` (blocks until every rank
-    met its peer)."""
-
-    def __init__(self, local: KVChannel, actors: list[Any], key: str, timeout_s: float) -> None:
-        self.local, self.actors, self.key, self.timeout_s = local, actors, key, timeout_s
-
-    @classmethod
-    def join(cls, actors: list[Any], key: str, host: str, port: int, base_store: Any,
-             role: int, backend: str, timeout_s: float) -> GroupChannel:  # fmt: skip
-        """Ranks 1.. join through the store at ``host:port``; rank 0 through
-        ``base_store`` (that store itself on the side that hosts it)."""
-        import ray
-
-        refs = [a.kv_join.remote(key, host, port, role, backend, timeout_s) for a in actors]
-        try:
-            local = KVChannel(rank_store(base_store, 0), role, backend, timeout_s)
-            ray.get(refs, timeout=timeout_s)
-        except BaseException:
-            for a in actors:
-                a.kv_close.remote(key)
-            raise
-        return cls(local, actors, key, timeout_s)
-
-    def send(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
-        return self._move(True, kv_caches, block_ids)
-
-    def recv(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
-        return self._move(False, kv_caches, block_ids)
-
-    def _move(self, send: bool, kv_caches: list[torch.Tensor], block_ids: list[int]) -> int:
-        import ray
-
-        refs = [a.kv_move.remote(self.key, send, block_ids) for a in self.actors]
-        try:
-            n = (
-                self.local.send(kv_caches, block_ids)
-                if send
-                else self.local.recv(kv_caches, block_ids)
-            )
-        except BaseException:
-            for ref in refs:
-                ray.cancel(ref, force=False)
-            raise
-        return n + sum(int(x) for x in ray.get(refs, timeout=self.timeout_s))
-
-    def close(self) -> None:
-        self.local.close()
-        for a in self.actors:
-            a.kv_close.remote(self.key)

@@ -24,7 +24,8 @@ from engine.model_runner import ModelRunner, RunnerConfig
 from engine.parallel import TPContext
 from engine.scheduler_output import SchedulerOutput
 from workers.comm import tcp_store, tp_group
-from workers.kv_transfer import KVChannel, rank_store, synced
+from workers.kv_routes import RankChannels, Route
+from workers.kv_transfer import synced
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RankWorker:
         self.size = size
         self.runner: ModelRunner | None = None
         self.exit_on_error = False
-        self._kv: dict[str, KVChannel] = {}  # this rank's channels, by link (GroupChannel)
+        self._kv: dict[str, RankChannels] = {}  # this rank's channels, by link (GroupChannel)
 
     def placement(self) -> dict[str, Any]:
         """Where Ray put this rank: node, process, GPU ids (physical, as Ray numbers them)."""
@@ -97,13 +98,14 @@ class RankWorker:
     def ping(self) -> int:
         return os.getpid()
 
-    # --- KV transfer (workers.kv_transfer.GroupChannel) --------------------------------
+    # --- KV transfer (workers.kv_routes.GroupChannel) ----------------------------------
     @ray.method(concurrency_group="kv")
-    def kv_join(self, key: str, host: str, port: int, role: int, backend: str,
-                timeout_s: float) -> None:  # fmt: skip
-        """Joins this rank's channel of link ``key`` through the store at ``host:port``."""
-        store = rank_store(tcp_store(host, port, False, 2, timeout_s), self.rank)
-        self._kv[key] = KVChannel(store, role, backend, timeout_s)
+    def kv_join(self, key: str, host: str, port: int, role: int, routes: list[Route],
+                backend: str, timeout_s: float) -> None:  # fmt: skip
+        """Joins this rank's channels of link ``key`` (its ``routes``) through the store
+        at ``host:port``."""
+        store = tcp_store(host, port, False, 2, timeout_s)
+        self._kv[key] = RankChannels(store, role, self.rank, routes, backend, timeout_s)
 
     @ray.method(concurrency_group="kv")
     def kv_move(self, key: str, send: bool, block_ids: list[int]) -> int:

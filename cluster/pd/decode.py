@@ -34,10 +34,10 @@ def kv_links(replica_id: str, host: str, engine: AsyncEngine) -> KVLinks:
     every rank of its worker group."""
     from workers.kv_links import KVLinks
 
-    backend = "nccl" if engine.engine.runner.device.type == "cuda" else "gloo"
-    executor = engine.engine.executor
-    ranks = executor.rank_actors() if hasattr(executor, "rank_actors") else []
-    return KVLinks(replica_id, host, backend, ranks=ranks)
+    eng = engine.engine
+    backend = "nccl" if eng.runner.device.type == "cuda" else "gloo"
+    ranks = eng.executor.rank_actors() if hasattr(eng.executor, "rank_actors") else []
+    return KVLinks(replica_id, host, backend, eng.model_config.num_kv_heads, ranks=ranks)
 
 
 class PairQuarantined(RuntimeError):
@@ -159,7 +159,7 @@ class DecodeSide:
         blocks after the first ``skip``, which are cached here); the first token."""
         assert self.links is not None and self.prefill_pool is not None
         req = {"prompt": ids, "params": params, "request_id": rid, "decode": self.replica_id,
-               "num_blocks": len(blocks), "skip_blocks": skip,
+               "num_blocks": len(blocks), "skip_blocks": skip, "decode_tp": self.links.tp,
                "stale_links": self.links.stale_links()}  # fmt: skip
         now = time.monotonic()
         eng = self.engine.engine

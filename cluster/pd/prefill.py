@@ -29,7 +29,8 @@ class PrefillSide:
         """Prefill side of a disaggregated request (called by a decode replica).
 
         ``req``: ``prompt`` (token ids), ``params``, ``request_id``, ``decode`` (the
-        decode replica's id), ``num_blocks`` (what it reserved) and ``skip_blocks`` (the
+        decode replica's id), ``decode_tp`` (its TP: the link re-slices KV heads when it
+        differs from this replica's), ``num_blocks`` (what it reserved) and ``skip_blocks`` (the
         prompt's leading blocks it has cached: not sent). Yields, in order:
         ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
         "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
@@ -42,7 +43,7 @@ class PrefillSide:
         rid = f"{req['request_id']}-prefill"
         peer = str(req["decode"])
         stale = [int(g) for p, g in req.get("stale_links", ()) if p == self.replica_id]
-        yield {"link": self.links.offer(peer, stale)}
+        yield {"link": self.links.offer(peer, stale, int(req["decode_tp"]))}
         if self._faults_left > 0:  # fault injection (tests)
             self._faults_left -= 1
             yield {"error": "injected prefill failure (faults.fail_prefills)"}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.parallel import TPContext, divide
+from engine.parallel import TPContext, divide, kv_head_range
 
 
 class _ShardedLinear(nn.Module):
@@ -89,14 +89,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp.size, "attention heads")
-        if tp.size >= num_kv_heads:
-            divide(tp.size, num_kv_heads, "tensor-parallel size over KV heads")
-            self.num_kv_heads = 1
-            # Rank r uses query heads [r*h, (r+1)*h); they belong to this KV head.
-            self.kv_head_start = tp.rank * num_kv_heads // tp.size
-        else:
-            self.num_kv_heads = divide(num_kv_heads, tp.size, "KV heads")
-            self.kv_head_start = tp.rank * self.num_kv_heads
+        # Rank r uses query heads [r*h, (r+1)*h); its KV heads are the ones they use.
+        self.kv_head_start, self.num_kv_heads = kv_head_range(num_kv_heads, tp.size, tp.rank)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         _ShardedLinear.__init__(self, hidden_size, out, bias, tp)
 
