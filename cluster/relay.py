@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from cluster.core.messages import Choice, Delta, Request
 from cluster.metrics import RequestTimer
 from engine.outputs import CompletionOutput, RequestOutput
 
@@ -27,7 +28,7 @@ def engine_info(model: str, role: str, engine: Any) -> dict[str, Any]:
             "block_size": engine.args.block_size, "prefix_key": engine.prefix_key.hex()}  # fmt: skip
 
 
-def prompt_of(req: dict[str, Any], engine: Any) -> str | list[int]:
+def prompt_of(req: Request, engine: Any) -> str | list[int]:
     """The prompt ``req`` names: token ids tokenized upstream (the router's affinity),
     chat messages rendered with ``engine``'s template, or its text."""
     if req.get("prompt_ids") is not None:
@@ -38,10 +39,10 @@ def prompt_of(req: dict[str, Any], engine: Any) -> str | list[int]:
 
 
 async def relay(
-    stream: AsyncIterator[RequestOutput], first: RequestOutput, req: dict[str, Any],
+    stream: AsyncIterator[RequestOutput], first: RequestOutput, req: Request,
     kv: dict[str, Any], timer: RequestTimer, tokenizer: Any, stream_interval_s: float = 0.0,
     sent: dict[int, tuple[int, int]] | None = None,
-) -> AsyncGenerator[dict[str, Any], None]:  # fmt: skip
+) -> AsyncGenerator[Delta, None]:  # fmt: skip
     """The deltas of ``stream`` (whose first output, ``first``, was read already), until
     the finished one. ``sent``: per sample, the (text, tokens) the client has already (a
     resumed request). ``stream_interval_s``: least time between two deltas after the
@@ -71,12 +72,10 @@ async def relay(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-def delta_of(
-    out: RequestOutput, sent: dict[int, tuple[int, int]], tokenizer: Any
-) -> dict[str, Any]:
+def delta_of(out: RequestOutput, sent: dict[int, tuple[int, int]], tokenizer: Any) -> Delta:
     """``out`` as a delta from what ``sent`` holds (per sample: text length, tokens),
     which it updates; samples with nothing new and not finished are left out."""
-    choices = []
+    choices: list[Choice] = []
     for c in out.outputs:
         text_at, tok_at = sent.get(c.index, (0, 0))
         text = c.text[text_at:]

@@ -24,7 +24,7 @@ from ray import serve
 
 from cluster.async_engine import AsyncEngine
 from cluster.config import Faults, PDConfig
-from cluster.core.messages import FULL
+from cluster.core.messages import FULL, Delta, Request
 from cluster.core.server import CoreServer, Outbox, pump
 from cluster.metrics import EngineMetrics, RequestTimer
 from cluster.pd.decode import DecodeSide, kv_links
@@ -134,7 +134,7 @@ class EngineReplica(DecodeSide, PrefillSide):
             stats = {**self.engine.stats(), **self._stream_stats(), **self._lag_stats(),
                      "dead": not self._healthy()}  # fmt: skip
             if self.server is not None:  # API processes attach there (cluster.api)
-                stats["core"] = list(self.server.address)
+                stats["core"] = self.server.address
             try:  # the ledger first: placement and ``kvserve status`` read it
                 if last is not None and ray.wait([last], timeout=0)[0]:
                     ray.get(last)
@@ -196,7 +196,7 @@ class EngineReplica(DecodeSide, PrefillSide):
         self._check_target(target)
         if self.server is None:
             raise ValueError(f"engine instance {self.replica_id} takes no API processes")
-        return {"address": list(self.server.address), "authkey": self.server.key.hex()}
+        return {"address": self.server.address, "authkey": self.server.key.hex()}
 
     def _check_target(self, target: str) -> None:
         """A call pinned to ``target`` (``cluster.request_router``) that reached another
@@ -245,7 +245,7 @@ class EngineReplica(DecodeSide, PrefillSide):
         """The prefix-cache blocks held (short hashes: ``cluster.placement.affinity``)."""
         return [affinity.short(h) for h in self.engine.prefix_hashes(affinity.REPORT_MAX)]
 
-    def start(self, req: dict[str, Any], box: Outbox) -> str | None:
+    def start(self, req: Request, box: Outbox) -> str | None:
         """Starts an API process's request (``request_id`` set); its deltas go to ``box``.
         None, or why it is refused (``"full: ..."``: ``max_live_requests`` live). A
         dead engine raises (the API process tries another core)."""
@@ -259,7 +259,7 @@ class EngineReplica(DecodeSide, PrefillSide):
         self.submitted += 1
         return None
 
-    async def generate(self, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def generate(self, req: Request) -> AsyncGenerator[Delta, None]:
         params: SamplingParams = req["params"]
         arrival = time.monotonic()
         try:
@@ -276,7 +276,7 @@ class EngineReplica(DecodeSide, PrefillSide):
                 stream = self.engine.generate(prompt, params, rid)
             first = await anext(stream)
         except ValueError as e:
-            yield {"request_id": req.get("request_id"), "error": str(e)}
+            yield {"request_id": req.get("request_id", ""), "error": str(e)}
             return
         # A resumed request's outputs carry what the client has already (its tokens, and
         # text up to ``resume_text``): send only what follows.

@@ -260,7 +260,8 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
         binds = _listening({http, grpc_port})
         assert all(_loopback(ip) for ips in binds.values() for ip in ips), binds
         core = rows[0]["core"]  # where the engine replica's core listens (the ledger row)
-        assert _loopback(core[0]) and set(_listening({core[1]})[core[1]]) == {core[0]}, core
+        host, _, port = core.removeprefix("tcp://").rpartition(":")
+        assert _loopback(host) and set(_listening({int(port)})[int(port)]) == {host}, core
 
         # SIGTERM stops it like Ctrl-C, HAProxy included (it would keep the ports).
         haproxies = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]

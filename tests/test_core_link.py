@@ -1,6 +1,6 @@
 """API processes' links to an engine core (``cluster.core``): a real engine replica
 (outside Serve, on this test's event loop) serves its ``CoreServer`` on loopback, and
-``CoreLink``s attach over TCP. Outputs equal the offline engine's; a wrong key, a
+``CoreLink``s attach over TCP and in-process. Outputs equal the offline engine's; a wrong key, a
 silent peer and a peer sending garbage are refused or dropped alone; a closed link
 aborts its own requests, whose blocks return; a dead engine is reported as gone."""
 
@@ -16,7 +16,7 @@ import pytest
 
 from cluster.core import transport
 from cluster.core.client import CoreLink
-from cluster.core.messages import EngineGone
+from cluster.core.messages import Added, EngineGone, Ready
 from engine import LLM
 from engine.sampling_params import SamplingParams
 
@@ -69,12 +69,13 @@ def test_links_share_the_core(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> N
                                 "tiny", core_host="127.0.0.1")  # fmt: skip
         server = replica.server
         assert server is not None
-        host, port = server.address
-        assert host == "127.0.0.1"
-        a = await CoreLink.open("r", host, port, server.key)
-        b = await CoreLink.open("r", host, port, server.key)
-        assert a.info["max_model_len"] == MAX_LEN and a.role == "both"
-        # Two links at once, each its own requests: the offline engine's outputs.
+        assert server.address.startswith("tcp://127.0.0.1:")
+        host, port = "127.0.0.1", int(server.address.rpartition(":")[2])
+        a = await CoreLink.open("r", server.address, server.key)  # over TCP
+        b = await CoreLink.open("r", server.local_address, server.key)  # in this process
+        assert a.info["max_model_len"] == MAX_LEN and a.role == "both" and b.info == a.info
+        # Two links at once (one per transport), each its own requests: the offline
+        # engine's outputs.
         got = await asyncio.gather(_collect(a, _req("w1 w2 w3", greedy)),
                                    _collect(b, _req("w5 w6", sampled)))  # fmt: skip
         for ref, g in zip(refs, got, strict=True):
@@ -85,17 +86,24 @@ def test_links_share_the_core(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> N
         assert f"max_model_len is {MAX_LEN}" in bad["last"]["error"]
         # A wrong key, a silent peer and garbage from an attached link: refused or
         # dropped alone, while the other link goes on.
-        with pytest.raises(transport.LinkClosed):
-            await CoreLink.open("r", host, port, b"not the key")
+        for address in (server.address, server.local_address):
+            with pytest.raises(transport.LinkClosed, match="key"):
+                await CoreLink.open("r", address, b"not the key")
         silent = await asyncio.open_connection(host, port)
-        rogue_r, rogue_w = await transport.connect(host, port, server.key)
-        assert (await transport.recv(rogue_r))[0] == "ready"
-        rogue_w.write(b"\x00\x00\x00\x05junk!")
-        await rogue_w.drain()
+        rogue = await transport.connect(server.address, server.key)
+        assert isinstance(await rogue.recv(), Ready)
+        assert isinstance(rogue, transport.SocketEnd)
+        rogue.writer.write(b"\x00\x00\x00\x05junk!")
+        await rogue.drain()
+        local_rogue = await transport.connect(server.local_address, server.key)
+        assert isinstance(await local_rogue.recv(), Ready)
+        local_rogue.send(Added("x", None))  # a message only a core sends
         again = await _collect(a, _req("w1 w2 w3", greedy))
         assert again["tokens"][0] == refs[0].outputs[0].token_ids
-        with pytest.raises((transport.LinkClosed, TimeoutError)):
-            await asyncio.wait_for(transport.recv(rogue_r), 5)  # dropped: end of stream
+        for end in (rogue, local_rogue):  # dropped: end of stream
+            with pytest.raises((transport.LinkClosed, TimeoutError)):
+                while True:
+                    await asyncio.wait_for(end.recv(), 5)
         silent[1].close()
         # A link closed mid-stream: the core aborts its requests; the blocks return.
         queue = await b.add(_req("w4 w5", long))

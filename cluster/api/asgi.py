@@ -12,6 +12,7 @@ from typing import Any
 from fastapi.responses import Response
 
 from cluster.api.errors import APIError, api_key
+from cluster.core.messages import Request
 from cluster.front_trace import HTTP_READ_KEY
 
 # When this request's HTTP call reached the app (``time.monotonic()``; ``_Guard`` sets it
@@ -26,7 +27,7 @@ HTTP_READ: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
-def stamp_arrival(req: dict[str, Any]) -> float:
+def stamp_arrival(req: Request) -> float:
     """Stamps ``req`` as its engine's front takes it (``time.monotonic()``, this
     process's clock) with when its HTTP call reached the app and was parsed (None when
     unknown): what ``cluster.relay.first_token_timing`` splits. Returns the stamp."""

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster.core.client import CoreLink
+from cluster.core.messages import Request
 from cluster.placement import affinity
 from cluster.placement.block_manager import GlobalBlockManager, LedgerError, Placement
 from cluster.placement.ledger import get_ledger, up
@@ -109,14 +110,14 @@ class Cores:
         used = min(capacity, max(0, capacity - int(s.get("free_blocks", capacity))))
         self.blocks.report(iid, used, running, waiting, link.held, now)
 
-    def blocks_for(self, req: dict[str, Any]) -> int:
+    def blocks_for(self, req: Request) -> int:
         """The KV blocks ``req``'s prompt takes (1 while its length is unknown here)."""
         ids = req.get("prompt_ids")
         if ids is None or self.hasher is None:
             return 1
         return max(1, -(-len(ids) // self.hasher.block_size))
 
-    def prefix(self, req: dict[str, Any]) -> list[int]:
+    def prefix(self, req: Request) -> list[int]:
         """The prompt's leading block hashes (none until the tokenizer is loaded, or when
         the prompt does not tokenize: the core says why). Sets ``req["prompt_ids"]``:
         the core does not tokenize again."""
@@ -159,8 +160,7 @@ class Cores:
             try:
                 got = await asyncio.wait_for(self.pool.core_link.remote(target=iid),
                                              ATTACH_TIMEOUT_S)  # fmt: skip
-                host, port = got["address"]
-                link = await CoreLink.open(iid, str(host), int(port), bytes.fromhex(got["authkey"]))
+                link = await CoreLink.open(iid, got["address"], bytes.fromhex(got["authkey"]))
             except Exception as e:  # gone meanwhile, or not up yet: next round
                 logger.warning("api: attaching to engine core %s failed: %s", iid, e)
                 continue

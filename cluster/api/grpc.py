@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from cluster.api.errors import api_key, engine_error
 from cluster.api.openai import MAX_N
+from cluster.core.messages import Delta, Request
 from protos import kvserve_pb2 as pb
 
 SERVICE = "kvserve.v1.KVServe"
@@ -81,7 +82,7 @@ def _grpc_params(opts: Any) -> Any:
     return SamplingParams(stop=tuple(opts.stop), ignore_eos=opts.ignore_eos, **kw)
 
 
-def _grpc_choices(pb: Any, item: dict[str, Any]) -> list[Any]:
+def _grpc_choices(pb: Any, item: Delta) -> list[Any]:
     out = []
     for c in item["choices"]:
         lps = [pb.TokenLogprob(token=e["token"], logprob=e["logprob"], top=dict(e["top"]))
@@ -97,7 +98,7 @@ class GrpcMethods:
 
     model_name: str
 
-    def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def _open(self, req: Request) -> AsyncIterator[Delta]:
         raise NotImplementedError
 
     async def _engine_info(self) -> dict[str, Any]:
@@ -125,7 +126,7 @@ class GrpcMethods:
             return False
         return True
 
-    def _grpc_check(self, request: Any, context: Any) -> dict[str, Any] | None:
+    def _grpc_check(self, request: Any, context: Any) -> Request | None:
         """The engine request for a ``GenerateRequest``, or None after setting
         INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED on ``context``."""
         import grpc
@@ -133,7 +134,7 @@ class GrpcMethods:
         if not self._grpc_admit(request, context):
             return None
         problem, code = None, grpc.StatusCode.INVALID_ARGUMENT
-        req: dict[str, Any] = {}
+        req: Request = {}
         if request.model and request.model != self.model_name:
             problem, code = (
                 f"model {request.model!r} does not exist; this server has {self.model_name!r}",
@@ -163,7 +164,7 @@ class GrpcMethods:
         req["request_id"] = f"grpc-{uuid.uuid4().hex}"
         return req
 
-    async def _grpc_items(self, req: dict[str, Any], context: Any) -> AsyncIterator[dict[str, Any]]:
+    async def _grpc_items(self, req: Request, context: Any) -> AsyncIterator[Delta]:
         import grpc
 
         gen: Any = self._open(req)
@@ -197,7 +198,7 @@ class GrpcMethods:
         texts, reasons = [""] * n, [""] * n
         tokens: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[Any]] = [[] for _ in range(n)]
-        last: dict[str, Any] | None = None
+        last: Delta | None = None
         async for item in self._grpc_items(req, grpc_context):
             last = item
             for c in _grpc_choices(pb, item):
@@ -224,7 +225,7 @@ class GrpcMethods:
             yield self._grpc_response(pb, item, choices, total)
 
     def _grpc_response(
-        self, pb: Any, item: dict[str, Any], choices: list[Any], completion: int
+        self, pb: Any, item: Delta, choices: list[Any], completion: int
     ) -> Any:
         usage = pb.Usage(prompt_tokens=item["prompt_tokens"], completion_tokens=completion,
                          cached_tokens=item["cached_tokens"])  # fmt: skip

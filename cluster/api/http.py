@@ -44,6 +44,7 @@ from cluster.api.openai import (
     kv_extension,
     usage,
 )
+from cluster.core.messages import Delta, Request
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class OpenAIFront:
     created: int
     affinity: str
 
-    def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def _open(self, req: Request) -> AsyncIterator[Delta]:
         """The request's deltas (``cluster.replica`` documents them), as an async
         generator: its first item is an ``{"error"}`` one for bad input; ``ValueError``
         means bad input too, ``PoolFull`` a full queue (429), ``EngineGone`` or any
@@ -103,7 +104,7 @@ class OpenAIFront:
     # --- generation -------------------------------------------------------------------
     async def completions(self, body: CompletionRequest) -> Any:
         self._check_model(body.model)
-        req = {"prompt": body.prompt, "params": body.to_params()}
+        req: Request = {"prompt": body.prompt, "params": body.to_params()}  # type: ignore[typeddict-item]
         return await self._serve(body, req, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
@@ -112,10 +113,10 @@ class OpenAIFront:
             conversation = body.conversation()
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
-        req = {"messages": conversation, "params": body.to_params()}
+        req: Request = {"messages": conversation, "params": body.to_params()}
         return await self._serve(body, req, chat=True)
 
-    async def _serve(self, body: Any, req: dict[str, Any], chat: bool) -> Any:
+    async def _serve(self, body: Any, req: Request, chat: bool) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         req["request_id"] = rid
         gen: Any = self._open(req)

@@ -26,6 +26,7 @@ from cluster.api.asgi import stamp_arrival
 from cluster.api.cores import Cores
 from cluster.api.grpc import GrpcMethods
 from cluster.api.http import OpenAIFront, ingress_app
+from cluster.core.messages import Delta, Request
 from cluster.process import freeze_heap, serve_replica_id
 
 START_TIMEOUT_S = 600.0  # an API replica is ready once a core is attached, at most this
@@ -60,7 +61,7 @@ class ApiIngress(OpenAIFront, GrpcMethods):
     def affinity(self) -> str:  # type: ignore[override]
         return self.cores.affinity
 
-    def _open(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def _open(self, req: Request) -> AsyncIterator[Delta]:
         stamp_arrival(req)
         return server.stream(self.cores, req, self.cores.prefix(req), self.max_failovers,
                              self.failover_timeout_s, self.place_timeout_s, self.replica_id)  # fmt: skip

@@ -29,7 +29,7 @@ from typing import Any
 
 from cluster.api.cores import Cores
 from cluster.core.client import CoreLink, DeltaQueue
-from cluster.core.messages import EngineGone, PoolFull
+from cluster.core.messages import Choice, Delta, EngineGone, PoolFull, Request
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ PLACE_TIMEOUT_S = 60.0  # a new request waits this long for a core (none attache
 RETRY_S = 0.1
 
 
-async def stream(cores: Cores, req: dict[str, Any], prefix: Sequence[int] = (),
+async def stream(cores: Cores, req: Request, prefix: Sequence[int] = (),
                  max_failovers: int = MAX_FAILOVERS,
                  failover_timeout_s: float = FAILOVER_TIMEOUT_S,
                  place_timeout_s: float = PLACE_TIMEOUT_S,
-                 api_id: str = "") -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+                 api_id: str = "") -> AsyncIterator[Delta]:  # fmt: skip
     """See the module doc (``ServeConfig`` documents the limits). ``api_id``: this API
     process, named in the last delta's ``kv["api"]``."""
     rid = str(req["request_id"])
@@ -56,7 +56,8 @@ async def stream(cores: Cores, req: dict[str, Any], prefix: Sequence[int] = (),
     kv: dict[str, Any] | None = None
     n = int(getattr(req.get("params"), "n", 1))
     while True:
-        attempt = req if not failed else {**req, "resume": list(tokens), "resume_text": text}
+        attempt: Request = req if not failed else {**req, "resume": list(tokens),
+                                                   "resume_text": text}  # fmt: skip
         timeout = failover_timeout_s if failed else place_timeout_s
         link, queue = await _place(cores, attempt, prefix, failed, timeout)
         placed = time.monotonic()
@@ -93,7 +94,7 @@ async def stream(cores: Cores, req: dict[str, Any], prefix: Sequence[int] = (),
             link.live -= 1
 
 
-async def _place(cores: Cores, req: dict[str, Any], prefix: Sequence[int], failed: list[str],
+async def _place(cores: Cores, req: Request, prefix: Sequence[int], failed: list[str],
                  timeout_s: float) -> tuple[CoreLink, DeltaQueue]:  # fmt: skip
     """Sends ``req`` to a core; the link and the request's queue. A first attempt raises
     ``PoolFull`` when the core chosen refuses it; cores that fail are avoided and the
@@ -132,7 +133,7 @@ async def _place(cores: Cores, req: dict[str, Any], prefix: Sequence[int], faile
         await asyncio.sleep(RETRY_S)
 
 
-async def _items(link: CoreLink, rid: str, queue: DeltaQueue) -> AsyncIterator[dict[str, Any]]:
+async def _items(link: CoreLink, rid: str, queue: DeltaQueue) -> AsyncIterator[Delta]:
     """One attempt's deltas until its last; ``EngineGone`` when its core dies. Leaving
     early aborts the request on the core."""
     done = False
@@ -162,8 +163,8 @@ async def _items(link: CoreLink, rid: str, queue: DeltaQueue) -> AsyncIterator[d
             link.abort(rid)
 
 
-def _with_api_timing(item: dict[str, Any], req: dict[str, Any], opened: float, placed: float,
-                     first: float) -> dict[str, Any]:  # fmt: skip
+def _with_api_timing(item: Delta, req: Request, opened: float, placed: float,
+                     first: float) -> Delta:  # fmt: skip
     """``item`` with the API process's share of its request's first-token time in
     ``kv["timing_ms"]`` (ms from the request's opening here): ``api_place`` until its
     core took it, ``api_first_delta`` until its first delta arrived; ``api_parse`` from
@@ -181,24 +182,24 @@ def _with_api_timing(item: dict[str, Any], req: dict[str, Any], opened: float, p
     return {**item, "kv": {**item["kv"], "timing_ms": timing}}
 
 
-def _last(item: dict[str, Any]) -> bool:
+def _last(item: Delta) -> bool:
     return bool(item.get("finished")) or "error" in item or "gone" in item
 
 
-def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def merge(a: Delta, b: Delta) -> Delta:
     """Two consecutive deltas of one request as one (texts, tokens, logprobs joined);
     ``a`` is not the last."""
     if "error" in b or "gone" in b:
         return b
-    choices = {c["index"]: dict(c) for c in a["choices"]}
+    choices: dict[int, Choice] = {c["index"]: {**c} for c in a["choices"]}
     for c in b["choices"]:
         prev = choices.get(c["index"])
         if prev is None:
-            choices[c["index"]] = dict(c)
+            choices[c["index"]] = {**c}
             continue
         prev["text"] += c["text"]
         prev["token_ids"] = [*prev["token_ids"], *c["token_ids"]]
-        if prev.get("logprobs") is not None or c.get("logprobs") is not None:
-            prev["logprobs"] = [*(prev.get("logprobs") or []), *(c.get("logprobs") or [])]
+        if prev["logprobs"] is not None or c["logprobs"] is not None:
+            prev["logprobs"] = [*(prev["logprobs"] or []), *(c["logprobs"] or [])]
         prev["finish_reason"] = c["finish_reason"] or prev["finish_reason"]
     return {**b, "choices": [choices[i] for i in sorted(choices)]}

@@ -1,6 +1,7 @@
 """An API process's link to one engine core (``cluster.core.server``). Torch-free.
 
-``CoreLink.open`` connects and passes the key challenge; then one reader task files
+``CoreLink.open`` connects (``cluster.core.transport.connect``: TCP, or in-process for
+a core of this process) and passes the key check; then one reader task files
 each message's deltas into their requests' queues and keeps the core's figures
 (``stats``) and prefix-cache hashes (``held``) current. ``add`` sends a request and
 returns its queue once the core took it; ``abort`` drops it there.
@@ -19,17 +20,28 @@ import logging
 from typing import Any
 
 from cluster.core import transport
-from cluster.core.messages import ABORT, ADD, ADDED, FULL, GONE, OUT, READY, EngineGone, PoolFull
+from cluster.core.messages import (
+    FULL,
+    GONE,
+    Abort,
+    Add,
+    Added,
+    Delta,
+    EngineGone,
+    Out,
+    PoolFull,
+    Ready,
+    Request,
+)
 
 logger = logging.getLogger(__name__)
 
 SILENCE_S = 30.0  # a link with no message this long is dead
-DeltaQueue = asyncio.Queue[dict[str, Any] | BaseException]
+DeltaQueue = asyncio.Queue[Delta | BaseException]
 
 
 class CoreLink:
-    def __init__(self, instance_id: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, info: dict[str, Any],
+    def __init__(self, instance_id: str, end: transport.End, info: dict[str, Any],
                  stats: dict[str, Any]) -> None:  # fmt: skip
         """Use ``open``. ``info``: what the core said of itself (model, role, context,
         how it hashes prefix blocks); ``stats``: its figures, as of the last message."""
@@ -39,25 +51,25 @@ class CoreLink:
         self.held: frozenset[int] = frozenset()  # its prefix-cache blocks (short hashes)
         self.live = 0  # requests of this process on it
         self.dead: str | None = None
-        self._reader = reader
-        self._writer = writer
+        self._end = end
         self._queues: dict[str, DeltaQueue] = {}
         self._added: dict[str, asyncio.Future[str | None]] = {}
         self._task = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def open(cls, instance_id: str, host: str, port: int, key: bytes) -> CoreLink:
-        """Connects to the core at ``host:port``; ``transport.LinkClosed`` if it cannot
-        be reached, refuses the key or does not say it is ready."""
-        reader, writer = await transport.connect(host, port, key)
+    async def open(cls, instance_id: str, address: str, key: bytes) -> CoreLink:
+        """Connects to the core at ``address`` (``tcp://host:port``, ``local://name``);
+        ``transport.LinkClosed`` if it cannot be reached, refuses the key or does not
+        say it is ready."""
+        end = await transport.connect(address, key)
         try:
-            msg = await asyncio.wait_for(transport.recv(reader), transport.HANDSHAKE_TIMEOUT_S)
-            if msg[0] != READY:
-                raise transport.LinkClosed(f"the core answered {msg[0]!r}")
+            msg = await asyncio.wait_for(end.recv(), transport.HANDSHAKE_TIMEOUT_S)
+            if not isinstance(msg, Ready):
+                raise transport.LinkClosed(f"the core answered {type(msg).__name__}")
         except BaseException:
-            writer.close()
+            end.close()
             raise
-        return cls(instance_id, reader, writer, msg[1], msg[2])
+        return cls(instance_id, end, msg.info, msg.stats)
 
     @property
     def role(self) -> str:
@@ -69,7 +81,7 @@ class CoreLink:
         s = self.stats
         return float(max(self.live, int(s.get("running", 0)) + int(s.get("waiting", 0))))
 
-    async def add(self, req: dict[str, Any]) -> DeltaQueue:
+    async def add(self, req: Request) -> DeltaQueue:
         """Sends ``req`` (``request_id`` set); its deltas' queue once the core took it.
         ``PoolFull`` when the core refused it (queue full), ``EngineGone`` when the core
         or the link failed."""
@@ -81,8 +93,8 @@ class CoreLink:
         self._queues[rid] = queue
         self._added[rid] = added
         try:
-            transport.send(self._writer, (ADD, req))
-            await self._writer.drain()
+            self._end.send(Add(req))
+            await self._end.drain()
             refused = await added
         except (ConnectionError, OSError) as e:
             self._die(f"{type(e).__name__}: {e}")
@@ -104,7 +116,7 @@ class CoreLink:
         if self._queues.pop(rid, None) is None or self.dead is not None:
             return
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-            transport.send(self._writer, (ABORT, rid))
+            self._end.send(Abort(rid))
 
     def forget(self, rid: str) -> None:
         """A finished request: nothing more comes for it."""
@@ -117,20 +129,19 @@ class CoreLink:
     async def _read(self) -> None:
         try:
             while True:
-                msg = await asyncio.wait_for(transport.recv(self._reader), SILENCE_S)
-                kind = msg[0]
-                if kind == OUT:
-                    _, deltas, self.stats, hashes = msg
-                    if hashes is not None:
-                        self.held = frozenset(hashes)
-                    for d in deltas:
-                        queue = self._queues.get(str(d.get("request_id")))
-                        if queue is not None:
-                            queue.put_nowait(d)
-                elif kind == ADDED:
-                    fut = self._added.get(str(msg[1]))
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg[2])
+                match await asyncio.wait_for(self._end.recv(), SILENCE_S):
+                    case Out(deltas, stats, hashes):
+                        self.stats = stats
+                        if hashes is not None:
+                            self.held = frozenset(hashes)
+                        for d in deltas:
+                            queue = self._queues.get(str(d.get("request_id")))
+                            if queue is not None:
+                                queue.put_nowait(d)
+                    case Added(rid, refused):
+                        fut = self._added.get(rid)
+                        if fut is not None and not fut.done():
+                            fut.set_result(refused)
         except TimeoutError:
             self._die(f"no message from the core in {SILENCE_S:.0f} s")
         except transport.LinkClosed as e:
@@ -150,6 +161,6 @@ class CoreLink:
         for fut in self._added.values():
             if not fut.done():
                 fut.set_exception(err)
-        self._writer.close()
+        self._end.close()
         if asyncio.current_task() is not self._task:
             self._task.cancel()

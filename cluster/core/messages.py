@@ -1,24 +1,98 @@
 """What goes between an API process and an engine core, and what a failed exchange
 raises on the API's side. Torch-free.
 
-Frames (``cluster.core.transport``) carry tuples:
+A link carries these messages (``cluster.core.transport`` moves them: pickled frames
+over TCP, or copies between two ends in one process):
 
-- API → core: ``("add", req)`` (``req``: ``request_id``, ``prompt`` or ``prompt_ids``
-  or ``messages``, ``params``: ``SamplingParams``; a failover adds ``resume`` and
-  ``resume_text``); ``("abort", request_id)``.
-- core → API: ``("ready", info, stats)`` once (``info``: model, role, context, block
-  size, prefix key, instance); ``("added", request_id, refused)`` (None, ``"full: ..."``
-  or ``"gone: ..."``); ``("out", deltas, stats, hashes | None)`` per step with output
-  for this link (at least every second): ``deltas`` as ``cluster.replica`` documents
-  them, ``stats`` the core's figures, ``hashes`` its prefix-cache blocks (short form)
-  about once a second.
+- API → core: ``Add`` (a ``Request``), ``Abort`` (a request id);
+- core → API: ``Ready`` once (what the core is, its figures); ``Added`` per ``Add``
+  (``refused``: None, ``"full: ..."`` or ``"gone: ..."``); ``Out`` per engine step with
+  output for this link, and at least every second: the step's ``Delta`` of each request
+  of this link (what is new since its previous delta), the core's figures, and about
+  once a second its prefix-cache blocks (short hashes).
+
+A request's output is made into deltas once, on the core (``cluster.relay``), and
+crosses the link once; the API process only renders them (SSE, JSON, protobuf).
 """
 
 from __future__ import annotations
 
-ADD, ABORT = "add", "abort"  # API → core: the kinds of message
-READY, ADDED, OUT = "ready", "added", "out"  # core → API
+from typing import Any, NamedTuple, TypedDict
+
+from engine.sampling_params import SamplingParams
+
 FULL, GONE = "full: ", "gone: "  # the prefixes of a refusal: HTTP 429, or try another core
+
+
+class Request(TypedDict, total=False):
+    """A request as an API process sends it: ``request_id``, ``params``, and one of
+    ``prompt`` (text), ``prompt_ids`` (tokenized by the API: prefix affinity) or
+    ``messages`` (chat); a failover adds ``resume`` (the tokens the client has) and
+    ``resume_text`` (the length of their text). The ``*_at`` stamps time its way."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | list[int]
+    prompt_ids: list[int]
+    messages: list[dict[str, Any]]
+    resume: list[int]
+    resume_text: int
+    submitted_at: float  # the core's clock: when it took the request
+    api_arrived_at: float | None  # the API's clock: when the HTTP call reached the app
+    http_read_at: float | None  # ... when the HTTP server read its first bytes (front_trace)
+
+
+class Choice(TypedDict):
+    """What is new for one sample: text, tokens, their logprobs, and why it finished."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] | None
+    finish_reason: str | None
+
+
+class Delta(TypedDict, total=False):
+    """One request's output of one step: its ``choices`` with something new, the
+    prompt's size and prefix hits, ``finished`` on the last; ``kv`` its KV accounting
+    (instance, mode, transfer, timing; ``docs/serving.md``). Or, instead, ``error``
+    (bad input: HTTP 400) or ``gone`` (its engine failed: resume elsewhere)."""
+
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    finished: bool
+    choices: list[Choice]
+    kv: dict[str, Any]
+    error: str
+    gone: str
+
+
+class Add(NamedTuple):
+    req: Request
+
+
+class Abort(NamedTuple):
+    request_id: str
+
+
+class Ready(NamedTuple):
+    info: dict[str, Any]  # model, role, context, block size, prefix key, instance
+    stats: dict[str, Any]
+
+
+class Added(NamedTuple):
+    request_id: str
+    refused: str | None
+
+
+class Out(NamedTuple):
+    deltas: list[Delta]
+    stats: dict[str, Any]
+    hashes: list[int] | None
+
+
+Message = Add | Abort | Ready | Added | Out
 
 
 class EngineGone(RuntimeError):

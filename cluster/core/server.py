@@ -7,7 +7,9 @@ as one message per batch (normally one engine step's worth for every request of 
 client), with the core's figures, and the prefix-cache hashes every ``HASHES_EVERY_S``.
 An idle client still gets a message every ``REPORT_EVERY_S`` (its link's heartbeat).
 
-The messages are ``cluster.core.messages``'s, in ``cluster.core.transport`` frames.
+The messages are ``cluster.core.messages``'s, on ``cluster.core.transport`` ends: a TCP
+socket bound at construction (``address``), and ``local_address`` for clients in this
+process.
 
 A request belongs to the client that added it. A client whose link closes, breaks or
 sends garbage has every request of its own aborted (the blocks return to the pool);
@@ -26,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from cluster.core import transport
-from cluster.core.messages import ABORT, ADD, ADDED, GONE, OUT, READY
+from cluster.core.messages import GONE, Abort, Add, Added, Delta, Out, Ready, Request
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +42,15 @@ class Outbox:
     that client's requests (by request id)."""
 
     def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
+        self.items: list[Delta] = []
         self.ready = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def put(self, item: dict[str, Any]) -> None:
+    def put(self, item: Delta) -> None:
         self.items.append(item)
         self.ready.set()
 
-    async def take(self, timeout: float | None = None) -> list[dict[str, Any]]:
+    async def take(self, timeout: float | None = None) -> list[Delta]:
         """Everything filed since the last take; waits for at least one item (at most
         ``timeout`` seconds: ``TimeoutError``)."""
         await asyncio.wait_for(self.ready.wait(), timeout)
@@ -62,7 +64,7 @@ class Outbox:
             task.cancel()
 
 
-async def pump(rid: str, source: AsyncIterator[dict[str, Any]], box: Outbox) -> None:
+async def pump(rid: str, source: AsyncIterator[Delta], box: Outbox) -> None:
     """Files ``source``'s deltas (one request) into ``box``; an exception becomes a final
     ``{"request_id", "gone": message}`` item. Cancelling the task closes ``source``."""
     try:
@@ -87,7 +89,7 @@ class Core(Protocol):
 
     def prefix_report(self) -> list[int]: ...
 
-    def start(self, req: dict[str, Any], box: Outbox) -> str | None: ...
+    def start(self, req: Request, box: Outbox) -> str | None: ...
 
 
 class CoreServer:
@@ -97,7 +99,9 @@ class CoreServer:
         self.core = core
         self.key = key or os.urandom(32)
         self._sock = transport.listening_socket(host)
-        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        host, port = self._sock.getsockname()[:2]
+        self.address = transport.tcp_address(host, port)
+        self.local_address = transport.listen_local(f"{id(self):x}", self.key, self._client)
         self.boxes: set[Outbox] = set()
         self.messages = 0  # messages sent with deltas ...
         self.deltas = 0  # ... carrying this many
@@ -117,16 +121,16 @@ class CoreServer:
             self._task.cancel()
         for box in list(self.boxes):
             box.cancel_all()
+        transport.unlisten_local(self.local_address.removeprefix("local://"))
         with contextlib.suppress(OSError):
             self._sock.close()
 
     async def _serve(self) -> None:
-        server = await asyncio.start_server(self._client, sock=self._sock)
+        server = await asyncio.start_server(self._accept, sock=self._sock)
         async with server:
             await server.serve_forever()
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        name = f"client-{next(self._names)}"
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         transport.tune(writer)
         try:
             await transport.handshake(reader, writer, self.key)
@@ -134,41 +138,43 @@ class CoreServer:
             logger.warning("engine core refused a client: %s", e)
             writer.close()
             return
+        await self._client(transport.SocketEnd(reader, writer))
+
+    async def _client(self, end: transport.End) -> None:
+        name = f"client-{next(self._names)}"
         box = Outbox()
         self.boxes.add(box)
-        transport.send(writer, (READY, self.core.link_info(), self.core.link_stats()))
-        out = asyncio.ensure_future(self._write(writer, box))
+        end.send(Ready(self.core.link_info(), self.core.link_stats()))
+        out = asyncio.ensure_future(self._write(end, box))
         logger.info("engine core: %s attached (%d clients)", name, len(self.boxes))
         try:
-            await self._read(reader, writer, box, out.done)
+            await self._read(end, box, out.done)
         except transport.LinkClosed as e:
             logger.info("engine core: %s left (%s)", name, e)
         finally:
             self.boxes.discard(box)
             box.cancel_all()  # its requests are aborted: their blocks return
             out.cancel()
-            writer.close()
+            end.close()
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    box: Outbox, writer_done: Callable[[], bool]) -> None:  # fmt: skip
+    async def _read(self, end: transport.End, box: Outbox,
+                    writer_done: Callable[[], bool]) -> None:  # fmt: skip
         while not writer_done():
-            msg = await transport.recv(reader)
-            kind = msg[0]
-            if kind == ADD:
-                req = msg[1]
-                try:
-                    refused = self.core.start(req, box)
-                except Exception as e:  # a dead engine: the client tries another core
-                    refused = f"{GONE}{type(e).__name__}: {e}"
-                transport.send(writer, (ADDED, req["request_id"], refused))
-            elif kind == ABORT:
-                task = box.tasks.get(str(msg[1]))
-                if task is not None:
-                    task.cancel()
-            else:
-                raise transport.LinkClosed(f"unknown command {kind!r}")
+            match await end.recv():
+                case Add(req):
+                    try:
+                        refused = self.core.start(req, box)
+                    except Exception as e:  # a dead engine: the client tries another core
+                        refused = f"{GONE}{type(e).__name__}: {e}"
+                    end.send(Added(req["request_id"], refused))
+                case Abort(rid):
+                    task = box.tasks.get(rid)
+                    if task is not None:
+                        task.cancel()
+                case msg:
+                    raise transport.LinkClosed(f"a client sent {type(msg).__name__}")
 
-    async def _write(self, writer: asyncio.StreamWriter, box: Outbox) -> None:
+    async def _write(self, end: transport.End, box: Outbox) -> None:
         hashes_at = 0.0
         try:
             while True:
@@ -182,8 +188,8 @@ class CoreServer:
                 if items:
                     self.messages += 1
                     self.deltas += len(items)
-                transport.send(writer, (OUT, items, self.core.link_stats(), hashes))
-                await asyncio.wait_for(writer.drain(), CLIENT_IO_TIMEOUT_S)
+                end.send(Out(items, self.core.link_stats(), hashes))
+                await asyncio.wait_for(end.drain(), CLIENT_IO_TIMEOUT_S)
         except (ConnectionError, OSError, TimeoutError) as e:
             logger.warning("engine core: dropping a client whose link broke or stalled: %r", e)
-            writer.transport.abort()  # its reader sees the link close: cleanup follows
+            end.close()  # its reader sees the link close: cleanup follows

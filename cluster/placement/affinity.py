@@ -19,7 +19,7 @@ never a wrong answer: the engine looks up its own cache.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from engine.block_hash import extend_block_hashes
@@ -88,7 +88,7 @@ class PromptHasher:
         self.key = bytes.fromhex(str(info["prefix_key"]))
         self.tokenizer = Tokenizer(str(info["model_dir"]))
 
-    def token_ids(self, req: dict[str, Any]) -> list[int]:
+    def token_ids(self, req: Mapping[str, Any]) -> list[int]:
         """The prompt's token ids (``prompt``: text or ids; or chat ``messages``)."""
         if req.get("messages") is not None:
             return self.tokenizer.encode(self.tokenizer.render_chat(req["messages"]))
