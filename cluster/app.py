@@ -25,7 +25,7 @@ from ray.serve import Application
 
 from cluster import capacity, netbind
 from cluster.api.ingress import ApiDeployment
-from cluster.config import ServeConfig
+from cluster.config import ServeConfig, with_env
 from cluster.replica import EngineDeployment
 from cluster.request_router import router_config
 
@@ -121,15 +121,11 @@ def build_app(cfg: ServeConfig) -> Application:
             faults=cfg.faults,
         )
     env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **cfg.api_env}
-    if cfg.api_key:
-        env["KVSERVE_API_KEY"] = cfg.api_key
     actor: dict[str, Any] = {"num_cpus": cfg.front_cpus, "runtime_env": {"env_vars": env}}
     api_options = {"num_replicas": cfg.api_replicas, "max_ongoing_requests": 4096,
                    "logging_config": {"enable_access_log": cfg.access_log},
                    "ray_actor_options": actor}  # fmt: skip
-    return ApiDeployment.options(**api_options).bind(
-        pool, name, cfg.api_roles, cfg.max_failovers, cfg.failover_timeout_s, cfg.place_timeout_s
-    )
+    return ApiDeployment.options(**api_options).bind(pool, cfg)
 
 
 def build(args: dict[str, Any]) -> Application:
@@ -137,7 +133,7 @@ def build(args: dict[str, Any]) -> Application:
     ``ServeConfig`` fields (how ``serve deploy`` and KubeRay's serveConfigV2 reach
     kvserve; see k8s/). The HTTP/gRPC ports and hosts there come from the config file's
     ``http_options`` / ``grpc_options``, not from ``args``."""
-    return build_app(ServeConfig.from_dict(args))
+    return build_app(ServeConfig.from_dict(with_env(args)))
 
 
 GRPC_SERVICERS = [

@@ -153,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import haproxy_in_front, run
-    from cluster.config import ServeConfig, apply_settings
+    from cluster.config import ServeConfig, apply_settings, with_env
 
     data = ServeConfig.from_yaml(args.config).to_dict() if args.config else {}
     data = apply_settings(data, args.set)
@@ -174,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data["device"] = args.device
     if args.max_model_len:
         data["engine"] = {**data.get("engine", {}), "max_model_len": args.max_model_len}
-    cfg = ServeConfig.from_dict(data)  # validated once
+    cfg = ServeConfig.from_dict(with_env(data))  # validated once
     t0 = time.perf_counter()
     try:
         dashboard = run(cfg, args.address, dashboard=True, verbose=args.verbose)

@@ -66,7 +66,10 @@ class ServeConfig:
     max_ongoing_requests: int = 256  # per engine replica, before its requests queue ...
     max_queued_requests: int = 1024  # ... and queued beyond those; more get HTTP 429
     stream_interval_s: float = 0.0  # least gap between a stream's messages (0: every step)
-    api_key: str | None = None  # required of clients (HTTP Bearer, gRPC metadata)
+    # Required of clients (HTTP Bearer, gRPC metadata); None: KVSERVE_API_KEY of the
+    # process that reads the config (a Kubernetes Secret), else no key.
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024  # the largest HTTP request body (HTTP 413 beyond)
     engine: dict[str, Any] = field(default_factory=dict)  # more EngineArgs fields
     mode: str = "colocated"  # one pool for prefill and decode, or "disaggregated": two
     prefill_replicas: int = 1  # disaggregated: prefill instances
@@ -198,6 +201,18 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+API_KEY_ENV = "KVSERVE_API_KEY"
+
+
+def with_env(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the settings the environment gives (the only ones): ``api_key``
+    from ``KVSERVE_API_KEY`` when ``data`` has none (Kubernetes passes a Secret so)."""
+    key = os.environ.get(API_KEY_ENV)
+    if key and not data.get("api_key"):
+        return {**data, "api_key": key}
+    return data
 
 
 _FIELD = re.compile(r"^    (\w+): [^=]+= ")

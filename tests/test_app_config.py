@@ -35,10 +35,9 @@ def test_the_api_ingress_fronts_every_mode(
     assert front.name == "api" and issubclass(front.func_or_class, ApiIngress)
     assert front._deployment_config.num_replicas == 3
     env = _env(front)
-    assert env["KVSERVE_API_KEY"] == "k" and env["NCCL_DEBUG"] == "WARN"
-    pool_app, name, got_roles, failovers, failover_s, place_s = front.init_args
-    assert (name, got_roles, failovers, failover_s, place_s) == (
-        "SmolLM2-135M-Instruct", roles, 3, 2.0, 60.0)  # fmt: skip
+    assert env["NCCL_DEBUG"] == "WARN" and "KVSERVE_API_KEY" not in env  # not in the env
+    pool_app, front_cfg = front.init_args
+    assert front_cfg == cfg and front_cfg.api_roles == roles and front_cfg.api_key == "k"
     pool = pool_app._bound_deployment
     assert pool.name == pool_name and issubclass(pool.func_or_class, EngineReplica)
     assert pool.init_args[2] == roles[0] and pool.init_args[-1] == "10.0.0.1"  # core_host
@@ -124,3 +123,15 @@ def test_settings_table_help_and_set_come_from_the_fields() -> None:
         apply_settings({}, ["api_replicas"])
     with pytest.raises(ValueError, match="'ingress' is gone"):
         ServeConfig.from_dict(apply_settings({}, ["ingress=engine"]))
+
+
+def test_the_environment_gives_only_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``with_env``: KVSERVE_API_KEY (a Kubernetes Secret) fills an unset ``api_key``; a
+    key in the settings wins; nothing else comes from the environment."""
+    from cluster.config import with_env
+
+    monkeypatch.delenv("KVSERVE_API_KEY", raising=False)
+    assert with_env({"mode": "colocated"}) == {"mode": "colocated"}
+    monkeypatch.setenv("KVSERVE_API_KEY", "from-secret")
+    assert ServeConfig.from_dict(with_env({})).api_key == "from-secret"
+    assert with_env({"api_key": "mine"})["api_key"] == "mine"

@@ -3,41 +3,46 @@ before a body is parsed, and the server-sent-events response of a stream.
 """
 
 import contextvars
-import os
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import Response
 
-from cluster.api.errors import APIError, api_key
+from cluster.api.errors import APIError
 from cluster.core.messages import Request
-from cluster.front_trace import HTTP_READ_KEY
 
 # When this request's HTTP call reached the app (``time.monotonic()``; ``_Guard`` sets it
 # in the request's context, which the route runs in): ``timing_ms``'s ``api_parse``.
 API_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "kvserve_api_arrived", default=None
 )
-# When the HTTP server parsed the request's first bytes (only while
-# ``cluster.front_trace`` stamps them): ``timing_ms``'s ``http_wait``.
-HTTP_READ: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "kvserve_http_read", default=None
-)
 
 
 def stamp_arrival(req: Request) -> float:
     """Stamps ``req`` as its engine's front takes it (``time.monotonic()``, this
-    process's clock) with when its HTTP call reached the app and was parsed (None when
-    unknown): what ``cluster.relay.first_token_timing`` splits. Returns the stamp."""
+    process's clock) with when its HTTP call reached the app (None when unknown): what
+    ``cluster.relay.first_token_timing`` splits. Returns the stamp."""
     now = req["submitted_at"] = time.monotonic()
     req["api_arrived_at"] = API_ARRIVED.get()
-    req["http_read_at"] = HTTP_READ.get()
     return now
 
 
-MAX_BODY_BYTES = int(os.environ.get("KVSERVE_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
+@dataclass(frozen=True)
+class GuardSettings:
+    api_key: str | None = None  # clients must send it (HTTP Bearer, gRPC metadata)
+    max_body_bytes: int = 4 * 1024 * 1024  # larger bodies: HTTP 413
+
+
+# This API process's settings (``ApiIngress`` sets them from the config at start).
+GUARD = GuardSettings()
+
+
+def configure(settings: GuardSettings) -> None:
+    global GUARD
+    GUARD = settings
 
 
 class Guard:
@@ -51,20 +56,18 @@ class Guard:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             API_ARRIVED.set(time.monotonic())
-            if HTTP_READ_KEY in scope:
-                HTTP_READ.set(scope[HTTP_READ_KEY])
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}  # fmt: skip
-            key = api_key()
+            key = GUARD.api_key
             wrong_key = key and headers.get("authorization", "") != f"Bearer {key}"
             refusal = None
             if wrong_key and scope.get("path") != "/health":
                 refusal = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
                                    "authentication_error", code="invalid_api_key")  # fmt: skip
             length = headers.get("content-length")
-            too_big = length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES
+            too_big = length is not None and length.isdigit() and int(length) > GUARD.max_body_bytes
             if refusal is None and too_big:
-                refusal = APIError(413, f"request body over {MAX_BODY_BYTES} bytes",
+                refusal = APIError(413, f"request body over {GUARD.max_body_bytes} bytes",
                                    "invalid_request_error")  # fmt: skip
             if refusal is not None:
                 await refusal.response()(scope, receive, send)

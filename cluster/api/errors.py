@@ -6,7 +6,6 @@ with ``Retry-After`` for a full queue, 503 with ``Retry-After`` when no engine c
 from __future__ import annotations
 
 import logging
-import os
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -35,12 +34,6 @@ class ErrorResponse(BaseModel):
 ERRORS = {400: "bad input", 401: "missing or wrong API key", 404: "unknown model or path",
            405: "method not allowed", 413: "body too large", 429: "queues full (Retry-After)",
            503: "no engine instance can serve now (Retry-After)"}  # fmt: skip
-
-
-def api_key() -> str | None:
-    """The key clients must present: ``KVSERVE_API_KEY`` of this router process
-    (``ServeConfig.api_key`` reaches it through the deployment's runtime_env)."""
-    return os.environ.get("KVSERVE_API_KEY") or None
 
 
 class APIError(Exception):

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from cluster.api.errors import api_key, engine_error
+from cluster.api import asgi
+from cluster.api.errors import engine_error
 from cluster.api.openai import MAX_N
 from cluster.core.messages import Delta, Request
 from protos import kvserve_pb2 as pb
@@ -112,7 +113,7 @@ class GrpcMethods:
         after setting UNAUTHENTICATED / INVALID_ARGUMENT on ``context``."""
         import grpc
 
-        key = api_key()
+        key = asgi.GUARD.api_key
         if key and context is not None:
             meta = dict(context.invocation_metadata())
             if meta.get("authorization") != f"Bearer {key}":
@@ -224,9 +225,7 @@ class GrpcMethods:
             total += sum(len(c.token_ids) for c in choices)
             yield self._grpc_response(pb, item, choices, total)
 
-    def _grpc_response(
-        self, pb: Any, item: Delta, choices: list[Any], completion: int
-    ) -> Any:
+    def _grpc_response(self, pb: Any, item: Delta, choices: list[Any], completion: int) -> Any:
         usage = pb.Usage(prompt_tokens=item["prompt_tokens"], completion_tokens=completion,
                          cached_tokens=item["cached_tokens"])  # fmt: skip
         acct = item.get("kv") or {}

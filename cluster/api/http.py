@@ -4,7 +4,7 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` as server-sent events ending with
 ``data: [DONE]``). Errors come in OpenAI's shape, ``{"error": {"message", "type",
 "param", "code"}}``: 400 for bad input (never a 5xx for it), 401 without the API key
-(when ``KVSERVE_API_KEY`` is set), 404 for an unknown model, 413 for a body over the
+(when ``ServeConfig.api_key`` is set), 404 for an unknown model, 413 for a body over the
 limit, 429 with ``Retry-After`` when the engine's queue is full, 503 with
 ``Retry-After`` when no engine can serve.
 

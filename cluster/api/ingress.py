@@ -21,11 +21,12 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api import server
+from cluster.api import asgi, server
 from cluster.api.asgi import stamp_arrival
 from cluster.api.cores import Cores
 from cluster.api.grpc import GrpcMethods
 from cluster.api.http import OpenAIFront, ingress_app
+from cluster.config import ServeConfig
 from cluster.core.messages import Delta, Request
 from cluster.process import freeze_heap, serve_replica_id
 
@@ -33,21 +34,19 @@ START_TIMEOUT_S = 600.0  # an API replica is ready once a core is attached, at m
 
 
 class ApiIngress(OpenAIFront, GrpcMethods):
-    async def __init__(self, engine: DeploymentHandle, model_name: str,  # type: ignore[misc]
-                       roles: tuple[str, ...] = ("both",),
-                       max_failovers: int = server.MAX_FAILOVERS,
-                       failover_timeout_s: float = server.FAILOVER_TIMEOUT_S,
-                       place_timeout_s: float = server.PLACE_TIMEOUT_S) -> None:  # fmt: skip
-        """``engine``: the pool the API calls (colocated, or decode), whose instances
-        have ``roles``; the failover limits as ``ServeConfig`` documents them. Ready (to
-        Serve, and so to the proxy) once a core is attached."""
-        self.model_name = model_name
+    async def __init__(self, engine: DeploymentHandle, cfg: ServeConfig) -> None:  # type: ignore[misc]
+        """``engine``: the pool the API calls (colocated, or decode); ``cfg`` the app's
+        config (the served name, the roles of the pool's instances, the failover limits,
+        the API key and body limit). Ready (to Serve, and so to the proxy) once a core
+        is attached."""
+        model_name = self.model_name = cfg.served_name
         self.replica_id = serve_replica_id()
         self.created = int(time.time())
-        self.max_failovers = max_failovers
-        self.failover_timeout_s = failover_timeout_s
-        self.place_timeout_s = place_timeout_s
-        self.cores = Cores(engine, model_name, roles)
+        self.max_failovers = cfg.max_failovers
+        self.failover_timeout_s = cfg.failover_timeout_s
+        self.place_timeout_s = cfg.place_timeout_s
+        asgi.configure(asgi.GuardSettings(cfg.api_key, cfg.max_body_bytes))
+        self.cores = Cores(engine, model_name, cfg.api_roles)
         self.cores.start()
         try:
             await asyncio.wait_for(self.cores.attached.wait(), START_TIMEOUT_S)

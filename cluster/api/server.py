@@ -168,17 +168,13 @@ def _with_api_timing(item: Delta, req: Request, opened: float, placed: float,
     """``item`` with the API process's share of its request's first-token time in
     ``kv["timing_ms"]`` (ms from the request's opening here): ``api_place`` until its
     core took it, ``api_first_delta`` until its first delta arrived; ``api_parse`` from
-    the HTTP call reaching the app to the opening (routing, body parsing), and
-    ``http_wait`` from the HTTP server parsing its first bytes to that (only while
-    ``cluster.front_trace`` stamps HTTP reads)."""
+    the HTTP call reaching the app to the opening (routing, body parsing)."""
     timing = {**item["kv"].get("timing_ms", {}),
               "api_place": round((placed - opened) * 1e3, 3),
               "api_first_delta": round((first - opened) * 1e3, 3)}  # fmt: skip
-    api_at, http_at = req.get("api_arrived_at"), req.get("http_read_at")
+    api_at = req.get("api_arrived_at")
     if api_at is not None:
         timing["api_parse"] = round((opened - api_at) * 1e3, 3)
-        if http_at is not None:
-            timing["http_wait"] = round((api_at - http_at) * 1e3, 3)
     return {**item, "kv": {**item["kv"], "timing_ms": timing}}
 
 

@@ -39,7 +39,6 @@ class Request(TypedDict, total=False):
     resume_text: int
     submitted_at: float  # the core's clock: when it took the request
     api_arrived_at: float | None  # the API's clock: when the HTTP call reached the app
-    http_read_at: float | None  # ... when the HTTP server read its first bytes (front_trace)
 
 
 class Choice(TypedDict):
