@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.model_runner import ModelRunner, RunnerConfig
+from engine.model_runner import ModelRunner
+from engine.runner_config import RunnerConfig
 from engine.scheduler_output import SchedulerOutput
 
 ENTRY_POINTS = "kvserve.executors"  # the entry-point group of named executors

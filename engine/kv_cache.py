@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.runner_config import RunnerConfig
+
 if TYPE_CHECKING:
-    from engine.model_runner import RunnerConfig
     from engine.models.llama import LlamaAttention
 
 logger = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from engine.executor import Executor, make_executor
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import resolve_model
-from engine.model_runner import ModelRunner, RunnerConfig
+from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
+from engine.runner_config import RunnerConfig
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler

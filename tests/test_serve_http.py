@@ -254,6 +254,28 @@ def test_api_processes_share_one_engine(app: Any, server: str, smollm2_llm: LLM)
     _pool_whole()
 
 
+def test_the_running_api_processes_never_load_torch(app: Any, server: str) -> None:
+    """After serving HTTP and gRPC, no API replica's process has torch (or its library)
+    loaded, and the engine replica's has (the check can see it)."""
+    import psutil
+    from ray.util.state import list_actors
+
+    httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})  # fmt: skip
+
+    def torch_mapped(pid: int) -> bool:
+        return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    pids = {a["class_name"]: [] for a in actors}  # type: ignore[var-annotated]
+    for a in actors:
+        pids[a["class_name"]].append(a["pid"])
+    api = pids.get("ServeReplica:kvserve:api", [])
+    assert len(api) == app.api_replicas, sorted(pids)
+    assert not any(torch_mapped(pid) for pid in api)
+    assert all(torch_mapped(pid) for pid in pids["ServeReplica:kvserve:engine"])
+
+
 def test_cancel_mid_stream_returns_blocks(server: str) -> None:
     body = {"model": MODEL, "prompt": LONG_PROMPT + " And again:", "max_tokens": 400,
             "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip

@@ -31,8 +31,9 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.model_runner import ModelRunner, RunnerConfig
+from engine.model_runner import ModelRunner
 from engine.parallel import TPContext
+from engine.runner_config import RunnerConfig
 from engine.scheduler_output import SchedulerOutput
 from workers.comm import abort_group, new_store_path, retire_group, tp_group
 from workers.rank_worker import CONCURRENCY_GROUPS, RankWorker

@@ -20,8 +20,9 @@ from typing import Any
 import ray
 import torch
 
-from engine.model_runner import ModelRunner, RunnerConfig
+from engine.model_runner import ModelRunner
 from engine.parallel import TPContext
+from engine.runner_config import RunnerConfig
 from engine.scheduler_output import SchedulerOutput
 from workers.comm import tcp_store, tp_group
 from workers.kv_routes import RankChannels, Route
