@@ -1,7 +1,10 @@
 """Regenerates ``docs/benchmarks.md`` (and its plots) from ``bench/results/*.json``.
 
-Takes the newest record per (device, workload), groups devices under a section per
-kind ("CPU", "GPU") and renders one table per workload. Table and plot builders are
+Opens with one table: the newest record of each workload family (``W2`` for ``W2``,
+``W2-eager``, ...) per device, with its ratio to the floor and to the peer and a link
+to the record. Then, per device kind ("CPU", "GPU") and device, the details of those
+records (one table per workload), and a line per other variant with its link; the
+history stays in ``bench/results``. Table and plot builders are
 registered per workload id in ``TABLES`` and ``PLOTS``; records of the GPU suite
 (``suite == "gpu"``) take theirs from ``bench/report_gpu.py``. A workload without a
 builder gets a table of its ratios only. Run alone:
@@ -35,10 +38,50 @@ def load_latest(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str], Record
     latest: dict[tuple[str, str], Record] = {}
     for path in sorted(results_dir.glob("*.json")):
         rec = json.loads(path.read_text())
+        rec["_path"] = path
         key = (rec["device"]["slug"], rec["workload"])
         if key not in latest or rec["timestamp"] > latest[key]["timestamp"]:
             latest[key] = rec
     return latest
+
+
+def family(workload: str) -> str:
+    """A workload's family: its name before the first ``-`` (``W2-eager`` → ``W2``)."""
+    return workload.split("-")[0]
+
+
+def headline(latest: dict[tuple[str, str], Record]) -> dict[tuple[str, str], Record]:
+    """The newest record per (device, family), the family's own name first when it is as
+    new as a variant (same date)."""
+    out: dict[tuple[str, str], Record] = {}
+    for (slug, wl), rec in latest.items():
+        key = (slug, family(wl))
+        have = out.get(key)
+        rank = (rec["date"], wl == key[1], rec["timestamp"])
+        if have is None or rank > (have["date"], have["workload"] == key[1], have["timestamp"]):
+            out[key] = rec
+    return out
+
+
+def _pick(ratios: dict[str, Any], floor: bool) -> str:
+    """The first ratio against the floor (``floor``), or the first other one."""
+    for k, x in ratios.items():
+        if ("floor" in k) == floor and isinstance(x, int | float):
+            return f"`{k}` {fmt(x)}"
+    return "-"
+
+
+def summary(heads: dict[tuple[str, str], Record], doc_path: Path) -> list[str]:
+    """The opening table: one row per (device, workload family)."""
+    rows = []
+    for (_, _), rec in sorted(heads.items(), key=lambda kv: (kv[1]["device"]["kind"], kv[0])):
+        dev = rec["device"]
+        path = Path(rec["_path"])
+        rel = Path("..") / path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        rows.append([f"{dev['name']} ×{dev['count']}", f"`{rec['workload']}`", rec["date"],
+                     _pick(rec["ratios"], True), _pick(rec["ratios"], False),
+                     f"[{path.name}]({rel.as_posix()})"])  # fmt: skip
+    return markdown_table(["device", "workload", "date", "vs floor", "vs peer", "record"], rows)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -177,8 +220,11 @@ def render(latest: dict[tuple[str, str], Record], img_dir: Path, doc_path: Path)
         "and workload); never edit a number here by hand. The protocol is in BENCHMARKS.md. "
         "Ratios named `X_over_Y` are X / Y.",
     ]
+    heads = headline(latest)
+    out += ["", "## Latest, per device and workload", "", *summary(heads, doc_path)]
+    shown = {id(r) for r in heads.values()}
     by_kind: dict[str, dict[str, list[Record]]] = {}
-    for (slug, _), rec in sorted(latest.items()):
+    for (slug, _), rec in sorted(heads.items()):
         by_kind.setdefault(rec["device"]["kind"], {}).setdefault(slug, []).append(rec)
     for kind, devices in sorted(by_kind.items()):
         out += ["", f"## {SECTIONS.get(kind, kind)}"]
@@ -192,6 +238,13 @@ def render(latest: dict[tuple[str, str], Record], img_dir: Path, doc_path: Path)
             out.append(NOTES.get(kind, "").format(**dev))
             for rec in sorted(recs, key=lambda r: str(r["workload"])):
                 out += render_workload(rec, img_dir, doc_path)
+            others = sorted((r for (s, _), r in latest.items()
+                             if s == dev["slug"] and id(r) not in shown),
+                            key=lambda r: str(r["workload"]))  # fmt: skip
+            if others:
+                out += ["", "#### Other runs (variants and tuning runs; their records)", ""]
+                out += [f"- `{r['workload']}` ({r['date']}): `{Path(r['_path']).name}`"
+                        for r in others]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
