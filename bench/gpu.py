@@ -30,6 +30,7 @@ from bench import report
 from bench.common import RESULTS_DIR, Sizes, environment, write_result
 from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
 from bench.gpu_prefill_capacity import W4Config, W5Config, run_w4, run_w5
+from bench.gpu_sharegpt import W9Config, run_w9
 from bench.gpu_workloads import W1Config, W2Config, W3Config, run_w1, run_w2, run_w3
 from bench.report import fmt
 from bench.synthetic import write_model_dir
@@ -38,13 +39,14 @@ from engine.shapes import MODELS, make_config
 SUITE = "gpu"
 FULL_MODEL = "llama3-8b-shape"
 QUICK_MODEL = "llama3-8b-shape-2l"
-RUNNERS: dict[str, Any] = {"W1": run_w1, "W2": run_w2, "W3": run_w3, "W4": run_w4, "W5": run_w5}
+RUNNERS: dict[str, Any] = {"W1": run_w1, "W2": run_w2, "W3": run_w3, "W4": run_w4, "W9": run_w9,
+                           "W5": run_w5}  # fmt: skip
 PEERLESS = {"W5"}
 
 
 FULL = Sizes(
     configs={"W1": W1Config(), "W2": W2Config(), "W3": W3Config(), "W4": W4Config(),
-             "W5": W5Config()},
+             "W5": W5Config(), "W9": W9Config()},
     copy_bytes=2 * 1024**3,
     matmul_n=8192,
 )  # fmt: skip
@@ -57,6 +59,7 @@ QUICK = Sizes(
         "W4": W4Config(prompt_len=512, reps=2),
         "W5": W5Config(prompt_len=64, output_len=16, num_blocks=64, max_num_seqs=64, max_s=30.0,
                        max_model_len=128),
+        "W9": W9Config(num_requests=24, peer_requests=8, max_num_seqs=16),
     },
     copy_bytes=256 * 1024**2,
     matmul_n=4096,
@@ -67,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.gpu", description=__doc__.split("\n")[0] if __doc__ else ""
     )
-    p.add_argument("--workloads", default=",".join(RUNNERS), help="comma-separated subset of W1-W5")
+    p.add_argument(
+        "--workloads", default=",".join(RUNNERS), help="comma-separated subset of W1-W5, W9"
+    )
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_MODEL}, tiny sizes")
     p.add_argument("--out", type=Path, help="write results and the report under DIR")
     p.add_argument(
