@@ -158,6 +158,7 @@ TITLES = {
     "W3": "W3 what the cache buys",
     "W4": "W4 prefill",
     "W5": "W5 capacity",
+    "W9": "W9 ShareGPT offline throughput (1000 requests at once)",
 }
 TABLES: dict[str, Callable[[Record], Table]] = {"W1": table_w1, "W2": table_w2, "W3": table_w3}
 
