@@ -13,6 +13,7 @@ one run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -56,12 +57,14 @@ def _ours(env: GPUEnv, cfg: W9Config, prompts: list[list[int]], params: list[Sam
     llm = env.ours(max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
                    max_num_batched_tokens=cfg.max_num_batched_tokens)  # fmt: skip
     env.log(f"W9 ours: {len(prompts)} ShareGPT requests")
-    wall, outs = timed(env.device, lambda: llm.generate(prompts, params))
-    full = {"wall_s": wall, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
-    wall, outs = timed(env.device, lambda: llm.generate(sub, greedy(sub_out)))
-    part = {"wall_s": wall, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
-    return {"ours": full, "ours_subset": part,
-            "preemptions": llm.engine.scheduler.num_preemptions}  # fmt: skip
+    runs: dict[str, tuple[list[list[int]], SamplingParams | list[SamplingParams]]] = {
+        "ours": (prompts, params), "ours_subset": (sub, greedy(sub_out))}  # fmt: skip
+    raw: dict[str, Any] = {}
+    for name, (batch, sp) in runs.items():
+        wall, outs = timed(env.device, partial(llm.generate, batch, sp))
+        raw[name] = _rates(wall, sum(len(p) for p in batch),
+                           sum(len(o.outputs[0].token_ids) for o in outs))  # fmt: skip
+    return {**raw, "preemptions": llm.engine.scheduler.num_preemptions}
 
 
 def run_w9(env: GPUEnv, cfg: W9Config) -> dict[str, Any]:
@@ -78,9 +81,6 @@ def run_w9(env: GPUEnv, cfg: W9Config) -> dict[str, Any]:
         "tokenizer": mix["tokenizer"],
         **_ours(env, cfg, prompts, params, sub, sub_out),
     }
-    raw["ours"] = _rates(raw["ours"]["wall_s"], full_prompt, raw["ours"]["output_tokens"])
-    sub_ours = raw["ours_subset"]
-    raw["ours_subset"] = _rates(sub_ours["wall_s"], sub_prompt, sub_ours["output_tokens"])
     env.free()
     result: dict[str, Any] = {}
     try:

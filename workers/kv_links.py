@@ -90,8 +90,7 @@ class KVLinks:
         self.failures = 0
 
     # --- sender (prefill) side ----------------------------------------------------------
-    def offer(self, peer: str, stale: list[int] | tuple[int, ...] = (),
-              peer_tp: int = 1) -> dict[str, Any]:  # fmt: skip
+    def offer(self, peer: str, stale: list[int] | tuple[int, ...], peer_tp: int) -> dict[str, Any]:
         """The offer for ``peer`` (a decode replica of TP ``peer_tp``): an open link's,
         or a new one whose rendezvous starts now in the background. ``stale``:
         generations the peer has closed on its side (they are closed here too, and a new
