@@ -120,6 +120,8 @@ class GPUEnv:
     seed: int = 0
     # Engine arguments that override every workload's own (``--engine-arg``).
     overrides: dict[str, Any] = field(default_factory=dict)
+    # False (``--no-peer``): every workload records ``peer_error`` instead of timing HF.
+    with_peer: bool = True
     _peer: Any = field(default=None, repr=False)
 
     @property
@@ -177,6 +179,8 @@ class GPUEnv:
 
     # --- the peer ----------------------------------------------------------------------
     def peer(self) -> Any:
+        if not self.with_peer:
+            raise PeerSkipped("the peer was not run (--no-peer)")
         if self._peer is None:
             t0 = time.perf_counter()
             self._peer = build_peer(self.config, self.device, self.dtype, self.seed)
@@ -197,6 +201,10 @@ class GPUEnv:
             self._peer = None
             self.free()
             self.log(f"dropped HF ({self.memory()})")
+
+
+class PeerSkipped(Exception):
+    """``GPUEnv.peer`` under ``--no-peer``: a runner records it as its ``peer_error``."""
 
 
 def warm_prompts(vocab_size: int, max_len: int = 300) -> list[list[int]]:

@@ -213,3 +213,7 @@ class EngineArgs:
     load_format: str = "auto"  # "auto" | "dummy" (seeded random weights, for benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     fused_ops: bool = True  # fused Triton elementwise kernels on the GPU path
+    # Schedule step N+1 while step N runs on the GPU (greedy steps' tokens stay on the
+    # device; vLLM's async scheduling). None: on with CUDA at TP 1; True forces it on
+    # any device (tests run it on the CPU, where it only delays each output one step).
+    async_scheduling: bool | None = None

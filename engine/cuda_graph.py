@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.attention.metadata import padded_tables
 from engine.attention.triton_backend import DecodeBatch, TritonStepData, decode_splits
+from engine.pending import fill_pending
 from engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -111,27 +113,27 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits [S, vocab] of the requests that sample, in scheduled order."""
+    def run(self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [S, vocab] of the requests that sample, in scheduled order;
+        ``PENDING`` ids come from ``prev_tokens`` (``ModelRunner.execute``)."""
         n = len(out.scheduled)
         b = next(x for x in self.buckets if x >= n)
         bs = self.block_size
-        ids, pos, slots, lens = [], [], [], []
-        width = 0
+        ids, pos, slots = [], [], []
         for s in out.scheduled:
             p = s.start_pos
             ids.append(s.token_ids[0])
             pos.append(p)
             slots.append(s.block_ids[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            width = max(width, len(s.block_ids))
-        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in out.scheduled]
         if self._staged is not None:
             self._staged.synchronize()  # the last step's copies have left the staging buffers
         host = self._host_long[:, :n]
-        host.copy_(torch.tensor([ids, pos, slots], dtype=torch.long))
-        self._host_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32))
-        self._host_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32))
+        host_np = host.numpy()
+        host_np[0], host_np[1], host_np[2] = ids, pos, slots
+        self._host_lens[:n].numpy()[:] = host_np[1] + 1
+        width = padded_tables(
+            [s.block_ids for s in out.scheduled], self._host_tables.numpy()
+        ).shape[1]
         self.input_ids[:n].copy_(host[0], non_blocking=True)
         self.positions[:n].copy_(host[1], non_blocking=True)
         self.slots[:n].copy_(host[2], non_blocking=True)
@@ -139,6 +141,7 @@ class DecodeGraphs:
         self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
         self._staged = torch.cuda.Event()
         self._staged.record()
+        fill_pending(self.input_ids, out, prev_tokens)
         if b > n:
             self.slots[n:b].fill_(-1)
             self.seq_lens[n:b].fill_(0)

@@ -17,6 +17,9 @@ Contract of every executor:
 - ``execute(out)`` runs one step on every rank in lockstep and returns rank 0's
   float32 logits of the sampling rows. A rank that fails or dies makes it raise
   (``RuntimeError`` naming the rank) within seconds; it never hangs.
+- ``takes_device_tokens``: whether ``execute(out, prev_tokens)`` accepts ``PENDING``
+  ids filled from the previous step's tokens on rank 0's device (async scheduling);
+  an executor whose other ranks cannot see them says False and never gets any.
 - ``shutdown()`` releases every rank; it is idempotent.
 """
 
@@ -36,11 +39,14 @@ ENTRY_POINTS = "kvserve.executors"  # the entry-point group of named executors
 
 class Executor(Protocol):
     runner: ModelRunner
+    takes_device_tokens: bool
 
     @property
     def num_blocks(self) -> int: ...
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor: ...
+    def execute(
+        self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
     def check_health(self) -> None: ...
 
@@ -49,6 +55,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """Tensor-parallel size 1: the runner in this process, no Ray, no process group."""
+
+    takes_device_tokens = True
 
     def __init__(self, cfg: RunnerConfig, tensor_parallel_size: int = 1, **_: object) -> None:
         if tensor_parallel_size != 1:
@@ -59,8 +67,10 @@ class LocalExecutor:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        return self.runner.execute(out)
+    def execute(
+        self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.runner.execute(out, prev_tokens)
 
     def check_health(self) -> None:
         return None

@@ -111,7 +111,8 @@ class KVCacheManager:
         if not self.pool.enable_caching:
             return
         start = max(self._num_hashed.get(request.request_id, 0), already)
-        end = num_tokens // self.block_size
+        # Only blocks of known tokens (a pending one is hashed by a later step).
+        end = min(num_tokens, request.num_tokens) // self.block_size
         if end <= start:
             return
         extend_block_hashes(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from tqdm import tqdm
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -68,6 +68,8 @@ class LLM:
             self.engine._validate_prompt(ids)
         ids_by_order = []
         for p, toks, sp in zip(prompts, tokenized, params, strict=True):
+            # Offline: only the finished outputs are read, so the steps build no others.
+            sp = replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
             rid = self.engine.add_request(toks, sp)
             ids_by_order.append((rid, p if isinstance(p, str) else None))
         return self._run(ids_by_order, use_tqdm)

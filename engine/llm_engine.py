@@ -28,9 +28,10 @@ from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner_config import RunnerConfig
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampler import Sampler, SampleResult
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,31 @@ class _Group:
     detoks: list[IncrementalDetokenizer]
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step queued on the device whose tokens are not read yet: ``logits`` to sample
+    from, or (chained) greedy ``tokens`` on the device with their ``host`` copy and the
+    CUDA event that says it landed (None off CUDA)."""
+
+    to_sample: list[Request]
+    logits: torch.Tensor | None
+    tokens: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
+
+def _device_greedy(req: Request) -> bool:
+    """Whether ``req``'s next token is the argmax of the raw logits (no penalty, ban or
+    logprob needs the host): such tokens can stay on the device for the next step."""
+    sp = req.sampling_params
+    return (
+        sp.greedy
+        and sp.logprobs is None
+        and not sp.uses_penalties
+        and req.num_output_tokens + req.num_pending >= sp.min_tokens
+    )
 
 
 def tokenize(tokenizer: Any, prompt: str) -> list[int]:
@@ -142,6 +168,11 @@ class LLMEngine:
             self.kv = KVCacheManager(pool, args.block_size, extra_key=str(model_dir).encode())
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.sampler = Sampler(args.seed)
+        on = args.async_scheduling
+        if on is None:
+            on = device.type == "cuda"
+        self._async = bool(on and args.kv_cache and self.executor.takes_device_tokens)
+        self._inflight: _Launched | None = None
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, _Group] = {}
         self._next_id = 0
@@ -351,33 +382,86 @@ class LLMEngine:
     # --- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step; returns an output for every request it advanced
-        (cumulative, ``finished`` set on the last one)."""
+        (cumulative, ``finished`` set on the last one); a request whose
+        ``output_kind`` is ``FINAL_ONLY`` gets only its finished one.
+
+        With async scheduling a step whose every sampled request is plain greedy stays
+        in flight: the next call schedules and launches the following step first, then
+        reads this one's tokens (the GPU never waits for the host between them), so
+        its outputs come from that call. Tokens are the same either way."""
+        prev, self._inflight = self._inflight, None
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        logits = self.executor.execute(out)
-        self.scheduler.update_after_step(out)
-        to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.needs_sample]
+        launched = self._launch(out, prev) if not out.is_empty else None
         touched: dict[str, _Group] = {}
-        if to_sample:
-            result = self.sampler.sample(logits, to_sample, self.eos_token_ids)
-            self.executor.check_health()  # a rank that died mid-step voids these tokens
-            now = time.monotonic()
-            for i, req in enumerate(to_sample):
-                group = self._sample_group[req.request_id]
-                if group.first_token_time is None:
-                    group.first_token_time = now
-                lp = result.top_logprobs[i]
-                if lp is not None and result.sampled_logprobs is not None:
-                    req.logprobs.append(lp)
-                    req.cumulative_logprob += result.sampled_logprobs[i]
-                self._append_token(req, group, result.token_ids[i])
-                touched[group.request_id] = group
+        if prev is not None:
+            self._read_tokens(prev, touched)
+        if launched is not None and launched.tokens is None:
+            self._read_tokens(launched, touched)  # not chained: its tokens now
+        elif launched is not None:
+            self._inflight = launched
         outputs = []
         for group in touched.values():
             done = self._finish_group_if_done(group)
-            outputs.append(done if done is not None else self._output(group))
+            if done is not None:
+                outputs.append(done)
+            elif group.samples[0].sampling_params.output_kind is RequestOutputKind.CUMULATIVE:
+                outputs.append(self._output(group))
         return outputs
+
+    def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
+        """Queues ``out``'s model run (``PENDING`` ids from ``prev``'s device tokens);
+        a step that can be chained also queues its greedy tokens' copy to the host."""
+        to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.needs_sample]
+        prev_tokens = None
+        if prev is not None and prev.tokens is not None:
+            row = {r.request_id: i for i, r in enumerate(prev.to_sample)}
+            out.pending_sources = [row[s.request_id] for s in out.scheduled if s.pending]
+            prev_tokens = prev.tokens
+        chained = self._async and bool(to_sample) and all(map(_device_greedy, to_sample))
+        logits = self.executor.execute(out, prev_tokens)
+        self.scheduler.update_after_step(out)
+        for req in to_sample:
+            req.num_pending += 1
+        if not chained:
+            return _Launched(to_sample, logits)
+        tokens = logits.argmax(dim=-1)
+        if tokens.device.type != "cuda":
+            return _Launched(to_sample, None, tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(to_sample, None, tokens, host, ready)
+
+    def _read_tokens(self, step: _Launched, touched: dict[str, _Group]) -> None:
+        """Appends ``step``'s tokens (sampled now from its logits, or its greedy tokens
+        once they reach the host) to its requests; those finished meanwhile (a stop
+        found in the previous step's tokens, an abort) are skipped."""
+        if not step.to_sample:
+            return
+        if step.logits is not None:
+            result = self.sampler.sample(step.logits, step.to_sample, self.eos_token_ids)
+        else:
+            assert step.host is not None
+            if step.ready is not None:
+                step.ready.synchronize()
+            n = len(step.to_sample)
+            result = SampleResult(step.host.tolist(), None, [None] * n)
+        self.executor.check_health()  # a rank that died mid-step voids these tokens
+        now = time.monotonic()
+        for i, req in enumerate(step.to_sample):
+            req.num_pending -= 1
+            if req.is_finished:
+                continue
+            group = self._sample_group[req.request_id]
+            if group.first_token_time is None:
+                group.first_token_time = now
+            lp = result.top_logprobs[i]
+            if lp is not None and result.sampled_logprobs is not None:
+                req.logprobs.append(lp)
+                req.cumulative_logprob += result.sampled_logprobs[i]
+            self._append_token(req, group, result.token_ids[i])
+            touched[group.request_id] = group
 
     def _append_token(self, req: Request, group: _Group, token: int) -> None:
         sp = req.sampling_params

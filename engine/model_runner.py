@@ -19,6 +19,7 @@ from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv
 from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
 from engine.parallel import TPContext
+from engine.pending import fill_pending
 from engine.runner_config import RunnerConfig
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
@@ -185,12 +186,17 @@ class ModelRunner:
         logger.info("warmed up kernels in %.1f s", time.perf_counter() - t0)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(
+        self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Runs one step; returns float32 logits [S, vocab] of the rows that sample,
-        in the order of ``out.scheduled`` (requests with ``needs_sample``)."""
+        in the order of ``out.scheduled`` (requests with ``needs_sample``).
+        ``prev_tokens``: the previous step's sampled tokens, still on the device, that
+        ``out``'s ``PENDING`` ids are (``out.pending_sources`` says which row each)."""
         if self.graphs is not None and self.graphs.can_run(out):
-            return self.graphs.run(out)
+            return self.graphs.run(out, prev_tokens)
         input_ids, positions, meta, sample_rows = self.prepare(out)
+        fill_pending(input_ids, out, prev_tokens)
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[sample_rows])
 

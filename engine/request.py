@@ -52,6 +52,7 @@ class Request:
         "max_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
+        "num_pending",
         "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
@@ -84,6 +85,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Tokens sampled on the device by a step still running, not yet appended
+        # (async scheduling): the next step may already compute them (``PENDING``).
+        self.num_pending = 0
         # Prompt tokens found in the prefix cache on first admission.
         self.num_cached_tokens = -1
         self.num_preemptions = 0

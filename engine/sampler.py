@@ -65,9 +65,11 @@ class Sampler:
         """logits: float32 [B, V], row i for ``requests[i]``. Does not mutate requests."""
         want_lp = any(r.sampling_params.logprobs is not None for r in requests)
         raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
-        logits = logits.clone()
-        for i, r in enumerate(requests):
-            _apply_penalties(logits[i], r, eos_ids)
+        edited = [i for i, r in enumerate(requests) if _edits_logits(r, eos_ids)]
+        if edited:  # the caller's logits stay as they are (a CUDA graph's output buffer)
+            logits = logits.clone()
+        for i in edited:
+            _apply_penalties(logits[i], requests[i], eos_ids)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         for i in sampled_rows:
@@ -91,6 +93,15 @@ class Sampler:
             top[token_list[i]] = chosen[i]
             tops.append(top)
         return SampleResult(token_list, chosen, tops)
+
+
+def _edits_logits(r: Request, eos_ids: tuple[int, ...]) -> bool:
+    """Whether ``_apply_penalties`` changes ``r``'s row this step."""
+    sp = r.sampling_params
+    bans = r.num_output_tokens < sp.min_tokens and bool(
+        sp.stop_token_ids or (eos_ids and not sp.ignore_eos)
+    )
+    return bans or sp.uses_penalties
 
 
 def _apply_penalties(row: torch.Tensor, r: Request, eos_ids: tuple[int, ...]) -> None:

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs a request's steps hand back (vLLM's names): ``CUMULATIVE``, one
+    per step that advanced it, each holding everything so far (streaming);
+    ``FINAL_ONLY``, only the finished one (offline ``generate``: no per-step output
+    is built, which at large batches costs more host time than the step's scheduling)."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
+
 
 # Samples of one prompt an engine takes per request (each is a sequence in the batch).
 MAX_N = 256
@@ -37,6 +49,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from collections import deque
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
-from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from engine.scheduler_output import PENDING, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
@@ -116,7 +116,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
+            if req.num_pending and req.num_output_tokens + req.num_pending >= req.max_tokens:
+                i += 1  # its last token is being sampled: nothing more to compute
+                continue
+            num_new = req.num_tokens + req.num_pending - req.num_computed_tokens
             if self.kv is None and num_new > budget:
                 i += 1  # recompute mode cannot chunk; try again next step
                 continue
@@ -177,13 +180,15 @@ class Scheduler:
 
     def _emit(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
+        token_ids = req.all_token_ids[start : start + num_new]
+        token_ids += [PENDING] * (num_new - len(token_ids))  # sampled by the running step
         out.scheduled.append(
             ScheduledRequest(
                 request_id=req.request_id,
-                token_ids=req.all_token_ids[start : start + num_new],
+                token_ids=token_ids,
                 start_pos=start,
                 block_ids=self.kv.block_table(req.request_id) if self.kv is not None else [],
-                needs_sample=start + num_new == req.num_tokens,
+                needs_sample=start + num_new == req.num_tokens + req.num_pending,
             )
         )
 

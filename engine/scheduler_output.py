@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A token id the scheduler does not know yet: sampled on the device by the step still
+# running (async scheduling); the runner takes it from that step's tokens.
+PENDING = -1
+
 
 @dataclass(slots=True)
 class ScheduledRequest:
     request_id: str
-    # Tokens whose K/V this step computes: all_token_ids[start_pos : start_pos + len].
+    # Tokens whose K/V this step computes: all_token_ids[start_pos : start_pos + len];
+    # ``[PENDING]`` for a request whose next token the running step is still sampling.
     token_ids: list[int]
     # num_computed_tokens before the step (prefix-cache hits included).
     start_pos: int
@@ -25,6 +30,10 @@ class ScheduledRequest:
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def pending(self) -> bool:
+        return bool(self.token_ids) and self.token_ids[-1] == PENDING
+
 
 @dataclass(slots=True)
 class SchedulerOutput:
@@ -36,6 +45,9 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     # False in recompute mode (kv_cache=False): no cache reads or writes.
     use_cache: bool = True
+    # Per ``PENDING`` token, in batch order: its row among the previous step's sampled
+    # tokens (set by the engine, which holds them on the device).
+    pending_sources: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, RequestOutputKind, SamplingParams
 
 
 def test_kv_cache_arithmetic_is_logged(
@@ -62,6 +63,23 @@ def test_streamed_text_only_grows_and_never_shows_a_stop_string(smollm2_llm: Any
     assert all(a == b[: len(a)] for a, b in itertools.pairwise(seen))
     assert all(stop not in s for s in seen)
     assert seen[-1] == full.outputs[0].text[:6]
+
+
+def test_final_only_requests_get_one_output_with_the_streamed_text(smollm2_llm: Any) -> None:
+    engine = smollm2_llm.engine
+    prompt = "The capital of France is"
+    streamed = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    final = dataclasses.replace(streamed, output_kind=RequestOutputKind.FINAL_ONLY)
+    a = engine.add_request(prompt, streamed)
+    b = engine.add_request(prompt, final)
+    seen: dict[str, list[Any]] = {a: [], b: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen[a]) == 12 and len(seen[b]) == 1 and seen[b][0].finished
+    assert seen[b][0].outputs[0].token_ids == seen[a][-1].outputs[0].token_ids
+    assert seen[b][0].outputs[0].text == seen[a][-1].outputs[0].text
+    assert engine.pool_is_whole()
 
 
 def test_chat_applies_the_template(tiny_dirs: dict[str, Path]) -> None:

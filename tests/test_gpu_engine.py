@@ -79,6 +79,39 @@ def test_cuda_graph_decode_matches_eager_and_transformers(tiny_dirs: dict[str, P
     assert graphed.engine.pool_is_whole()
 
 
+def test_async_scheduling_on_cuda_gives_the_synchronous_outputs(tiny_dirs: dict[str, Path]) -> None:
+    """Graph decode steps chained on the device (the default on CUDA) against the
+    synchronous loop: stop tokens the running step sampled, aborts mid-flight."""
+    from engine import LLMEngine
+    from engine.config import EngineArgs
+    from tests.test_async_scheduling import drain, submit
+
+    path = tiny_dirs["llama-hd16"]
+    prompts = random_prompts(11, 5, 70, vocab=512, seed=5)
+    kw = dict(model=path, device="cuda", dtype="float32", max_model_len=256, max_num_seqs=16,
+              gpu_memory_utilization=0.05)  # fmt: skip
+    plain = [
+        SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(11)
+    ]
+    ref = LLMEngine(EngineArgs(async_scheduling=False, **kw))
+    submit(ref, list(zip(prompts, plain, strict=True)))
+    first = drain(ref)
+    del ref
+    torch.cuda.empty_cache()
+    stops = [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True,
+                            stop_token_ids=(first[f"r{i}/0"][0][5],) if i % 2 else ())
+             for i in range(11)]  # fmt: skip
+    runs = []
+    for on in (False, True):
+        eng = LLMEngine(EngineArgs(async_scheduling=on, **{**kw, "gpu_memory_utilization": 0.1}))
+        assert eng._async is on and eng.runner.graphs is not None
+        submit(eng, list(zip(prompts, stops, strict=True)))
+        runs.append(drain(eng, abort_at={"r2": 3, "r7": 4}))
+        del eng
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]
+
+
 def test_fused_ops_give_the_same_tokens(tiny_dirs: dict[str, Path]) -> None:
     path = tiny_dirs["mistral-hd16"]
     prompts = random_prompts(5, 5, 70, vocab=512, seed=9)

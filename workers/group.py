@@ -69,6 +69,8 @@ class RayExecutor:
     executor creates one and removes it on ``shutdown``.
     """
 
+    takes_device_tokens = False  # every rank builds its inputs from the host's ids
+
     def __init__(
         self,
         cfg: RunnerConfig,
@@ -241,7 +243,12 @@ class RayExecutor:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(
+        self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``prev_tokens`` is never given (``takes_device_tokens`` is False): the other
+        ranks could not read rank 0's device tokens."""
+        assert prev_tokens is None and not out.pending_sources
         self.check_health()
         t0 = time.perf_counter()
         if self._dag is not None:
