@@ -118,15 +118,17 @@ class TimingStreamer(BaseStreamer):
 def ours_token_times(
     llm: LLM, prompt: list[int], sp: SamplingParams, device: torch.device
 ) -> tuple[float, list[float]]:
-    """(start, arrival time of every new token) driving ``add_request`` + ``step``."""
+    """(start, arrival time of every new token) driving ``add_request`` + ``step``.
+    A token is there when ``step`` returns it (its value is on the host); no device
+    sync between steps, which would stall async scheduling's step in flight."""
     engine = llm.engine
     gc.collect()
+    sync(device)
     t0 = time.perf_counter()
     engine.add_request(prompt, sp)
     times: list[float] = []
     while engine.has_unfinished_requests():
         outs = engine.step()
-        sync(device)
         now = time.perf_counter()
         for o in outs:
             times.extend([now] * (len(o.outputs[0].token_ids) - len(times)))

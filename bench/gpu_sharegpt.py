@@ -12,6 +12,7 @@ one run.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,6 +52,33 @@ def _rates(wall: float, prompt_tokens: int, output_tokens: int) -> dict[str, flo
             "total_tok_s": (prompt_tokens + output_tokens) / wall}  # fmt: skip
 
 
+TAIL_BATCH = 64  # steps with fewer running requests than this are "the tail"
+
+
+def _step_split(llm: Any, run: Any) -> tuple[Any, dict[str, float]]:
+    """``run()``'s result and where its engine steps spent the time: the count and
+    seconds of steps that started with fewer than ``TAIL_BATCH`` running requests
+    (the long outputs finishing alone) and of the rest (host-timed ``step`` calls)."""
+    engine = llm.engine
+    step = engine.step
+    split = {"steps": 0.0, "s": 0.0, "tail_steps": 0.0, "tail_s": 0.0}
+
+    def timed_step() -> Any:
+        tail = len(engine.scheduler.running) < TAIL_BATCH
+        t0 = time.perf_counter()
+        out = step()
+        dt = time.perf_counter() - t0
+        split["tail_steps" if tail else "steps"] += 1
+        split["tail_s" if tail else "s"] += dt
+        return out
+
+    engine.step = timed_step
+    try:
+        return run(), split
+    finally:
+        del engine.step
+
+
 def _ours(env: GPUEnv, cfg: W9Config, prompts: list[list[int]], params: list[SamplingParams],
           sub: list[list[int]], sub_out: int) -> dict[str, Any]:  # fmt: skip
     """Our engine: every request at once, then the peer's subset."""
@@ -61,9 +89,12 @@ def _ours(env: GPUEnv, cfg: W9Config, prompts: list[list[int]], params: list[Sam
         "ours": (prompts, params), "ours_subset": (sub, greedy(sub_out))}  # fmt: skip
     raw: dict[str, Any] = {}
     for name, (batch, sp) in runs.items():
-        wall, outs = timed(env.device, partial(llm.generate, batch, sp))
+        (wall, outs), split = _step_split(
+            llm, partial(timed, env.device, partial(llm.generate, batch, sp))
+        )
         raw[name] = _rates(wall, sum(len(p) for p in batch),
                            sum(len(o.outputs[0].token_ids) for o in outs))  # fmt: skip
+        raw[name]["steps"] = split
     return {**raw, "preemptions": llm.engine.scheduler.num_preemptions}
 
 
@@ -111,6 +142,8 @@ def run_w9(env: GPUEnv, cfg: W9Config) -> dict[str, Any]:
         "notes": {
             "output_tok_s": "generated tokens / wall seconds, all 1000 requests at once",
             "total_tok_s": "(prompt + generated tokens) / wall seconds",
+            "steps": f"engine steps and their seconds: tail_* those that began with fewer "
+            f"than {TAIL_BATCH} requests running, the others without prefix",
             "ours_over_*": "our output tok/s (this device) over the published H100 figure",
             "subset_*": f"the first {len(sub)} requests, every output {sub_out} tokens, "
             "ours and the peer in this run",

@@ -2,7 +2,10 @@
 
 The step loop is schedule → run → postprocess. ``add_request`` / ``step`` /
 ``abort`` are the streaming interface the serving layer drives; ``LLM`` wraps them
-for offline use. Synchronous and deterministic given its inputs.
+for offline use. Deterministic given its inputs. With async scheduling (on with CUDA
+at TP 1) a greedy step's postprocessing moves to the next ``step`` call, after that
+call has launched the following step: the host prepares step N+1 while the GPU runs
+step N, and N's tokens feed N+1 on the device (``PENDING`` ids, ``engine.pending``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ chunked. When the pool cannot supply blocks, the newest running request is
 preempted (its blocks freed, to be recomputed later, often from the prefix cache)
 and moved to the front of the waiting queue; no request is ever dropped.
 
+With async scheduling a running request may have a token still being sampled on the
+device (``num_pending``): it is scheduled as if that token were known, its id
+``PENDING`` in the step's description, unless that token is its last (``max_tokens``).
+
 Pure Python; mutates only the requests and the KV cache manager it is given.
 """
 

@@ -26,9 +26,12 @@ LONG_PROMPT = (
 
 @pytest.fixture(scope="module")
 def app(ray_cluster: Any, smollm2_dir: Path) -> Any:
-    """The application's ServeConfig, once /health answers."""
+    """The application's ServeConfig, once /health answers. Its engine runs with async
+    scheduling (on by default only with CUDA), so every test here also shows the served
+    path giving the synchronous offline engine's outputs with it."""
+    engine = {"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2, "async_scheduling": True}
     with serving(model=str(smollm2_dir), model_name=MODEL, grpc_port=free_port(),
-                 engine={"max_model_len": 1024, "cpu_kv_cache_bytes": 256 * 1024**2}) as cfg:  # fmt: skip
+                 engine=engine) as cfg:  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
