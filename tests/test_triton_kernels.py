@@ -91,6 +91,7 @@ def test_store_kv_writes_each_row_into_its_slot() -> None:
         ([1, 17, 64, 100], [1, 17, 30, 7], 8, 8, 32, 16, None),  # GQA 1, prefix hits, odd lengths
         ([33, 16, 48], [33, 16, 16], 8, 2, 64, 16, None),  # GQA 4, block boundaries
         ([70, 9], [40, 9], 8, 1, 32, 8, None),  # GQA 8 (MQA)
+        ([300, 130], [200, 130], 8, 2, 32, 16, None),  # several unmasked tiles before the diagonal
         ([90, 40], [90, 20], 4, 2, 32, 16, 24),  # sliding window shorter than the prompt
         ([130], [65], 4, 4, 16, 32, 100),
     ],
