@@ -47,13 +47,20 @@ class RotaryEmbedding(nn.Module):
         # Plain attributes, not buffers: they stay float32 whatever the model dtype.
         self.cos = emb.cos() * scaling
         self.sin = emb.sin() * scaling
+        # The last step's (positions, dtype) and its [T, 1, D] cos/sin rows: every layer
+        # of a step rotates at the same positions, so the rows are gathered once.
+        self._rows: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        rows = self._rows
+        if rows is None or rows[0] is not positions or rows[1] != q.dtype:
+            cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+            sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+            rows = self._rows = (positions, q.dtype, cos, sin)
+        cos, sin = rows[2], rows[3]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
