@@ -144,6 +144,15 @@ class AsyncEngine:
         async for item in self._consume(request_id, stream):
             yield item
 
+    async def reset_prefix_cache(self) -> int:
+        """Empties the prefix cache of blocks no request holds (between two steps);
+        the number of cached blocks forgotten."""
+        if self._dead is not None:
+            raise self._dead
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._cmds.put(("reset", done))
+        return await done
+
     def prefix_hashes(self, limit: int) -> list[bytes]:
         """The newest ``limit`` blocks of the prefix cache (read without a lock: a list
         copy of the pool's hashes)."""
@@ -220,6 +229,9 @@ class AsyncEngine:
                 self._streams[rid] = stream
                 out = self.engine.finish_transfer(rid, token)
                 self._publish([out])
+            elif kind == "reset":
+                done = cmd[1]
+                post(done.get_loop(), set_result, done, self.engine.reset_prefix_cache())
             elif kind == "release_kv":
                 self.engine.release_kv(cmd[1])
             elif kind == "abort":
@@ -264,6 +276,8 @@ class AsyncEngine:
                 break
             if cmd[0] in ("add", "add_prefill", "reserve"):
                 post(cmd[4].loop, set_exception, cmd[5], self._dead)
+            elif cmd[0] == "reset":
+                post(cmd[1].get_loop(), set_exception, cmd[1], self._dead)
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

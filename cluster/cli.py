@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -111,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--address", default="auto")
     st.add_argument("--json", action="store_true")
 
+    ca = sub.add_parser("cache", help="the cluster's KV cache: `cache reset` empties every "
+                        "instance's prefix cache")  # fmt: skip
+    ca.add_argument("action", choices=["reset"])
+    ca.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    ca.add_argument("--api-key", default=None)
+
     pl = sub.add_parser("plan", help="KV cache arithmetic for a deployment")
     pl.add_argument("--model", default=None, help="HF directory, .gguf, or a bench shape name")
     pl.add_argument("--gpu-memory-gib", type=float, default=80.0)
@@ -132,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.plan import cmd_plan
 
     commands = {"serve": cmd_serve, "chat": cmd_chat, "generate": cmd_generate,
-                "status": cmd_status, "plan": cmd_plan}  # fmt: skip
+                "status": cmd_status, "plan": cmd_plan, "cache": cmd_cache}  # fmt: skip
     try:
         return int(commands[args.cmd](args))
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
 
 
@@ -179,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         dashboard = run(cfg, args.address, dashboard=True, verbose=args.verbose)
     except RuntimeError as e:  # a deployment failed, or cannot be placed
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         serve.shutdown()
         return 1
     base = f"http://{cfg.host}:{cfg.http_port}"
@@ -243,6 +250,23 @@ def cmd_status(args: argparse.Namespace) -> int:
                       str(r["running"]), str(r["waiting"]), rate, str(r["preemptions"]),
                       f"{r['age_s']:.1f}s ago" + (" DEAD" if r.get("dead") else ""))  # fmt: skip
     console.print(table)
+    return 0
+
+
+# --- cache ------------------------------------------------------------------------------
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``kvserve cache reset``: ``POST /reset_prefix_cache`` on the server at ``--url``."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    r = httpx.post(f"{args.url.rstrip('/')}/reset_prefix_cache", headers=headers, timeout=60)
+    if r.status_code != 200:
+        console.print(f"[red]error:[/red] HTTP {r.status_code}: {escape(r.text)}")
+        return 1
+    done = r.json()["instances"]
+    for instance, forgotten in done.items():
+        console.print(f"{instance}: {forgotten} cached blocks forgotten"
+                      if isinstance(forgotten, int) else f"{instance}: [red]{escape(forgotten)}[/red]")  # fmt: skip
     return 0
 
 

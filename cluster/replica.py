@@ -245,6 +245,10 @@ class EngineReplica(DecodeSide, PrefillSide):
         """The prefix-cache blocks held (short hashes: ``cluster.placement.affinity``)."""
         return [affinity.short(h) for h in self.engine.prefix_hashes(affinity.REPORT_MAX)]
 
+    async def reset_prefix_cache(self) -> int:
+        """Empties this instance's prefix cache of blocks no request holds."""
+        return await self.engine.reset_prefix_cache()
+
     def start(self, req: Request, box: Outbox) -> str | None:
         """Starts an API process's request (``request_id`` set); its deltas go to ``box``.
         None, or why it is refused (``"full: ..."``: ``max_live_requests`` live). A

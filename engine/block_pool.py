@@ -103,10 +103,13 @@ class BlockPool:
         self.block_hash[block_id] = block_hash
         self._cached[block_hash] = block_id
 
-    def reset_prefix_cache(self) -> None:
-        """Forgets every cached prefix of unreferenced blocks."""
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix of unreferenced blocks (blocks a request holds
+        keep theirs); returns how many cached blocks were forgotten."""
+        before = len(self._cached)
         for b in list(self._free):
             self._evict(b)
+        return before - len(self._cached)
 
     def _evict(self, b: int) -> None:
         h = self.block_hash[b]

@@ -531,10 +531,10 @@ class LLMEngine:
     def kv_usage(self) -> float:
         return self.kv.pool.usage if self.kv is not None else 0.0
 
-    def reset_prefix_cache(self) -> None:
-        """Forgets every cached prefix not held by a running request."""
-        if self.kv is not None:
-            self.kv.pool.reset_prefix_cache()
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix not held by a running request; returns how many
+        cached blocks were forgotten (their K/V is recomputed when a prompt needs it)."""
+        return self.kv.pool.reset_prefix_cache() if self.kv is not None else 0
 
     def pool_is_whole(self) -> bool:
         """True when no request holds a block (all free or evictable cache)."""

@@ -49,6 +49,11 @@ class KVServeStub:
                 request_serializer=protos_dot_kvserve__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_kvserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/kvserve.v1.KVServe/ResetPrefixCache',
+                request_serializer=protos_dot_kvserve__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_kvserve__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class KVServeServicer:
@@ -74,6 +79,14 @@ class KVServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Every engine instance empties its prefix cache of the blocks no request holds
+        (HTTP: POST /reset_prefix_cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_KVServeServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_kvserve__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_kvserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=protos_dot_kvserve__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=protos_dot_kvserve__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class KVServe:
             '/kvserve.v1.KVServe/ListModels',
             protos_dot_kvserve__pb2.ListModelsRequest.SerializeToString,
             protos_dot_kvserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvserve.v1.KVServe/ResetPrefixCache',
+            protos_dot_kvserve__pb2.ResetPrefixCacheRequest.SerializeToString,
+            protos_dot_kvserve__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

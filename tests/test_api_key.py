@@ -32,6 +32,11 @@ def test_api_key_on_http_and_grpc(ray_cluster: Any, tiny_dirs: dict[str, Path]) 
         ok = httpx.post(f"{base}/v1/completions", json=body, timeout=60,
                         headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        reset = httpx.post(f"{base}/reset_prefix_cache", timeout=60)
+        assert reset.status_code == 401  # an admin action: the key is required
+        reset = httpx.post(f"{base}/reset_prefix_cache", timeout=60,
+                           headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert reset.status_code == 200 and reset.json()["instances"]
         with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as channel:
             stub = kvserve_pb2_grpc.KVServeStub(channel)
             req = kvserve_pb2.GenerateRequest(token_ids=kvserve_pb2.TokenIds(ids=[5, 6, 7]),

@@ -170,6 +170,39 @@ def test_prefix_cache_hit_in_usage(client: Any) -> None:
     assert cached > 0 and cached % 16 == 0 and cached < again.usage.prompt_tokens
 
 
+def test_reset_prefix_cache_forgets_prefixes_and_not_the_text(
+    client: Any, server: str, grpc_stub: Any
+) -> None:
+    """A repeated prompt reports cached tokens; after ``POST /reset_prefix_cache`` it
+    reports none, then some again; the greedy text is the same every time. The gRPC
+    call and ``kvserve cache reset`` do the same."""
+    from cluster.cli import main as cli
+    from protos import kvserve_pb2
+
+    kw = dict(model=MODEL, prompt=LONG_PROMPT + " Reset:", max_tokens=12, temperature=0)
+
+    def run() -> tuple[str, int]:
+        out = client.completions.create(**kw)
+        return out.choices[0].text, out.usage.prompt_tokens_details.cached_tokens
+
+    first = run()
+    hit = run()
+    assert hit[1] > 0 and hit[0] == first[0]
+    r = httpx.post(f"{server}/reset_prefix_cache", timeout=60)
+    assert r.status_code == 200, r.text
+    (forgotten,) = r.json()["instances"].values()
+    assert forgotten > 0
+    after = run()
+    assert after == (first[0], 0)
+    assert run() == hit  # the prefix is back
+    resp = grpc_stub.ResetPrefixCache(kvserve_pb2.ResetPrefixCacheRequest(), timeout=60)
+    assert sum(resp.forgotten_blocks.values()) > 0 and not resp.errors
+    assert run() == (first[0], 0)
+    assert cli(["cache", "reset", "--url", server]) == 0
+    assert run() == (first[0], 0)
+    _pool_whole()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -438,7 +471,9 @@ def test_grpc_reflection(grpc_target: str) -> None:
         files = [descriptor_pb2.FileDescriptorProto.FromString(b)
                  for r in found for b in r.file_descriptor_response.file_descriptor_proto]  # fmt: skip
         service = next(s for f in files for s in f.service if s.name == "KVServe")
-        assert {m.name for m in service.method} == {"Generate", "GenerateStream", "ListModels"}
+        assert {m.name for m in service.method} == {
+        "Generate", "GenerateStream", "ListModels", "ResetPrefixCache",
+    }  # fmt: skip
 
 
 def test_loadgen_against_the_server(server: str, tmp_path: Path) -> None:

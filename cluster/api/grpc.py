@@ -59,6 +59,10 @@ def add_KVServeServicer_to_server(servicer: Any, server: Any) -> None:
         "ListModels": grpc.unary_unary_rpc_method_handler(
             servicer.ListModels, request_deserializer=_lenient(pb.ListModelsRequest),
             response_serializer=pb.ListModelsResponse.SerializeToString),
+        "ResetPrefixCache": grpc.unary_unary_rpc_method_handler(
+            servicer.ResetPrefixCache,
+            request_deserializer=_lenient(pb.ResetPrefixCacheRequest),
+            response_serializer=pb.ResetPrefixCacheResponse.SerializeToString),
     }  # fmt: skip
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.65
@@ -106,6 +110,9 @@ class GrpcMethods:
         raise NotImplementedError
 
     async def _serving(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    async def _reset_prefix_cache(self) -> dict[str, int | str]:
         raise NotImplementedError
 
     def _grpc_admit(self, request: Any, context: Any) -> bool:
@@ -265,3 +272,21 @@ class GrpcMethods:
         info = await self._engine_info()
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.model_name,
                                                           max_model_len=info["max_model_len"])])  # fmt: skip
+
+    async def ResetPrefixCache(self, request: Any, grpc_context: Any = None) -> Any:
+        """``POST /reset_prefix_cache`` over gRPC: UNAVAILABLE when no instance answered."""
+        import grpc
+
+        from protos import kvserve_pb2 as pb
+
+        if not self._grpc_admit(request, grpc_context):
+            return pb.ResetPrefixCacheResponse()
+        done = await self._reset_prefix_cache()
+        resp = pb.ResetPrefixCacheResponse(
+            forgotten_blocks={k: v for k, v in done.items() if isinstance(v, int)},
+            errors={k: v for k, v in done.items() if isinstance(v, str)},
+        )
+        if not resp.forgotten_blocks and grpc_context is not None:
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(f"no engine instance reset its prefix cache: {done}")
+        return resp

@@ -2,7 +2,7 @@
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` as server-sent events ending with
-``data: [DONE]``). Errors come in OpenAI's shape, ``{"error": {"message", "type",
+``data: [DONE]``), ``POST /reset_prefix_cache``. Errors come in OpenAI's shape, ``{"error": {"message", "type",
 "param", "code"}}``: 400 for bad input (never a 5xx for it), 401 without the API key
 (when ``ServeConfig.api_key`` is set), 404 for an unknown model, 413 for a body over the
 limit, 429 with ``Retry-After`` when the engine's queue is full, 503 with
@@ -74,6 +74,20 @@ class OpenAIFront:
     async def _serving(self) -> tuple[bool, str]:
         """Whether an engine instance can take a request now, and a line saying so."""
         raise NotImplementedError
+
+    async def _reset_prefix_cache(self) -> dict[str, int | str]:
+        """Per engine instance reached: the cached blocks it forgot, or why it failed."""
+        raise NotImplementedError
+
+    async def reset_prefix_cache(self) -> dict[str, Any]:
+        """``POST /reset_prefix_cache`` (vLLM's and Ray Serve LLM's name): every engine
+        instance empties its prefix cache of the blocks no request holds (running
+        requests keep theirs). 200 with each instance's count; 503 if none answered."""
+        done = await self._reset_prefix_cache()
+        if not any(isinstance(v, int) for v in done.values()):
+            raise APIError(503, f"no engine instance reset its prefix cache: {done}",
+                           "service_unavailable")  # fmt: skip
+        return {"object": "prefix_cache_reset", "instances": done}
 
     async def health(self) -> JSONResponse:
         """200 while an engine instance this ingress sends requests to is up (see the
@@ -236,6 +250,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any]]] = [
     ("/v1/models/{model:path}", "GET", OpenAIFront.model),
     ("/v1/completions", "POST", OpenAIFront.completions),
     ("/v1/chat/completions", "POST", OpenAIFront.chat_completions),
+    ("/reset_prefix_cache", "POST", OpenAIFront.reset_prefix_cache),
 ]
 
 

@@ -70,6 +70,14 @@ class ApiIngress(OpenAIFront, GrpcMethods):
             return dict(link.info)
         raise server.EngineGone("no engine core is attached to this API process")
 
+    async def _reset_prefix_cache(self) -> dict[str, int | str]:
+        """Over this process's link to every core (each API process reaches them all)."""
+        links = self.cores.alive()
+        got = await asyncio.gather(*(link.reset_prefix_cache() for link in links),
+                                   return_exceptions=True)  # fmt: skip
+        return {link.instance_id: g if isinstance(g, int) else f"{type(g).__name__}: {g}"
+                for link, g in zip(links, got, strict=True)}  # fmt: skip
+
     async def _serving(self) -> tuple[bool, str]:
         n = len(self.cores.alive())
         if n:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from typing import Any
 
@@ -32,12 +33,15 @@ from cluster.core.messages import (
     PoolFull,
     Ready,
     Request,
+    Reset,
+    ResetDone,
 )
 
 logger = logging.getLogger(__name__)
 
 SILENCE_S = 30.0  # a link with no message this long is dead
 DeltaQueue = asyncio.Queue[Delta | BaseException]
+_TOKENS = itertools.count(1)
 
 
 class CoreLink:
@@ -54,6 +58,7 @@ class CoreLink:
         self._end = end
         self._queues: dict[str, DeltaQueue] = {}
         self._added: dict[str, asyncio.Future[str | None]] = {}
+        self._resets: dict[str, asyncio.Future[int]] = {}
         self._task = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -111,6 +116,27 @@ class CoreLink:
             raise EngineGone(f"engine instance {self.instance_id}: {refused}")
         return queue
 
+    async def reset_prefix_cache(self) -> int:
+        """Has the core empty its prefix cache of blocks no request holds; the number
+        of cached blocks it forgot. ``EngineGone`` when the core or the link failed."""
+        if self.dead is not None:
+            raise EngineGone(f"engine instance {self.instance_id}: {self.dead}")
+        token = f"reset-{next(_TOKENS)}"
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._resets[token] = done
+        try:
+            self._end.send(Reset(token))
+            await self._end.drain()
+            forgotten = await done
+        except (ConnectionError, OSError) as e:
+            self._die(f"{type(e).__name__}: {e}")
+            raise EngineGone(f"engine instance {self.instance_id}: {e}") from e
+        finally:
+            self._resets.pop(token, None)
+        if forgotten < 0:
+            raise EngineGone(f"engine instance {self.instance_id}: its engine failed the reset")
+        return forgotten
+
     def abort(self, rid: str) -> None:
         """Drops ``rid`` here and has the core abort it (a no-op there once finished)."""
         if self._queues.pop(rid, None) is None or self.dead is not None:
@@ -142,6 +168,10 @@ class CoreLink:
                         fut = self._added.get(rid)
                         if fut is not None and not fut.done():
                             fut.set_result(refused)
+                    case ResetDone(token, forgotten):
+                        done = self._resets.get(token)
+                        if done is not None and not done.done():
+                            done.set_result(forgotten)
         except TimeoutError:
             self._die(f"no message from the core in {SILENCE_S:.0f} s")
         except transport.LinkClosed as e:
@@ -158,7 +188,8 @@ class CoreLink:
         for queue in self._queues.values():
             queue.put_nowait(err)
         self._queues.clear()
-        for fut in self._added.values():
+        futures: list[asyncio.Future[Any]] = [*self._added.values(), *self._resets.values()]
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(err)
         self._end.close()

@@ -4,8 +4,10 @@ raises on the API's side. Torch-free.
 A link carries these messages (``cluster.core.transport`` moves them: pickled frames
 over TCP, or copies between two ends in one process):
 
-- API → core: ``Add`` (a ``Request``), ``Abort`` (a request id);
-- core → API: ``Ready`` once (what the core is, its figures); ``Added`` per ``Add``
+- API → core: ``Add`` (a ``Request``), ``Abort`` (a request id), ``Reset`` (empty the
+  prefix cache);
+- core → API: ``Ready`` once (what the core is, its figures); ``ResetDone`` per
+  ``Reset``; ``Added`` per ``Add``
   (``refused``: None, ``"full: ..."`` or ``"gone: ..."``); ``Out`` per engine step with
   output for this link, and at least every second: the step's ``Delta`` of each request
   of this link (what is new since its previous delta), the core's figures, and about
@@ -75,6 +77,17 @@ class Abort(NamedTuple):
     request_id: str
 
 
+class Reset(NamedTuple):
+    """Empty the core's prefix cache of the blocks no request holds."""
+
+    token: str  # names the answer
+
+
+class ResetDone(NamedTuple):
+    token: str
+    forgotten: int  # cached blocks forgotten; -1: the engine failed
+
+
 class Ready(NamedTuple):
     info: dict[str, Any]  # model, role, context, block size, prefix key, instance
     stats: dict[str, Any]
@@ -91,7 +104,7 @@ class Out(NamedTuple):
     hashes: list[int] | None
 
 
-Message = Add | Abort | Ready | Added | Out
+Message = Add | Abort | Reset | Ready | Added | ResetDone | Out
 
 
 class EngineGone(RuntimeError):

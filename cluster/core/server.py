@@ -28,7 +28,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from cluster.core import transport
-from cluster.core.messages import GONE, Abort, Add, Added, Delta, Out, Ready, Request
+from cluster.core.messages import (
+    GONE,
+    Abort,
+    Add,
+    Added,
+    Delta,
+    Out,
+    Ready,
+    Request,
+    Reset,
+    ResetDone,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +102,8 @@ class Core(Protocol):
 
     def start(self, req: Request, box: Outbox) -> str | None: ...
 
+    async def reset_prefix_cache(self) -> int: ...
+
 
 class CoreServer:
     def __init__(self, host: str, core: Core, key: bytes | None = None) -> None:
@@ -107,6 +120,7 @@ class CoreServer:
         self.deltas = 0  # ... carrying this many
         self._names = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
+        self._resets: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Serves on the running event loop until ``close``."""
@@ -171,8 +185,21 @@ class CoreServer:
                     task = box.tasks.get(rid)
                     if task is not None:
                         task.cancel()
+                case Reset(token):
+                    task = asyncio.ensure_future(self._reset(end, token))
+                    self._resets.add(task)  # held until done (the loop keeps weak refs)
+                    task.add_done_callback(self._resets.discard)
                 case msg:
                     raise transport.LinkClosed(f"a client sent {type(msg).__name__}")
+
+    async def _reset(self, end: transport.End, token: str) -> None:
+        try:
+            forgotten = await self.core.reset_prefix_cache()
+        except Exception:  # a dead engine: the API process reports it
+            logger.exception("engine core: prefix-cache reset failed")
+            forgotten = -1
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            end.send(ResetDone(token, forgotten))
 
     async def _write(self, end: transport.End, box: Outbox) -> None:
         hashes_at = 0.0

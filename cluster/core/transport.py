@@ -32,7 +32,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from cluster.core.messages import Abort, Add, Added, Message, Out, Ready
+from cluster.core.messages import Abort, Add, Added, Message, Out, Ready, Reset, ResetDone
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer's connect and key challenge, at most
 NONCE_BYTES = 32
@@ -79,7 +79,7 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 def _checked(msg: object) -> Message:
-    if not isinstance(msg, Add | Abort | Ready | Added | Out):
+    if not isinstance(msg, Add | Abort | Reset | Ready | Added | ResetDone | Out):
         raise LinkClosed(f"unexpected message {type(msg).__name__}")
     return msg
 
