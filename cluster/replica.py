@@ -245,9 +245,15 @@ class EngineReplica(DecodeSide, PrefillSide):
         """The prefix-cache blocks held (short hashes: ``cluster.placement.affinity``)."""
         return [affinity.short(h) for h in self.engine.prefix_hashes(affinity.REPORT_MAX)]
 
-    async def reset_prefix_cache(self) -> int:
-        """Empties this instance's prefix cache of blocks no request holds."""
-        return await self.engine.reset_prefix_cache()
+    async def reset_prefix_cache(self, target: str = "") -> dict[str, int]:
+        """Empties this instance's prefix cache of blocks no request holds, and a decode
+        instance's prefill pool's (``DecodeSide.reset_prefill_pool``); the cached blocks
+        each instance forgot. ``target`` as for ``stats``."""
+        self._check_target(target)
+        done = {self.replica_id: await self.engine.reset_prefix_cache()}
+        if self.role == "decode":
+            done.update(await self.reset_prefill_pool())
+        return done
 
     def start(self, req: Request, box: Outbox) -> str | None:
         """Starts an API process's request (``request_id`` set); its deltas go to ``box``.

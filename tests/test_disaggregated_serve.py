@@ -144,6 +144,15 @@ def test_disaggregated_equals_colocated_over_http(
         assert pools["decode"]["kv_bytes_received"] == pools["prefill"]["kv_bytes_sent"] > 0
         assert pools["decode"]["kv_link_failures"] == 0
         _ledger_agrees(ray_cluster, pools)
+        # The prefix-cache reset reaches both pools; the prompt then moves whole again.
+        r = httpx.post(f"{base}/reset_prefix_cache", timeout=60)
+        assert r.status_code == 200, r.text
+        forgotten = r.json()["instances"]
+        assert forgotten[pools["decode"]["instance"]] > 0, forgotten
+        assert forgotten[pools["prefill"]["instance"]] > 0, forgotten
+        again = _complete(base, PROMPTS[3])
+        assert again["choices"][0]["text"] == reference[3]
+        assert again["kvserve"]["cached_tokens"] == 0 and _moved(again) == -(-n // BLOCK)
 
 
 def test_prefill_killed_mid_transfer_falls_back(

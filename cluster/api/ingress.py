@@ -75,8 +75,15 @@ class ApiIngress(OpenAIFront, GrpcMethods):
         links = self.cores.alive()
         got = await asyncio.gather(*(link.reset_prefix_cache() for link in links),
                                    return_exceptions=True)  # fmt: skip
-        return {link.instance_id: g if isinstance(g, int) else f"{type(g).__name__}: {g}"
-                for link, g in zip(links, got, strict=True)}  # fmt: skip
+        done: dict[str, int | str] = {}
+        for link, g in zip(links, got, strict=True):
+            if isinstance(g, BaseException):
+                done[link.instance_id] = f"{type(g).__name__}: {g}"
+                continue
+            for instance, n in g.items():  # a prefill instance every decode core reset
+                prev = done.get(instance)
+                done[instance] = max(n, prev) if isinstance(prev, int) else n
+        return done
 
     async def _serving(self) -> tuple[bool, str]:
         n = len(self.cores.alive())

@@ -58,7 +58,7 @@ class CoreLink:
         self._end = end
         self._queues: dict[str, DeltaQueue] = {}
         self._added: dict[str, asyncio.Future[str | None]] = {}
-        self._resets: dict[str, asyncio.Future[int]] = {}
+        self._resets: dict[str, asyncio.Future[tuple[dict[str, int], str | None]]] = {}
         self._task = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -116,25 +116,28 @@ class CoreLink:
             raise EngineGone(f"engine instance {self.instance_id}: {refused}")
         return queue
 
-    async def reset_prefix_cache(self) -> int:
-        """Has the core empty its prefix cache of blocks no request holds; the number
-        of cached blocks it forgot. ``EngineGone`` when the core or the link failed."""
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        """Has the core empty its prefix cache of blocks no request holds (a decode core
+        also has its prefill pool's instances do it); the cached blocks each instance
+        forgot. ``EngineGone`` when the core, its engine or the link failed."""
         if self.dead is not None:
             raise EngineGone(f"engine instance {self.instance_id}: {self.dead}")
         token = f"reset-{next(_TOKENS)}"
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[tuple[dict[str, int], str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._resets[token] = done
         try:
             self._end.send(Reset(token))
             await self._end.drain()
-            forgotten = await done
+            forgotten, error = await done
         except (ConnectionError, OSError) as e:
             self._die(f"{type(e).__name__}: {e}")
             raise EngineGone(f"engine instance {self.instance_id}: {e}") from e
         finally:
             self._resets.pop(token, None)
-        if forgotten < 0:
-            raise EngineGone(f"engine instance {self.instance_id}: its engine failed the reset")
+        if error is not None:
+            raise EngineGone(f"engine instance {self.instance_id}: {error}")
         return forgotten
 
     def abort(self, rid: str) -> None:
@@ -168,10 +171,10 @@ class CoreLink:
                         fut = self._added.get(rid)
                         if fut is not None and not fut.done():
                             fut.set_result(refused)
-                    case ResetDone(token, forgotten):
+                    case ResetDone(token, forgotten, error):
                         done = self._resets.get(token)
                         if done is not None and not done.done():
-                            done.set_result(forgotten)
+                            done.set_result((forgotten, error))
         except TimeoutError:
             self._die(f"no message from the core in {SILENCE_S:.0f} s")
         except transport.LinkClosed as e:

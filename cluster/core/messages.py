@@ -85,7 +85,8 @@ class Reset(NamedTuple):
 
 class ResetDone(NamedTuple):
     token: str
-    forgotten: int  # cached blocks forgotten; -1: the engine failed
+    forgotten: dict[str, int]  # per instance reset (a decode core resets its prefill pool)
+    error: str | None  # why the core's own engine could not reset
 
 
 class Ready(NamedTuple):

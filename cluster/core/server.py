@@ -102,7 +102,7 @@ class Core(Protocol):
 
     def start(self, req: Request, box: Outbox) -> str | None: ...
 
-    async def reset_prefix_cache(self) -> int: ...
+    async def reset_prefix_cache(self) -> dict[str, int]: ...
 
 
 class CoreServer:
@@ -193,13 +193,15 @@ class CoreServer:
                     raise transport.LinkClosed(f"a client sent {type(msg).__name__}")
 
     async def _reset(self, end: transport.End, token: str) -> None:
+        forgotten: dict[str, int] = {}
+        error = None
         try:
             forgotten = await self.core.reset_prefix_cache()
-        except Exception:  # a dead engine: the API process reports it
+        except Exception as e:  # a dead engine: the API process reports it
             logger.exception("engine core: prefix-cache reset failed")
-            forgotten = -1
+            error = f"{type(e).__name__}: {e}"
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-            end.send(ResetDone(token, forgotten))
+            end.send(ResetDone(token, forgotten, error))
 
     async def _write(self, end: transport.End, box: Outbox) -> None:
         hashes_at = 0.0

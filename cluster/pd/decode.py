@@ -139,6 +139,25 @@ class DecodeSide:
             assert self.links is not None
             self.links.break_peer(peer, RuntimeError("pair quarantined"))
 
+    async def reset_prefill_pool(self) -> dict[str, int]:
+        """Has every live prefill instance the ledger knows empty its prefix cache (a
+        call pinned to each); the blocks each forgot. One that fails is left out."""
+        try:
+            rows = await asyncio.wait_for(get_ledger().instances.remote(), 5.0)
+        except Exception as e:
+            logger.warning("the ledger did not answer (%s): no prefill instance reset", e)
+            return {}
+        peers = [str(r["instance_id"]) for r in up(rows, self.model_name, ("prefill",))]
+        got = await asyncio.gather(*(self.prefill_pool.reset_prefix_cache.remote(target=p)
+                                     for p in peers), return_exceptions=True)  # fmt: skip
+        done: dict[str, int] = {}
+        for peer, g in zip(peers, got, strict=True):
+            if isinstance(g, BaseException):
+                logger.warning("prefill instance %s did not reset its prefix cache: %s", peer, g)
+            else:
+                done.update(g)
+        return done
+
     async def _prefill_left(self, exclude: list[str]) -> bool:
         """Whether the ledger knows a live prefill replica of this model outside
         ``exclude`` and outside the quarantined pairs (no: recompute here rather than
