@@ -174,7 +174,8 @@ class LLMEngine:
         on = args.async_scheduling
         if on is None:
             on = device.type == "cuda"
-        self._async = bool(on and args.kv_cache and self.executor.takes_device_tokens)
+        takes = getattr(self.executor, "takes_device_tokens", False)  # older executors: no
+        self._async = bool(on and args.kv_cache and takes)
         self._inflight: _Launched | None = None
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, _Group] = {}

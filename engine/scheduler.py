@@ -142,12 +142,22 @@ class Scheduler:
         if self.kv is None:
             return True
         while not self.kv.allocate_slots(req, num_new):
-            victim = self.running.pop()
+            victim = self._victim(req)
+            self.running.remove(victim)
             self._preempt(victim)
             out.preempted.append(victim.request_id)
             if victim is req:
                 return False
         return True
+
+    def _victim(self, req: Request) -> Request:
+        """The newest running request not yet scheduled in this step (``req`` itself when
+        none is left) whose next token is not being sampled on the device: a request
+        with a pending token may be a prefill-only one about to hand its blocks over."""
+        for r in reversed(self.running):
+            if r is req or not r.num_pending:
+                return r
+        return req
 
     def _preempt(self, req: Request) -> None:
         assert self.kv is not None

@@ -95,6 +95,22 @@ def test_newest_request_is_preempted_and_recomputed_later() -> None:
     assert new.num_preemptions == 1
 
 
+def test_a_request_whose_token_is_on_the_device_is_not_preempted() -> None:
+    """Async scheduling: "new" has its token in flight (it may be a prefill-only request
+    about to hand its blocks over), so "old" gives way when "mid" needs a block."""
+    s = make(num_blocks=6, block_size=4, budget=32)
+    for rid, base in (("old", 0), ("mid", 100), ("new", 200)):
+        s.add_request(req(rid, 7, base=base))
+    run_step(s)
+    run_step(s)  # 8 tokens each: 6 blocks, the pool is full
+    pending = next(r for r in s.running if r.request_id == "new")
+    pending.num_pending = 1  # as if the step in flight sampled its next token
+    pending.max_tokens = pending.num_output_tokens + 1  # ... its last: not scheduled again
+    out = s.schedule()  # "old" needs a third block: "new" would be the newest victim
+    assert out.preempted == ["mid"]
+    assert pending.status == RequestStatus.RUNNING and pending in s.running
+
+
 def test_abort_frees_blocks_whether_waiting_or_running() -> None:
     s = make(budget=8)
     s.add_request(req("a", 20))
