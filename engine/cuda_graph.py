@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.attention.metadata import padded_tables, to_device
+from engine.attention.metadata import padded_tables
 from engine.attention.triton_backend import DecodeBatch, TritonStepData, decode_splits
 from engine.pending import fill_pending
 from engine.scheduler_output import SchedulerOutput
@@ -150,4 +150,4 @@ class DecodeGraphs:
         if all(s.needs_sample for s in out.scheduled):
             return logits
         keep = [i for i, s in enumerate(out.scheduled) if s.needs_sample]
-        return logits[to_device(keep, torch.long, logits.device)]
+        return logits[torch.tensor(keep, device=logits.device)]

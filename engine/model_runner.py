@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.attention import AttentionMetadata, select_backend
-from engine.attention.metadata import to_device
 from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv_cache
 from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
@@ -124,7 +123,9 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=starts,
             seq_lens=seq_lens,
-            slot_mapping=to_device(slots, torch.long, dev) if out.use_cache else None,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev)
+            if out.use_cache
+            else None,
             block_tables=[s.block_ids for s in out.scheduled],
             block_size=bs,
             use_cache=out.use_cache,
@@ -137,10 +138,10 @@ class ModelRunner:
                 starts, seq_lens, meta.block_tables, kv_heads, self.num_sms, dev
             )
         return (
-            to_device(ids, torch.long, dev),
-            to_device(positions, torch.long, dev),
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
             meta,
-            to_device(sample_rows, torch.long, dev),
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
 
     @torch.inference_mode()

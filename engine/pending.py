@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.metadata import to_device
 from engine.scheduler_output import SchedulerOutput
 
 
@@ -33,6 +32,6 @@ def fill_pending(
         return
     assert prev_tokens is not None, "PENDING tokens need the previous step's tokens"
     dev = input_ids.device
-    dst = to_device(pending_rows(out), torch.long, dev)
-    src = to_device(out.pending_sources, torch.long, dev)
+    dst = torch.tensor(pending_rows(out), dtype=torch.long).to(dev, non_blocking=True)
+    src = torch.tensor(out.pending_sources, dtype=torch.long).to(dev, non_blocking=True)
     input_ids.index_copy_(0, dst, prev_tokens.index_select(0, src))

@@ -11,19 +11,6 @@ import numpy as np
 import torch
 
 
-def to_device(values: Sequence[int] | np.ndarray, dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:  # fmt: skip
-    """Host ints on ``device`` without waiting for the work already queued there: on CUDA
-    through pinned memory (an async copy; torch's host allocator keeps the buffer until it
-    has landed), so the host builds step N+1 while step N runs (a plain copy from
-    pageable memory waits for the stream)."""
-    t = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values)
-    t = t.to(dtype)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def padded_tables(tables: Sequence[list[int]], out: np.ndarray | None = None) -> np.ndarray:
     """Block tables as one int32 array ``[len(tables), max len]``, each row's entries
     after its own length left as they were (zero in a new array): kernels read a row

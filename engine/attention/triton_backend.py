@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from engine.attention.metadata import AttentionMetadata, padded_tables, to_device
+from engine.attention.metadata import AttentionMetadata, padded_tables
 from engine.attention.torch_ref import TorchAttentionBackend
 from engine.attention.triton_kernels import (
     _paged_decode_kernel,
@@ -69,10 +69,11 @@ def build_step_data(
         (dec if query_start_loc[i + 1] - query_start_loc[i] == 1 else pre).append(i)
 
     def tables(idx: list[int]) -> torch.Tensor:
-        return to_device(padded_tables([block_tables[i] for i in idx]), torch.int32, device)
+        rows = padded_tables([block_tables[i] for i in idx])
+        return torch.from_numpy(rows).to(device, non_blocking=True)
 
     def i32(xs: list[int]) -> torch.Tensor:
-        return to_device(xs, torch.int32, device)
+        return torch.tensor(xs, dtype=torch.int32).to(device, non_blocking=True)
 
     decode = prefill = None
     if dec:
