@@ -74,13 +74,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """The request's outputs (cumulative) until it finishes; ``resume``: output tokens
         it produced on an instance that died (``LLMEngine.add_request``)."""
-        if self._dead is not None:
-            raise self._dead
-        loop = asyncio.get_running_loop()
         rid = request_id or self.new_request_id()
-        stream = Stream(loop, asyncio.Queue())
-        added: asyncio.Future[str] = loop.create_future()
-        self._cmds.put(("add", prompt, params, rid, stream, added, tuple(resume)))
+        stream, added = self._submit("add", prompt, params, rid, tuple(resume))
         try:
             await added  # ValueError for bad input: nothing was queued
         except asyncio.CancelledError:  # left before the engine took it: abort it there
@@ -88,6 +83,16 @@ class AsyncEngine:
             raise
         async for item in self._consume(rid, stream):
             yield item
+
+    def _submit(self, kind: str, *args: Any) -> tuple[Stream, asyncio.Future[Any]]:
+        """Queues ``(kind, *args, stream, added)`` for the engine thread: a new stream
+        for the request's outputs, and the future it settles once it took the command."""
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        stream, added = Stream(loop, asyncio.Queue()), loop.create_future()
+        self._cmds.put((kind, *args, stream, added))
+        return stream, added
 
     def _consume(self, rid: str, stream: Stream) -> AsyncIterator[RequestOutput]:
         """The outputs of a registered request until it finishes; leaving early aborts it."""
@@ -102,12 +107,7 @@ class AsyncEngine:
     ) -> RequestOutput:
         """Prefill-only: the finished output with the first token and ``kv_block_ids``;
         the blocks stay held until ``release_kv``. ValueError for bad input."""
-        if self._dead is not None:
-            raise self._dead
-        loop = asyncio.get_running_loop()
-        stream = Stream(loop, asyncio.Queue())
-        added: asyncio.Future[Any] = loop.create_future()
-        self._cmds.put(("add_prefill", prompt, params, request_id, stream, added))
+        stream, added = self._submit("add_prefill", prompt, params, request_id)
         await added
         last: RequestOutput | None = None
         async for out in self._consume(request_id, stream):
@@ -125,12 +125,7 @@ class AsyncEngine:
         """Decode side: registers a request whose prompt K/V will arrive and returns the
         block ids to write it into, or None (no room: nothing registered). Follow with
         ``transferred`` (the blocks are written) or ``abort``."""
-        if self._dead is not None:
-            raise self._dead
-        loop = asyncio.get_running_loop()
-        stream = Stream(loop, asyncio.Queue())
-        added: asyncio.Future[Any] = loop.create_future()
-        self._cmds.put(("reserve", prompt, params, request_id, stream, added))
+        _, added = self._submit("reserve", prompt, params, request_id)
         blocks: list[int] | None = await added
         return blocks
 
@@ -145,13 +140,12 @@ class AsyncEngine:
             yield item
 
     async def reset_prefix_cache(self) -> int:
-        """Empties the prefix cache of blocks no request holds (between two steps);
-        the number of cached blocks forgotten."""
+        """``LLMEngine.reset_prefix_cache``, between two steps on the engine thread."""
         if self._dead is not None:
             raise self._dead
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done = asyncio.get_running_loop().create_future()
         self._cmds.put(("reset", done))
-        return await done
+        return int(await done)
 
     def prefix_hashes(self, limit: int) -> list[bytes]:
         """The newest ``limit`` blocks of the prefix cache (read without a lock: a list
@@ -201,7 +195,7 @@ class AsyncEngine:
             block = False
             kind = cmd[0]
             if kind == "add":
-                _, prompt, params, rid, stream, added, resume = cmd
+                _, prompt, params, rid, resume, stream, added = cmd
                 try:
                     self.engine.add_request(prompt, params, rid, resume)
                 except Exception as e:  # bad input: the caller gets it, nothing queued
@@ -230,8 +224,7 @@ class AsyncEngine:
                 out = self.engine.finish_transfer(rid, token)
                 self._publish([out])
             elif kind == "reset":
-                done = cmd[1]
-                post(done.get_loop(), set_result, done, self.engine.reset_prefix_cache())
+                post(cmd[1].get_loop(), set_result, cmd[1], self.engine.reset_prefix_cache())
             elif kind == "release_kv":
                 self.engine.release_kv(cmd[1])
             elif kind == "abort":
@@ -274,10 +267,9 @@ class AsyncEngine:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 break
-            if cmd[0] in ("add", "add_prefill", "reserve"):
-                post(cmd[4].loop, set_exception, cmd[5], self._dead)
-            elif cmd[0] == "reset":
-                post(cmd[1].get_loop(), set_exception, cmd[1], self._dead)
+            if cmd[0] in ("add", "add_prefill", "reserve", "reset"):
+                fut = cmd[-1]  # the caller's future, last in every such command
+                post(fut.get_loop(), set_exception, fut, self._dead)
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

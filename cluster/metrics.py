@@ -12,7 +12,9 @@ cache usage, prefix-cache queries and hits (tokens), preemptions.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from typing import Any
 
 from ray.util import metrics
@@ -152,3 +154,34 @@ class RequestTimer:
     def finish(self, now: float, prompt_tokens: int) -> None:
         self.m.prompt_tokens.inc(prompt_tokens)
         self.m.e2e.observe(now - self.arrival)
+
+
+class LoopLag:
+    """How late an event loop runs what is due: the wait that every request's arrival,
+    each streamed chunk and the engine's outputs meet there (an engine replica's
+    ``loop_lag_*_ms`` in its reports, and a gauge). Sampled every ``period_s`` once
+    ``start``ed on the loop."""
+
+    def __init__(self, period_s: float = 0.005) -> None:
+        self.period_s = period_s
+        self._lags: list[float] = []  # seconds late, since the last ``stats``
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._task = loop.create_task(self._probe())
+
+    async def _probe(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.period_s)
+            self._lags.append(time.monotonic() - t - self.period_s)
+
+    def stats(self) -> dict[str, float]:
+        """p50, p99 and max lag (ms) since the last call; {} when nothing was sampled."""
+        lags, self._lags = self._lags, []
+        if not lags:
+            return {}
+        lags.sort()
+        return {"loop_lag_p50_ms": round(lags[len(lags) // 2] * 1e3, 3),
+                "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1e3, 3),
+                "loop_lag_max_ms": round(lags[-1] * 1e3, 3)}  # fmt: skip

@@ -26,7 +26,7 @@ from cluster.async_engine import AsyncEngine
 from cluster.config import Faults, PDConfig
 from cluster.core.messages import FULL, Delta, Request
 from cluster.core.server import CoreServer, Outbox, pump
-from cluster.metrics import EngineMetrics, RequestTimer
+from cluster.metrics import EngineMetrics, LoopLag, RequestTimer
 from cluster.pd.decode import DecodeSide, kv_links
 from cluster.pd.pairs import PairHealth
 from cluster.pd.prefill import PrefillSide
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 
 REPORT_PERIOD_S = 1.0
-LAG_PROBE_S = 0.005  # the event loop's lag is sampled this often
 
 
 def _node_ip() -> str:
@@ -92,37 +91,19 @@ class EngineReplica(DecodeSide, PrefillSide):
         if role != "both":
             self.links = kv_links(self.replica_id, _node_ip(), self.engine)
         self._stop = threading.Event()
-        self._lags: list[float] = []  # the event loop's lag (s) since the last report
+        self._lag = LoopLag()
         # The API processes' links (not the prefill role's: decode replicas call it).
         host = core_host or _node_ip()
         self.server = CoreServer(host, self) if role != "prefill" else None
         loop = _running_loop()
         if loop is not None:
-            self._lag_probe = loop.create_task(self._probe_loop_lag())
+            self._lag.start(loop)
             if self.server is not None:
                 self.server.start()
         self._reporter = threading.Thread(target=self._report_loop, name="kvserve-report",
                                           daemon=True)  # fmt: skip
         self._reporter.start()
         freeze_heap()  # the libraries, the tokenizer and an engine in this process
-
-    async def _probe_loop_lag(self) -> None:
-        """How late this replica's event loop runs what is due: the wait that every
-        request's arrival, each streamed chunk and the engine's outputs meet here
-        (``loop_lag_*_ms`` in the reports, and a gauge)."""
-        while True:
-            t = time.monotonic()
-            await asyncio.sleep(LAG_PROBE_S)
-            self._lags.append(time.monotonic() - t - LAG_PROBE_S)
-
-    def _lag_stats(self) -> dict[str, float]:
-        lags, self._lags = self._lags, []
-        if not lags:
-            return {}
-        lags.sort()
-        return {"loop_lag_p50_ms": round(lags[len(lags) // 2] * 1e3, 3),
-                "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1e3, 3),
-                "loop_lag_max_ms": round(lags[-1] * 1e3, 3)}  # fmt: skip
 
     def _report_loop(self) -> None:
         """Every second: metrics gauges/counters and a ledger report."""
@@ -131,7 +112,7 @@ class EngineReplica(DecodeSide, PrefillSide):
         ledger = None
         last: Any = None  # the previous report: a failed one means a new ledger handle
         while True:  # the first report at once: API processes attach by the ledger rows
-            stats = {**self.engine.stats(), **self._stream_stats(), **self._lag_stats(),
+            stats = {**self.engine.stats(), **self._stream_stats(), **self._lag.stats(),
                      "dead": not self._healthy()}  # fmt: skip
             if self.server is not None:  # API processes attach there (cluster.api)
                 stats["core"] = self.server.address
@@ -217,8 +198,7 @@ class EngineReplica(DecodeSide, PrefillSide):
     def record_routing_stats(self) -> dict[str, Any]:
         """What ``cluster.request_router`` places new requests by (Serve collects it):
         the load, and the prefix-cache blocks held (``cluster.placement.affinity``)."""
-        held = self.engine.prefix_hashes(affinity.REPORT_MAX)
-        return {**self._load(), "prefix": [affinity.short(h) for h in held]}
+        return {**self._load(), "prefix": self.prefix_report()}
 
     def _load(self) -> dict[str, float]:
         s = self.engine.stats()
@@ -250,10 +230,8 @@ class EngineReplica(DecodeSide, PrefillSide):
         instance's prefill pool's (``DecodeSide.reset_prefill_pool``); the cached blocks
         each instance forgot. ``target`` as for ``stats``."""
         self._check_target(target)
-        done = {self.replica_id: await self.engine.reset_prefix_cache()}
-        if self.role == "decode":
-            done.update(await self.reset_prefill_pool())
-        return done
+        pool = await self.reset_prefill_pool() if self.role == "decode" else {}
+        return {self.replica_id: await self.engine.reset_prefix_cache(), **pool}
 
     def start(self, req: Request, box: Outbox) -> str | None:
         """Starts an API process's request (``request_id`` set); its deltas go to ``box``.
