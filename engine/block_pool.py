@@ -12,6 +12,20 @@ queue; a free block that still carries a hash is an evictable prefix-cache entry
 Invariants (checked by ``check()`` and the property tests): ``ref_cnt >= 0``; a block
 is in the free queue iff its ``ref_cnt`` is 0; ``len(free) + in_use == num_blocks``;
 ``cached[h] == b`` implies ``block_hash[b] == h``.
+
+The host tier (``num_host_blocks > 0``): a second pool of blocks in host memory that the
+pool also owns. A cached block evicted to make room is *spilled*: its prefix hash moves
+to a host block (least-recently-used host entry replaced), and the copy device → host
+is queued. A later prefix hit on the host tier is *restored*: a device block is
+allocated, takes the hash, and the copy host → device is queued. The tier is inclusive
+(a restored prefix stays on the host too, so evicting it again copies nothing).
+
+The queued copies are the step's: ``take_copies()`` hands them to the step that the
+scheduler is describing, and the runner does every spill before every restore, both
+before the step's forward, in queue order. A host block a queued restore reads is not
+reused until the copies are taken, so no copy reads a block a later one overwrote.
+Host invariants: ``host[h] == hb`` for exactly one ``h`` per used host block; used +
+free host blocks == ``num_host_blocks``.
 """
 
 from __future__ import annotations
@@ -25,15 +39,28 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, num_host_blocks: int = 0
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[bytes, int] = {}
+        # The host tier: prefix hash -> host block, least recently used first.
+        self.num_host_blocks = num_host_blocks if enable_caching else 0
+        self._host: OrderedDict[bytes, int] = OrderedDict()
+        self._host_free = list(range(self.num_host_blocks - 1, -1, -1))
+        self._host_busy: set[int] = set()  # read by a queued restore
+        self._spills: list[tuple[int, int]] = []  # (device block, host block)
+        self._restores: list[tuple[int, int]] = []  # (host block, device block)
+        self.num_spilled = 0  # blocks copied to the host tier, ever
+        self.num_restored = 0  # blocks copied back from it, ever
 
     # --- queries -------------------------------------------------------------------
     @property
@@ -57,6 +84,27 @@ class BlockPool:
     def cached_hashes(self) -> list[bytes]:
         return list(self._cached)
 
+    @property
+    def num_host_cached_blocks(self) -> int:
+        return len(self._host)
+
+    def host_lookup(self, block_hash: bytes) -> bool:
+        """Whether the host tier holds this prefix hash (no device block does, or may)."""
+        return block_hash in self._host
+
+    def host_hashes(self) -> list[bytes]:
+        """The host tier's prefix hashes, least recently used first."""
+        return list(self._host)
+
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The copies queued since the last call: ``(spills, restores)``, spills as
+        (device block, host block), restores as (host block, device block). The caller
+        runs them before anything reads or writes those device blocks: spills first."""
+        out = (self._spills, self._restores)
+        self._spills, self._restores = [], []
+        self._host_busy.clear()
+        return out
+
     # --- mutations -----------------------------------------------------------------
     def touch(self, block_ids: Iterable[int]) -> None:
         """Takes one reference on each block (prefix-cache hits or sharing)."""
@@ -65,8 +113,10 @@ class BlockPool:
                 del self._free[b]
             self.ref_cnt[b] += 1
 
-    def allocate(self, n: int) -> list[int]:
-        """Takes ``n`` blocks from the front of the free queue, evicting their hashes.
+    def allocate(self, n: int, spill: bool = True) -> list[int]:
+        """Takes ``n`` blocks from the front of the free queue, evicting their hashes
+        (spilled to the host tier when there is one, unless ``spill`` is False: blocks
+        written outside a step, as a KV transfer's, must not have a copy queued).
 
         Raises ``NoFreeBlocksError`` (and changes nothing) if fewer than ``n`` are free.
         """
@@ -75,9 +125,28 @@ class BlockPool:
         out = []
         for _ in range(n):
             b, _ = self._free.popitem(last=False)
-            self._evict(b)
+            self._evict(b, spill and self.num_host_blocks > 0)
             self.ref_cnt[b] = 1
             out.append(b)
+        return out
+
+    def restore(self, block_hashes: list[bytes]) -> list[int]:
+        """Allocates a device block for each prefix the host tier holds (``host_lookup``),
+        caches the hash on it and queues the copy host → device; returns the blocks, one
+        reference taken on each. Every source is protected before the first allocation
+        (which may spill, and so replace a host entry). The caller checked that enough
+        blocks are free (else ``NoFreeBlocksError`` midway)."""
+        sources = [self._host[h] for h in block_hashes]
+        self._host_busy.update(sources)  # no spill may overwrite them before the copies
+        out = []
+        for h, hb in zip(block_hashes, sources, strict=True):
+            self._host.move_to_end(h)
+            (b,) = self.allocate(1)
+            self.block_hash[b] = h
+            self._cached[h] = b
+            self._restores.append((hb, b))
+            out.append(b)
+        self.num_restored += len(out)
         return out
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -105,18 +174,43 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> int:
         """Forgets every cached prefix of unreferenced blocks (blocks a request holds
-        keep theirs); returns how many cached blocks were forgotten."""
-        before = len(self._cached)
+        keep theirs) and every prefix of the host tier but those a queued restore still
+        reads; returns how many cached blocks (both tiers) were forgotten."""
+        before = len(self._cached) + len(self._host)
         for b in list(self._free):
-            self._evict(b)
-        return before - len(self._cached)
+            self._evict(b, spill=False)
+        for h, hb in list(self._host.items()):
+            if hb not in self._host_busy:
+                del self._host[h]
+                self._host_free.append(hb)
+        return before - len(self._cached) - len(self._host)
 
-    def _evict(self, b: int) -> None:
+    def _evict(self, b: int, spill: bool) -> None:
         h = self.block_hash[b]
         if h is not None:
             self.block_hash[b] = None
             if self._cached.get(h) == b:
                 del self._cached[h]
+                if spill:
+                    self._spill(b, h)
+
+    def _spill(self, b: int, h: bytes) -> None:
+        """Moves prefix ``h`` of device block ``b`` to the host tier (a copy queued),
+        replacing the least recently used host entry no queued restore reads; nothing
+        when it is there already or every host block is busy."""
+        if h in self._host:
+            self._host.move_to_end(h)
+            return
+        if self._host_free:
+            hb = self._host_free.pop()
+        else:
+            victim = next((k for k, v in self._host.items() if v not in self._host_busy), None)
+            if victim is None:
+                return
+            hb = self._host.pop(victim)
+        self._host[h] = hb
+        self._spills.append((b, hb))
+        self.num_spilled += 1
 
     def check(self) -> None:
         """Asserts the invariants in the module docstring."""
@@ -128,3 +222,7 @@ class BlockPool:
         assert in_use + len(self._free) == self.num_blocks
         for h, b in self._cached.items():
             assert self.block_hash[b] == h
+        used = sorted(self._host.values())
+        assert len(set(used)) == len(used), "two host entries share a host block"
+        assert not set(used) & set(self._host_free), "a host block is both used and free"
+        assert len(used) + len(self._host_free) == self.num_host_blocks

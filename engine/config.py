@@ -149,6 +149,9 @@ class CacheConfig:
     kv_cache: bool = True
     # "auto": the model's dtype; "fp8": float8 e4m3 with a scale per layer (half the bytes).
     kv_cache_dtype: str = "auto"
+    # The host-memory tier (pinned on GPU machines): evicted prefix blocks spill there
+    # and hits restore them by copy. 0: no tier.
+    host_kv_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -159,6 +162,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.num_blocks_override is not None and self.num_blocks_override < 1:
             raise ValueError("num_blocks_override must be >= 1")
+        if self.host_kv_cache_bytes < 0:
+            raise ValueError("host_kv_cache_bytes must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +174,23 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # "projected": admit a request only while the free blocks cover what every admitted
+    # request holds plus what its decode may still need (``engine.kv_budget``): no
+    # preemption at the plan. "committed": count only the blocks a step needs now
+    # (vLLM's way: more requests start, and decode growth preempts the newest).
+    kv_admission: str = "projected"
+    # Decode tokens reserved ahead for a request without ``max_tokens`` (a watermark).
+    unbounded_reserve_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.kv_admission not in ("projected", "committed"):
+            raise ValueError(
+                f"kv_admission must be projected or committed, got {self.kv_admission!r}"
+            )
+        if self.unbounded_reserve_tokens < 0:
+            raise ValueError("unbounded_reserve_tokens must be >= 0")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -205,6 +223,13 @@ class EngineArgs:
         os.environ.get("KVSERVE_CPU_KV_CACHE_BYTES", str(2 * 1024**3))))  # fmt: skip
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None
+    # Bytes of host memory (per rank) for the KV host tier: evicted prefixes spill there
+    # and are restored by copy instead of recomputed (0: no tier).
+    host_kv_cache_bytes: int = 0
+    # "projected" (admit on held + projected decode blocks; no preemption at the plan)
+    # or "committed" (admit on what a step needs now; decode growth preempts).
+    kv_admission: str = "projected"
+    unbounded_reserve_tokens: int = 256  # decode tokens reserved for a request without max_tokens
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks of the worker group (one per GPU, or CPU process)
     distributed_executor_backend: str | None = None  # None: "local" at TP 1, "ray" above

@@ -14,6 +14,7 @@ Contract of every executor:
   ones the engine samples from.
 - ``num_blocks`` is the KV block count every rank agreed on (the minimum of what
   each rank's memory allows); block ids mean the same slots on every rank.
+  ``num_host_blocks`` is the same for the host tier (0: none).
 - ``execute(out)`` runs one step on every rank in lockstep and returns rank 0's
   float32 logits of the sampling rows. A rank that fails or dies makes it raise
   (``RuntimeError`` naming the rank) within seconds; it never hangs.
@@ -44,6 +45,9 @@ class Executor(Protocol):
     @property
     def num_blocks(self) -> int: ...
 
+    @property
+    def num_host_blocks(self) -> int: ...
+
     def execute(
         self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
     ) -> torch.Tensor: ...
@@ -66,6 +70,10 @@ class LocalExecutor:
     @property
     def num_blocks(self) -> int:
         return self.runner.num_blocks
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.runner.num_host_blocks
 
     def execute(
         self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None

@@ -107,22 +107,21 @@ def _budget_bytes(cfg: RunnerConfig, weight_bytes: int) -> int:
 
 def allocate_kv_cache(
     plan: KVCachePlan, layers: list[LlamaAttention], device: torch.device, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """Allocates the cache of every layer and binds each layer to its own.
+) -> torch.Tensor:
+    """Allocates the cache of every layer, binds each layer to its own and returns them
+    all as one tensor ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
 
-    The layers' caches are consecutive views of one tensor
-    ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``, so that a request's
-    blocks of every layer can be gathered or scattered by one kernel (KV transfer,
-    ``workers.kv_transfer.layer_stack``)."""
+    The layers' caches are consecutive views of it (``stack.unbind(0)``), so that a
+    request's blocks of every layer can be gathered or scattered by one kernel (KV
+    transfer, ``workers.kv_transfer.layer_stack``; the host tier)."""
     if not layers:
-        return []
+        raise ValueError("a model without attention layers has no KV cache")
     heads, dim = layers[0].num_kv_heads, layers[0].head_dim
     if any((layer.num_kv_heads, layer.head_dim) != (heads, dim) for layer in layers):
         raise ValueError("every layer must have the same KV heads and head size")
     stack = torch.zeros(
         len(layers), 2, plan.num_blocks, plan.block_size, heads, dim, dtype=dtype, device=device
     )
-    caches = list(stack.unbind(0))
-    for layer, cache in zip(layers, caches, strict=True):
+    for layer, cache in zip(layers, stack.unbind(0), strict=True):
         layer.kv_cache = cache
-    return caches
+    return stack

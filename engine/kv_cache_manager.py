@@ -8,6 +8,9 @@ holds tokens ``[i * block_size, (i + 1) * block_size)`` of ``all_token_ids``::
               full, hashed   full, hashed  partial, never shared
 
 Only full blocks are hashed and shared. ``free`` returns every block of a request.
+
+A prefix hit is on the device (a block id) or on the pool's host tier (``HOST``): the
+block is restored, by a copy queued for the step, when the request takes its hits.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from __future__ import annotations
 from engine.block_hash import extend_block_hashes
 from engine.block_pool import BlockPool
 from engine.request import Request
+
+
+# A prefix hit held by the host tier: restored into a fresh device block when taken.
+HOST = None
+Hit = int | None
 
 
 class KVCacheManager:
@@ -31,26 +39,27 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, request: Request) -> list[int]:
-        """Blocks that already hold a prefix of ``request``'s tokens (no reference
-        taken). At least one token is always left to compute, so the step yields logits.
-        """
+    def find_cached_prefix(self, request: Request, host: bool = True) -> list[Hit]:
+        """The leading blocks of ``request``'s tokens that are cached (no reference
+        taken): a device block id, or ``HOST`` where the host tier holds it (``host``
+        False: device hits only). At least one token is always left to compute, so the
+        step yields logits."""
         if not self.pool.enable_caching:
             return []
         extend_block_hashes(
             request.block_hashes, request.all_token_ids, self.block_size, self.extra_key
         )
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[int] = []
+        hits: list[Hit] = []
         for h in request.block_hashes[:max_blocks]:
             b = self.pool.lookup(h)
-            if b is None:
+            if b is None and not (host and self.pool.host_lookup(h)):
                 break
             hits.append(b)
         return hits
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None
+        self, request: Request, num_new_tokens: int, cached_blocks: list[Hit] | None = None
     ) -> bool:
         """Makes room for ``num_new_tokens`` more computed tokens of ``request``.
 
@@ -71,32 +80,41 @@ class KVCacheManager:
         self._cache_full_blocks(request, table, total, already=len(cached_blocks))
         return True
 
-    def _grow(self, request: Request, cached_blocks: list[int], n: int) -> list[int] | None:
-        """Appends ``cached_blocks`` (taking references) and ``n`` fresh blocks to
-        ``request``'s table; the fresh ones, or None (nothing changed) when the pool
-        cannot supply them. Hits nobody holds are evictable, so they count against the
-        free blocks."""
-        evictable_hits = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)
-        if n > self.pool.num_free_blocks - evictable_hits:
+    def _grow(
+        self, request: Request, cached_blocks: list[Hit], n: int, spill: bool = True
+    ) -> list[int] | None:
+        """Appends ``cached_blocks`` (taking references; host hits restored into fresh
+        device blocks) and ``n`` fresh blocks to ``request``'s table; the fresh ones, or
+        None (nothing changed) when the pool cannot supply them. Device hits nobody
+        holds are evictable, so they count against the free blocks."""
+        on_device = [b for b in cached_blocks if b is not HOST]
+        evictable_hits = sum(1 for b in on_device if self.pool.ref_cnt[b] == 0)
+        restores = len(cached_blocks) - len(on_device)
+        if n + restores > self.pool.num_free_blocks - evictable_hits:
             return None
-        if cached_blocks:
-            self.pool.touch(cached_blocks)
-        fresh = self.pool.allocate(n) if n > 0 else []
-        self._tables.setdefault(request.request_id, []).extend([*cached_blocks, *fresh])
+        self.pool.touch(on_device)  # before restoring: a restore must not evict them
+        hashes = request.block_hashes
+        restored = iter(self.pool.restore([hashes[i] for i, b in enumerate(cached_blocks)
+                                           if b is HOST]))  # fmt: skip
+        table = [b if b is not HOST else next(restored) for b in cached_blocks]
+        fresh = self.pool.allocate(n, spill) if n > 0 else []
+        self._tables.setdefault(request.request_id, []).extend([*table, *fresh])
         return fresh
 
     def allocate_for_transfer(
-        self, request: Request, num_tokens: int, cached_blocks: list[int] | None = None
+        self, request: Request, num_tokens: int, cached_blocks: list[Hit] | None = None
     ) -> list[int] | None:
         """Blocks for ``num_tokens`` of K/V that will arrive from another instance, after
         ``cached_blocks`` (prefix hits here: ``find_cached_prefix``), which are taken by
         reference and need no transfer. Returns only the blocks to receive into: they
         are allocated but not hashed into the prefix cache (nobody may hit them before
         the data lands; ``commit_transfer`` hashes them). None (nothing taken) when the
-        pool has no room."""
+        pool has no room. Hits are device blocks only, and no evicted block is spilled:
+        the transfer writes its blocks outside any step, so no copy may be queued."""
         assert request.request_id not in self._tables
-        hits = cached_blocks or []
-        fresh = self._grow(request, hits, self.num_blocks_for(num_tokens) - len(hits))
+        hits: list[Hit] = list(cached_blocks or [])
+        assert HOST not in hits, "a transfer takes device hits only"
+        fresh = self._grow(request, hits, self.num_blocks_for(num_tokens) - len(hits), False)
         if fresh is not None:
             self._num_hashed[request.request_id] = len(hits)
         return fresh

@@ -144,6 +144,8 @@ class LLMEngine:
             max_num_batched_tokens=batched,
             max_model_len=max_len,
             enable_chunked_prefill=chunked,
+            kv_admission=args.kv_admission,
+            unbounded_reserve_tokens=args.unbounded_reserve_tokens,
         )
         self.cache_config = CacheConfig(
             block_size=args.block_size,
@@ -153,6 +155,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching,
             kv_cache=args.kv_cache,
             kv_cache_dtype=args.kv_cache_dtype,
+            host_kv_cache_bytes=args.host_kv_cache_bytes,
         )
         runner_cfg = RunnerConfig(
             model_dir, self.model_config, self.cache_config, self.scheduler_config, device,
@@ -167,7 +170,8 @@ class LLMEngine:
         self.runner: ModelRunner = self.executor.runner
         self.kv: KVCacheManager | None = None
         if args.kv_cache:
-            pool = BlockPool(self.executor.num_blocks, args.enable_prefix_caching)
+            pool = BlockPool(self.executor.num_blocks, args.enable_prefix_caching,
+                             self.executor.num_host_blocks)  # fmt: skip
             self.kv = KVCacheManager(pool, args.block_size, extra_key=str(model_dir).encode())
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.sampler = Sampler(args.seed)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.attention import AttentionMetadata, select_backend
+from engine.host_tier import HostKVTier, num_host_blocks
 from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv_cache
 from engine.loader import load_weights
 from engine.models import LlamaForCausalLM
@@ -56,6 +57,7 @@ class ModelRunner:
         self.model.eval()
         self.kv_caches: list[torch.Tensor] = []
         self.plan: KVCachePlan | None = None
+        self.host_tier: HostKVTier | None = None
         if cfg.cache.kv_cache:
             layers = self.model.attention_layers()
             plan = plan_kv_cache(cfg, layers[0].num_kv_heads, self.weight_bytes)
@@ -67,7 +69,14 @@ class ModelRunner:
                 plan = replace(plan, num_blocks=agreed,
                                max_concurrent_seqs=agreed * plan.block_size / cfg.scheduler.max_model_len)  # fmt: skip
             self.plan = plan
-            self.kv_caches = allocate_kv_cache(self.plan, layers, cfg.device, cache_dtype(cfg))
+            stack = allocate_kv_cache(self.plan, layers, cfg.device, cache_dtype(cfg))
+            self.kv_caches = list(stack.unbind(0))
+            block_bytes = stack[:, :, 0].numel() * stack.element_size()
+            # Host-tier block ids too mean the same slots on every rank.
+            host = self.tp.min_int(num_host_blocks(cfg.cache.host_kv_cache_bytes, block_bytes),
+                                   cfg.device)  # fmt: skip
+            if host > 0 and cfg.cache.enable_prefix_caching:
+                self.host_tier = HostKVTier(host, stack)
             if cache_dtype(cfg) == torch.float8_e4m3fn and cfg.kv_calibration_ids:
                 self.calibrate_kv_scales(list(cfg.kv_calibration_ids))
         self.graphs: DecodeGraphs | None = None
@@ -90,6 +99,10 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self.plan.num_blocks if self.plan is not None else 0
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_tier.num_blocks if self.host_tier is not None else 0
 
     @property
     def weight_bytes(self) -> int:
@@ -192,7 +205,13 @@ class ModelRunner:
         """Runs one step; returns float32 logits [S, vocab] of the rows that sample,
         in the order of ``out.scheduled`` (requests with ``needs_sample``).
         ``prev_tokens``: the previous step's sampled tokens, still on the device, that
-        ``out``'s ``PENDING`` ids are (``out.pending_sources`` says which row each)."""
+        ``out``'s ``PENDING`` ids are (``out.pending_sources`` says which row each).
+        The step's host-tier copies run first."""
+        if out.spills or out.restores:
+            assert self.host_tier is not None, "a host-tier copy without a host tier"
+            self.host_tier.copy(out.spills, out.restores)
+        if not out.scheduled:
+            return torch.empty(0, self.cfg.model.vocab_size, device=self.device)
         if self.graphs is not None and self.graphs.can_run(out):
             return self.graphs.run(out, prev_tokens)
         input_ids, positions, meta, sample_rows = self.prepare(out)

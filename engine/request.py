@@ -51,6 +51,7 @@ class Request:
         "logprobs",
         "max_tokens",
         "num_cached_tokens",
+        "num_host_cached_tokens",
         "num_computed_tokens",
         "num_pending",
         "num_preemptions",
@@ -90,6 +91,7 @@ class Request:
         self.num_pending = 0
         # Prompt tokens found in the prefix cache on first admission.
         self.num_cached_tokens = -1
+        self.num_host_cached_tokens = 0  # of which restored from the host tier
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -11,6 +11,13 @@ With async scheduling a running request may have a token still being sampled on 
 device (``num_pending``): it is scheduled as if that token were known, its id
 ``PENDING`` in the step's description, unless that token is its last (``max_tokens``).
 
+Admission (``SchedulerConfig.kv_admission``): "projected" admits a waiting request only
+while the free blocks cover what it and every admitted request may still need
+(``engine.kv_budget``), so bounded requests never preempt; "committed" admits on the
+blocks of this step alone and lets decode growth preempt. A prefix hit on the pool's
+host tier is restored by a copy the step carries (``SchedulerOutput.restores``), as are
+the spills of the cached blocks the step's allocations evicted.
+
 Pure Python; mutates only the requests and the KV cache manager it is given.
 """
 
@@ -19,7 +26,8 @@ from __future__ import annotations
 from collections import deque
 
 from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
+from engine.kv_budget import blocks_for, projected_tokens
+from engine.kv_cache_manager import HOST, Hit, KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler_output import PENDING, ScheduledRequest, SchedulerOutput
 
@@ -83,7 +91,9 @@ class Scheduler:
         )
         if len(self.running) + incoming >= self.config.max_num_seqs:
             return None  # the batch is full: a transferred request would not be scheduled
-        hits = self.kv.find_cached_prefix(request)
+        hits = self.kv.find_cached_prefix(request, host=False)
+        if not self._fits(request, hits, self.projected_blocks()):
+            return None
         blocks = self.kv.allocate_for_transfer(request, request.num_prompt_tokens, hits)
         if blocks is None:
             return None
@@ -136,7 +146,42 @@ class Scheduler:
         if not out.preempted:
             budget = self._admit_waiting(budget, out)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        if self.kv is not None:
+            out.spills, out.restores = self.kv.pool.take_copies()
         return out
+
+    # --- the KV budget (engine.kv_budget) -------------------------------------------
+    def blocks_needed(self, req: Request) -> int:
+        """Blocks ``req`` may still allocate: its projected tokens' blocks beyond its table."""
+        assert self.kv is not None
+        c = self.config
+        bounded = req.max_tokens if req.sampling_params.max_tokens is not None else None
+        tokens = projected_tokens(req.num_prompt_tokens, bounded, req.num_tokens + req.num_pending,
+                                  c.max_model_len, c.unbounded_reserve_tokens)  # fmt: skip
+        have = len(self.kv.block_table(req.request_id))
+        return max(0, blocks_for(tokens, self.kv.block_size) - have)
+
+    def projected_blocks(self) -> int:
+        """Blocks the admitted requests (running, or waiting for a transfer) may still
+        allocate: what projected admission keeps free for them."""
+        if self.kv is None:
+            return 0
+        return sum(self.blocks_needed(r) for r in self.requests.values()
+                   if r.status in (RequestStatus.RUNNING, RequestStatus.WAITING_FOR_KV))  # fmt: skip
+
+    def _fits(self, req: Request, hits: list[Hit], reserved: int) -> bool:
+        """Projected admission: the blocks ``req`` takes beyond its device hits, now and
+        later, fit in the free blocks less the hits nobody holds and ``reserved``. Always
+        true under "committed", and when nothing is admitted (a lone request always
+        starts)."""
+        assert self.kv is not None
+        if self.config.kv_admission != "projected" or (not self.running and reserved == 0):
+            return True
+        pool = self.kv.pool
+        on_device = [b for b in hits if b is not HOST]
+        evictable = sum(1 for b in on_device if pool.ref_cnt[b] == 0)
+        needed = self.blocks_needed(req) - len(on_device)
+        return needed <= pool.num_free_blocks - evictable - reserved
 
     def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         if self.kv is None:
@@ -169,6 +214,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+        reserved = -1  # the admitted requests' projected blocks, counted when first needed
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits = self.kv.find_cached_prefix(req) if self.kv is not None else []
@@ -177,14 +223,21 @@ class Scheduler:
             if num_new > budget and (self.kv is None or not self.config.enable_chunked_prefill):
                 break
             num_new = min(num_new, budget)
-            if self.kv is not None and not self.kv.allocate_slots(req, num_new, hits):
-                break  # FCFS: nobody overtakes the head of the queue
+            if self.kv is not None:
+                if reserved < 0:
+                    reserved = self.projected_blocks()
+                if not self._fits(req, hits, reserved):
+                    break  # FCFS: nobody overtakes the head of the queue
+                if not self.kv.allocate_slots(req, num_new, hits):
+                    break
+                reserved += self.blocks_needed(req)
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
+                req.num_host_cached_tokens = hits.count(HOST) * (self.kv.block_size if self.kv else 0)
                 # First admission: counted like vLLM's prefix-cache queries / hits (tokens).
                 self.prefix_cache_queries += req.num_tokens
                 self.prefix_cache_hits += num_computed

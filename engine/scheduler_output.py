@@ -48,7 +48,12 @@ class SchedulerOutput:
     # Per ``PENDING`` token, in batch order: its row among the previous step's sampled
     # tokens (set by the engine, which holds them on the device).
     pending_sources: list[int] = field(default_factory=list)
+    # Host-tier copies to run before the step's forward, spills first (``BlockPool``):
+    # (device block, host block) and (host block, device block).
+    spills: list[tuple[int, int]] = field(default_factory=list)
+    restores: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing to compute and nothing to copy."""
+        return not self.scheduled and not self.spills and not self.restores

@@ -19,13 +19,17 @@ def make(
     budget: int = 32,
     max_seqs: int = 8,
     chunked: bool = True,
+    admission: str = "committed",
 ) -> Scheduler:
+    """Budget, chunking and preemption tests admit on committed blocks (they overcommit
+    on purpose); the projected-admission tests below ask for it."""
     kv = KVCacheManager(BlockPool(num_blocks), block_size)
     cfg = SchedulerConfig(
         max_num_seqs=max_seqs,
         max_num_batched_tokens=budget,
         max_model_len=64,
         enable_chunked_prefill=chunked,
+        kv_admission=admission,
     )
     return Scheduler(cfg, kv)
 
@@ -144,3 +148,55 @@ def test_control_plane_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'control plane imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- projected admission (engine.kv_budget) --------------------------------------------
+def drive(s: Scheduler, max_steps: int = 10_000) -> list[int]:
+    """Runs a fake model to the end (each request stops at its ``max_tokens``); returns
+    the running count per step. Checks the pool after each step."""
+    running = []
+    for _ in range(max_steps):
+        if not s.num_unfinished:
+            break
+        run_step(s)
+        assert s.kv is not None
+        s.kv.pool.check()
+        running.append(len(s.running))
+        for r in list(s.running):
+            if r.num_output_tokens >= r.max_tokens:
+                s.finish(r, RequestStatus.FINISHED_LENGTH)
+    assert not s.num_unfinished
+    return running
+
+
+def bounded(rid: str, n: int, max_tokens: int, base: int = 0) -> Request:
+    return Request(rid, list(range(base, base + n)), SamplingParams(max_tokens=max_tokens),
+                   max_tokens=max_tokens)  # fmt: skip
+
+
+def test_projected_admission_holds_the_planned_sessions_and_never_preempts() -> None:
+    # Sessions of 7 prompt + 9 output tokens = 4 blocks of 4: a 16-block pool plans 4.
+    s = make(num_blocks=16, block_size=4, budget=64, admission="projected")
+    for i in range(6):
+        s.add_request(bounded(f"r{i}", 7, 9, base=10 * i))
+    running = drive(s)
+    assert max(running) == 4 and running[0] == 4
+    assert s.num_preemptions == 0
+    committed = make(num_blocks=16, block_size=4, budget=64)  # the overcommitting way
+    for i in range(6):
+        committed.add_request(bounded(f"r{i}", 7, 9, base=10 * i))
+    drive(committed)
+    assert committed.num_preemptions > 0
+
+
+def test_unbounded_requests_reserve_a_watermark() -> None:
+    s = make(num_blocks=16, block_size=4, budget=64, admission="projected")
+    s.config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                               kv_admission="projected", unbounded_reserve_tokens=8)  # fmt: skip
+    for i in range(6):
+        r = Request(f"u{i}", list(range(10 * i, 10 * i + 8)), SamplingParams(max_tokens=None), 56)
+        s.add_request(r)
+    s.update_after_step(s.schedule())
+    # Each holds 2 blocks and reserves 2 more (8 tokens): 4 fit in 16 blocks.
+    assert len(s.running) == 4
+    assert s.projected_blocks() == 8 and s.kv is not None and s.kv.pool.num_free_blocks == 8

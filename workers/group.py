@@ -243,6 +243,10 @@ class RayExecutor:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
+    @property
+    def num_host_blocks(self) -> int:
+        return self.runner.num_host_blocks
+
     def execute(
         self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
