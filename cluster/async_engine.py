@@ -281,6 +281,7 @@ def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
     """An engine's figures as ``stats()`` reports them (``kvserve status``, metrics)."""
     sched = eng.scheduler
     pool = eng.kv.pool if eng.kv is not None else None
+    projected = sched.projected_blocks()  # engine.kv_budget: what admission keeps free
     return {
         "time": time.time(),
         "tp": eng.args.tensor_parallel_size,
@@ -289,9 +290,16 @@ def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
         "waiting": len(sched.waiting),
         "num_blocks": pool.num_blocks if pool is not None else 0,
         "free_blocks": pool.num_free_blocks if pool is not None else 0,
+        "projected_blocks": projected,
         "kv_usage": eng.kv_usage(),
+        "kv_demand": (pool.num_blocks - pool.num_free_blocks + projected) / pool.num_blocks
+        if pool is not None
+        else 0.0,
+        "host_blocks": pool.num_host_blocks if pool is not None else 0,
+        "host_cached_blocks": pool.num_host_cached_blocks if pool is not None else 0,
         "prefix_cache_queries": sched.prefix_cache_queries,
         "prefix_cache_hits": sched.prefix_cache_hits,
+        "prefix_cache_host_hits": sched.prefix_cache_host_hits,
         "preemptions": sched.num_preemptions,
         "steps": num_steps,
         "dead": dead,

@@ -66,6 +66,20 @@ class EngineMetrics:
         self.prefix_hits = metrics.Counter(
             "kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", tag_keys=TAGS
         )
+        self.prefix_host_hits = metrics.Counter(
+            "kvserve_prefix_cache_host_hits",
+            "Prompt tokens found on the host-memory tier (restored by copy; of the hits)",
+            tag_keys=TAGS,
+        )  # fmt: skip
+        self.host_usage = metrics.Gauge(
+            "kvserve_kv_host_cache_usage_perc", "Fraction of host-tier KV blocks holding a prefix",
+            tag_keys=TAGS,
+        )  # fmt: skip
+        self.kv_demand = metrics.Gauge(
+            "kvserve_kv_cache_demand_perc",
+            "KV blocks held plus the decode blocks admitted requests may still take (0-1)",
+            tag_keys=TAGS,
+        )  # fmt: skip
         self.preemptions = metrics.Counter(
             "kvserve_num_preemptions", "Requests preempted (recomputed later)", tag_keys=TAGS
         )
@@ -85,14 +99,15 @@ class EngineMetrics:
         )  # fmt: skip
         for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
                   self.running, self.waiting, self.kv_usage, self.loop_lag, self.prefix_queries,
-                  self.prefix_hits, self.preemptions, self.kv_transfer_bytes,
+                  self.prefix_hits, self.prefix_host_hits, self.host_usage, self.kv_demand,
+                  self.preemptions, self.kv_transfer_bytes,
                   self.kv_transfer_seconds, self.kv_transfer_failures):  # fmt: skip
             m.set_default_tags(self.tags)
         # Publish every counter at 0 from the start (Prometheus practice: a series that
         # exists before its first event makes rate() and dashboards work). Ray's public
         # inc() refuses 0, so this uses its recording call; skipped if that changes.
         for c in (self.prompt_tokens, self.generation_tokens, self.prefix_queries,
-                  self.prefix_hits, self.preemptions, self.kv_transfer_bytes,
+                  self.prefix_hits, self.prefix_host_hits, self.preemptions, self.kv_transfer_bytes,
                   self.kv_transfer_failures):  # fmt: skip
             record = getattr(c, "_record", None)
             if record is not None:
@@ -111,15 +126,19 @@ class EngineMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
+        self.kv_demand.set(stats.get("kv_demand", stats["kv_usage"]))
+        if stats.get("host_blocks"):
+            self.host_usage.set(stats["host_cached_blocks"] / stats["host_blocks"])
         if "loop_lag_p99_ms" in stats:
             self.loop_lag.set(stats["loop_lag_p99_ms"] / 1e3)
         for key, counter in (("prefix_cache_queries", self.prefix_queries),
                              ("prefix_cache_hits", self.prefix_hits),
+                             ("prefix_cache_host_hits", self.prefix_host_hits),
                              ("preemptions", self.preemptions)):  # fmt: skip
-            grown = stats[key] - self._last.get(key, 0)
+            grown = stats.get(key, 0) - self._last.get(key, 0)
             if grown > 0:
                 counter.inc(grown)
-            self._last[key] = stats[key]
+            self._last[key] = stats.get(key, 0)
 
     def flush_tokens(self) -> None:
         """Advances the generated-tokens counter by what ``RequestTimer`` added since

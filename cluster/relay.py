@@ -91,6 +91,7 @@ def delta_of(out: RequestOutput, sent: dict[int, tuple[int, int]], tokenizer: An
         "request_id": out.request_id,
         "prompt_tokens": len(out.prompt_token_ids),
         "cached_tokens": out.num_cached_tokens,
+        "host_cached_tokens": out.num_host_cached_tokens,
         "finished": out.finished,
         "choices": choices,
     }

@@ -201,8 +201,11 @@ class EngineReplica(DecodeSide, PrefillSide):
         return {**self._load(), "prefix": self.prefix_report()}
 
     def _load(self) -> dict[str, float]:
+        """``kv_usage`` here is the KV demand: blocks held plus the decode blocks the
+        admitted requests may still take (``engine.kv_budget``), what admission counts."""
         s = self.engine.stats()
-        return {k: float(s[k]) for k in ("kv_usage", "waiting", "running", "free_blocks")}
+        load = {k: float(s[k]) for k in ("waiting", "running", "free_blocks")}
+        return {**load, "kv_usage": float(s["kv_demand"])}
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine (or worker group) fails it."""

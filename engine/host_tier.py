@@ -53,7 +53,7 @@ class HostKVTier:
         ``restores`` (host block, device block), each list in order (a later copy into
         the same block wins)."""
         stack, dev = self.device_stack, self.device_stack.device
-        nb = not (dev.type == "cpu")
+        nb = dev.type != "cpu"
         if spills:
             src = torch.tensor([d for d, _ in spills], dtype=torch.long, device=dev)
             data = stack.index_select(2, src).movedim(2, 0).contiguous()  # [n, L, 2, ...]

@@ -31,6 +31,12 @@ def projected_tokens(num_prompt: int, max_tokens: int | None, num_tokens: int,
     return max(num_tokens, min(end, max_model_len))
 
 
+def demand_blocks(num_blocks: int, free_blocks: int, projected_blocks: int) -> int:
+    """Blocks an instance has given out: held by requests, plus the decode blocks its
+    admitted requests may still take (what the ledger and autoscaling count as used)."""
+    return min(num_blocks, max(0, num_blocks - free_blocks + projected_blocks))
+
+
 def sessions(num_blocks: int, block_size: int, session_tokens: int) -> int:
     """Whole sessions of ``session_tokens`` a pool of ``num_blocks`` holds, each rounded
     up to whole blocks (what projected admission admits)."""

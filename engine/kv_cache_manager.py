@@ -19,7 +19,6 @@ from engine.block_hash import extend_block_hashes
 from engine.block_pool import BlockPool
 from engine.request import Request
 
-
 # A prefix hit held by the host tier: restored into a fresh device block when taken.
 HOST = None
 Hit = int | None

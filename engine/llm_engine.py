@@ -213,11 +213,17 @@ class LLMEngine:
         return render_chat(self.tokenizer, messages)
 
     def prefix_hashes(self, limit: int) -> list[bytes]:
-        """The hashes of the newest ``limit`` blocks in the prefix cache (none without
-        one); ``prefix_key`` is the key they were hashed with."""
+        """The hashes of the newest ``limit`` blocks in the prefix cache, on either tier
+        (the host tier's first, least recently used first; none without a cache): a
+        prefix held on the host is restored by a copy, so placement counts it as held.
+        ``prefix_key`` is the key they were hashed with."""
         if self.kv is None or not self.kv.pool.enable_caching:
             return []
-        return self.kv.pool.cached_hashes()[-limit:]
+        pool = self.kv.pool
+        on_device = pool.cached_hashes()
+        device = set(on_device)
+        host = [h for h in pool.host_hashes() if h not in device]
+        return (host + on_device)[-limit:]
 
     @property
     def prefix_key(self) -> bytes:
@@ -524,6 +530,7 @@ class LLMEngine:
             outputs=outs,
             finished=finished,
             num_cached_tokens=max(0, group.samples[0].num_cached_tokens),
+            num_host_cached_tokens=group.samples[0].num_host_cached_tokens,
             metrics=metrics,
             kv_block_ids=list(self.kv.block_table(group.request_id)) if held and self.kv else None,
         )

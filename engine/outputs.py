@@ -32,6 +32,8 @@ class RequestOutput:
     finished: bool
     # Prompt tokens whose K/V came from the prefix cache (first admission).
     num_cached_tokens: int = 0
+    # Of which restored from the host tier (copied back, not recomputed).
+    num_host_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     # Prefill-only requests (disaggregated): the blocks holding the prompt's K/V, kept
     # until ``LLMEngine.release_kv``.

@@ -44,6 +44,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # finished prefill-only requests keeping blocks
         self.prefix_cache_queries = 0  # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0  # of which found in the prefix cache
+        self.prefix_cache_host_hits = 0  # of which restored from the host tier
 
     # --- queue management ------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -237,7 +238,10 @@ class Scheduler:
             req.num_computed_tokens = num_computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
-                req.num_host_cached_tokens = hits.count(HOST) * (self.kv.block_size if self.kv else 0)
+                req.num_host_cached_tokens = hits.count(HOST) * (
+                    self.kv.block_size if self.kv else 0
+                )
+                self.prefix_cache_host_hits += req.num_host_cached_tokens
                 # First admission: counted like vLLM's prefix-cache queries / hits (tokens).
                 self.prefix_cache_queries += req.num_tokens
                 self.prefix_cache_hits += num_computed

@@ -112,20 +112,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVAccounting(_message.Message):
-    __slots__ = ("cached_tokens", "instance", "transferred_bytes", "transfer_seconds", "prefill_instance", "mode")
+    __slots__ = ("cached_tokens", "instance", "transferred_bytes", "transfer_seconds", "prefill_instance", "mode", "host_cached_tokens")
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cached_tokens: int
     instance: str
     transferred_bytes: int
     transfer_seconds: float
     prefill_instance: str
     mode: str
-    def __init__(self, cached_tokens: _Optional[int] = ..., instance: _Optional[str] = ..., transferred_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    host_cached_tokens: int
+    def __init__(self, cached_tokens: _Optional[int] = ..., instance: _Optional[str] = ..., transferred_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., mode: _Optional[str] = ..., host_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "choices", "finished", "usage", "kv")

@@ -109,16 +109,23 @@ def test_aborts_and_stop_tokens_mid_flight_leave_the_pool_whole(
     seed=st.integers(0, 10_000),
     num_blocks=st.integers(24, 48),
     chunk=st.sampled_from([16, 32, 64]),
+    host=st.sampled_from([0, 64 * 1024]),
 )
 def test_preemption_and_chunking_give_the_same_tokens(
-    tiny_dirs: dict[str, Path], seed: int, num_blocks: int, chunk: int
+    tiny_dirs: dict[str, Path], seed: int, num_blocks: int, chunk: int, host: int
 ) -> None:
-    """A pool small enough to preempt and a token budget that chunks prompts: the
-    async loop gives the synchronous loop's tokens."""
+    """A pool small enough to preempt (admission on committed blocks), a token budget
+    that chunks prompts, with or without a host tier: the async loop gives the
+    synchronous loop's tokens."""
     prompts = random_prompts(8, 4, 60, 256, seed=seed)
+    prompts += [
+        p[:40] + q
+        for p, q in zip(prompts[:4], random_prompts(4, 4, 20, 256, seed + 1), strict=True)
+    ]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     kw = {"num_blocks": num_blocks, "block_size": 4, "max_model_len": 96,
-          "max_num_batched_tokens": chunk, "max_num_seqs": 8}  # fmt: skip
+          "max_num_batched_tokens": chunk, "max_num_seqs": 8, "kv_admission": "committed",
+          "host_kv_cache_bytes": host}  # fmt: skip
     runs = []
     for on in (False, True):
         eng = engine(tiny_dirs["llama3"], on, **kw)

@@ -64,7 +64,8 @@ def test_three_times_the_kv_pool_completes_through_preemption(
     need = sum(-(-(len(o.prompt_token_ids) + max_tokens) // 16) for o in ref)
     num_blocks = need // 3  # the offered load needs three pools' worth of blocks
     with serving(model=str(smollm2_dir), model_name=MODEL,
-                 engine={"max_model_len": 512, "num_blocks": num_blocks}) as cfg:  # fmt: skip
+                 engine={"max_model_len": 512, "num_blocks": num_blocks,
+                         "kv_admission": "committed"}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
 
         def one(prompt: str) -> str:

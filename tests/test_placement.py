@@ -81,7 +81,7 @@ def test_prefix_cache_hits_are_real_and_change_nothing(
 
 def test_preemption_with_a_tiny_pool(smollm2_dir: Path, reference: list[list[int]]) -> None:
     # 12 blocks of 16 tokens: the six requests need ~30 blocks together.
-    llm = LLM(smollm2_dir, device="cpu", max_model_len=192, num_blocks=12)
+    llm = LLM(smollm2_dir, device="cpu", max_model_len=192, num_blocks=12, kv_admission="committed")
     outs = llm.generate(PROMPTS, PARAMS)
     assert llm.engine.scheduler.num_preemptions > 0
     assert all(o.finished for o in outs)

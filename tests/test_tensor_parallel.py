@@ -79,7 +79,13 @@ def test_tp_with_chunks_prefix_cache_and_preemption(
     chunk, hit the prefix cache and preempt, and still give the reference tokens."""
     shared = list(range(10, 58))
     prompts = [shared + p for p in random_prompts(6, 4, 30, 512, seed=3)]
-    tight = dict(device="cpu", max_num_batched_tokens=24, num_blocks=14, max_model_len=128)
+    tight = dict(
+        device="cpu",
+        max_num_batched_tokens=24,
+        num_blocks=14,
+        max_model_len=128,
+        kv_admission="committed",
+    )
     ref, _ = tokens_and_logprobs(LLM(tiny_dirs["llama3"], device="cpu"), prompts)
     with LLM(tiny_dirs["llama3"], tensor_parallel_size=2, **tight) as llm:
         outs = llm.generate(prompts, GREEDY)

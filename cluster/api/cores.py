@@ -28,6 +28,8 @@ from cluster.core.messages import Request
 from cluster.placement import affinity
 from cluster.placement.block_manager import GlobalBlockManager, LedgerError, Placement
 from cluster.placement.ledger import get_ledger, up
+from engine.kv_budget import blocks_for as kv_blocks_for
+from engine.kv_budget import demand_blocks, projected_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +109,21 @@ class Cores:
                                  int(s.get("block_size", 16)), capacity, now)  # fmt: skip
         running = int(s.get("running", 0))
         waiting = max(int(s.get("waiting", 0)), link.live - running)
-        used = min(capacity, max(0, capacity - int(s.get("free_blocks", capacity))))
+        used = demand_blocks(capacity, int(s.get("free_blocks", capacity)),
+                             int(s.get("projected_blocks", 0)))  # fmt: skip
         self.blocks.report(iid, used, running, waiting, link.held, now)
 
     def blocks_for(self, req: Request) -> int:
-        """The KV blocks ``req``'s prompt takes (1 while its length is unknown here)."""
+        """The KV blocks ``req`` is projected to take (``engine.kv_budget``: its prompt
+        and, when ``max_tokens`` bounds it, its whole decode; 1 while its length is
+        unknown here)."""
         ids = req.get("prompt_ids")
         if ids is None or self.hasher is None:
             return 1
-        return max(1, -(-len(ids) // self.hasher.block_size))
+        params = req.get("params")
+        bound = getattr(params, "max_tokens", None)
+        tokens = projected_tokens(len(ids), bound, len(ids), 1 << 30, 0)
+        return max(1, kv_blocks_for(tokens, self.hasher.block_size))
 
     def prefix(self, req: Request) -> list[int]:
         """The prompt's leading block hashes (none until the tokenizer is loaded, or when

@@ -237,6 +237,7 @@ class GrpcMethods:
                          cached_tokens=item["cached_tokens"])  # fmt: skip
         acct = item.get("kv") or {}
         kv = pb.KVAccounting(cached_tokens=item["cached_tokens"], instance=acct.get("instance", ""),
+                             host_cached_tokens=int(item.get("host_cached_tokens", 0)),
                              transferred_bytes=int(acct.get("transferred_bytes", 0)),
                              transfer_seconds=float(acct.get("transfer_seconds", 0.0)),
                              prefill_instance=acct.get("prefill_instance", ""),

@@ -173,6 +173,7 @@ def kv_extension(item: dict[str, Any]) -> dict[str, Any]:
     acct = dict(item.get("kv") or {})
     acct.setdefault("mode", "colocated")
     acct["cached_tokens"] = int(item.get("cached_tokens", 0))
+    acct["host_cached_tokens"] = int(item.get("host_cached_tokens", 0))
     return acct
 
 

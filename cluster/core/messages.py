@@ -62,6 +62,7 @@ class Delta(TypedDict, total=False):
     request_id: str
     prompt_tokens: int
     cached_tokens: int
+    host_cached_tokens: int  # of which restored from the host tier
     finished: bool
     choices: list[Choice]
     kv: dict[str, Any]

@@ -205,7 +205,9 @@ class DecodeSide:
                     nbytes, secs = await self.links.recv(key, int(item["seq"]),
                                                          self.engine.kv_caches(), blocks)  # fmt: skip
                     kv.update({"transferred_bytes": nbytes, "transfer_seconds": secs,
-                               "prefill_cached_tokens": int(item["cached_tokens"])})  # fmt: skip
+                               "prefill_cached_tokens": int(item["cached_tokens"]),
+                               "prefill_host_cached_tokens":
+                                   int(item.get("host_cached_tokens", 0))})  # fmt: skip
                     return int(item["first_token"])
         except Exception as e:
             if key is not None and not isinstance(e, RuntimeError):  # incl. PairQuarantined

@@ -33,7 +33,7 @@ class PrefillSide:
         differs from this replica's), ``num_blocks`` (what it reserved) and ``skip_blocks`` (the
         prompt's leading blocks it has cached: not sent). Yields, in order:
         ``{"link": offer}`` (join it if new), ``{"seq", "first_token", "cached_tokens",
-        "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
+        "host_cached_tokens", "num_blocks"}`` right before the blocks are sent on that link's turn ``seq``,
         or ``{"error": message}``. ``req["stale_links"]``: (peer, gen) links the decode
         side closed (renewed here); ``avoid`` and ``prefix`` (the prompt's leading block
         hashes: prefix affinity) are for the request router. The blocks are
@@ -65,6 +65,7 @@ class PrefillSide:
         async def announce(seq: int) -> None:
             await header.put({"seq": seq, "first_token": out.outputs[0].token_ids[0],
                               "cached_tokens": out.num_cached_tokens,
+                              "host_cached_tokens": out.num_host_cached_tokens,
                               "num_blocks": len(blocks)})  # fmt: skip
             if self.faults.send_delay_s:  # fault injection: the receiver waits in its receive
                 await asyncio.sleep(self.faults.send_delay_s)

@@ -1,7 +1,8 @@
 """The engine pool's autoscaling policy: load is queued work and KV pressure, not only
 ongoing requests.
 
-Replicas report ``kv_usage`` (fraction of blocks held), ``waiting`` (requests the
+Replicas report ``kv_usage`` (fraction of blocks held plus the decode blocks their
+admitted requests may still take: ``engine.kv_budget``, what admission counts), ``waiting`` (requests the
 scheduler could not admit) and ``running`` through ``record_autoscaling_stats``; Serve
 aggregates them over ``look_back_period_s`` and calls ``kv_aware_policy`` each control
 period. Serve applies ``min_replicas``/``max_replicas``, the scaling factors and the

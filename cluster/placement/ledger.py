@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from cluster.placement.block_manager import GlobalBlockManager
+from engine.kv_budget import demand_blocks
 
 LEDGER_NAME = "kvserve-ledger"
 NAMESPACE = "kvserve"
@@ -38,7 +39,8 @@ class InstanceLedger:
         if known is None or known.capacity != capacity:
             self.blocks.register(instance_id, str(info.get("role", "both")), int(info.get("tp", 1)),
                                  int(info.get("block_size", 16)), capacity, now=now)  # fmt: skip
-        used = capacity - int(info.get("free_blocks", capacity))
+        used = demand_blocks(capacity, int(info.get("free_blocks", capacity)),
+                             int(info.get("projected_blocks", 0)))  # fmt: skip
         self.blocks.report(instance_id, used, int(info.get("running", 0)),
                            int(info.get("waiting", 0)), now=now)  # fmt: skip
 
