@@ -1,4 +1,4 @@
-"""The GPU suite: W1-W5 on ``llama3-8b-shape`` (random bf16 weights), ours beside HF.
+"""The GPU suite: W1-W5, W5-paging, W9, W10 on ``llama3-8b-shape`` (random bf16 weights), ours beside HF.
 
 ``python -m bench.gpu [--workloads W1,...] [--quick] [--out DIR]`` writes a synthetic
 model directory (config + word-level tokenizer, no weights), measures the ceilings
@@ -29,9 +29,18 @@ import torch
 from bench import report
 from bench.common import RESULTS_DIR, Sizes, environment, write_result
 from bench.gpu_env import GPUEnv, Logger, gpu_ceilings
-from bench.gpu_prefill_capacity import W4Config, W5Config, run_w4, run_w5
+from bench.gpu_prefill_capacity import (
+    PagingConfig,
+    W4Config,
+    W5Config,
+    run_w4,
+    run_w5,
+    run_w5_paging,
+    run_w10,
+)
 from bench.gpu_sharegpt import W9Config, run_w9
 from bench.gpu_workloads import W1Config, W2Config, W3Config, run_w1, run_w2, run_w3
+from bench.multiturn import W10Config
 from bench.report import fmt
 from bench.synthetic import write_model_dir
 from engine.shapes import MODELS, make_config
@@ -42,13 +51,15 @@ QUICK_MODEL = "llama3-8b-shape-2l"
 # W2 runs first: its batch-1 latency is measured before other work has run in the process
 # (the same engine is ~7% slower after W1's; the cause is not known).
 RUNNERS: dict[str, Any] = {"W2": run_w2, "W1": run_w1, "W3": run_w3, "W4": run_w4, "W9": run_w9,
-                           "W5": run_w5}  # fmt: skip
-PEERLESS = {"W5"}
+                           "W5": run_w5, "W5-paging": run_w5_paging, "W10": run_w10}  # fmt: skip
+PEERLESS = {"W5", "W5-paging", "W10"}
 
 
 FULL = Sizes(
     configs={"W1": W1Config(), "W2": W2Config(), "W3": W3Config(), "W4": W4Config(),
-             "W5": W5Config(), "W9": W9Config()},
+             "W5": W5Config(), "W9": W9Config(), "W5-paging": PagingConfig(),
+             "W10": W10Config(conversations=64, max_answer=512, rate=4.0, max_model_len=4096,
+                              max_num_seqs=128)},
     copy_bytes=2 * 1024**3,
     matmul_n=8192,
 )  # fmt: skip
@@ -62,6 +73,9 @@ QUICK = Sizes(
         "W5": W5Config(prompt_len=64, output_len=16, num_blocks=64, max_num_seqs=64, max_s=30.0,
                        max_model_len=128),
         "W9": W9Config(num_requests=24, peer_requests=8, max_num_seqs=16),
+        "W5-paging": PagingConfig(num_requests=64, num_blocks=512),
+        "W10": W10Config(conversations=8, max_turns=3, max_answer=16, rate=20.0,
+                         max_model_len=1024),
     },
     copy_bytes=256 * 1024**2,
     matmul_n=4096,
@@ -73,7 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.gpu", description=__doc__.split("\n")[0] if __doc__ else ""
     )
     p.add_argument(
-        "--workloads", default=",".join(RUNNERS), help="comma-separated subset of W1-W5, W9"
+        "--workloads",
+        default=",".join(RUNNERS),
+        help="comma-separated subset of W1-W5, W5-paging, W9, W10",
     )
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_MODEL}, tiny sizes")
     p.add_argument("--out", type=Path, help="write results and the report under DIR")
@@ -99,7 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = wanted - set(RUNNERS)
     if unknown:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(RUNNERS)}")
-    args.workloads = [w for w in RUNNERS if w in wanted]  # W5 (drops the peer) runs last
+    args.workloads = [
+        w for w in RUNNERS if w in wanted
+    ]  # the peerless ones (they drop the peer) run last
     args.model = args.model or (QUICK_MODEL if args.quick else FULL_MODEL)
     return args
 

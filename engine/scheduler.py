@@ -45,6 +45,7 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0  # of which found in the prefix cache
         self.prefix_cache_host_hits = 0  # of which restored from the host tier
+        self.prompt_tokens_computed = 0  # prompt positions computed (recomputes included)
 
     # --- queue management ------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -251,6 +252,8 @@ class Scheduler:
 
     def _emit(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
+        if start < req.num_prompt_tokens:
+            self.prompt_tokens_computed += min(start + num_new, req.num_prompt_tokens) - start
         token_ids = req.all_token_ids[start : start + num_new]
         token_ids += [PENDING] * (num_new - len(token_ids))  # sampled by the running step
         out.scheduled.append(

@@ -142,6 +142,7 @@ def test_plan_shows_the_formula() -> None:
     assert out.returncode == 0, out.stderr
     assert "32 layers × 2 × 4 kv heads × 128 head_dim × 2 B = 65,536 B" in out.stdout
     assert "sessions of 8,192 tokens" in out.stdout
+    assert "(each 512 blocks)" in out.stdout  # the scheduler's arithmetic: whole blocks
 
 
 def test_grpc_proxy_address_rewrite() -> None:

@@ -59,7 +59,7 @@ def run_rounds(eng: LLMEngine, convs: list[list[list[int]]]) -> dict[str, Any]:
     pool, sched = eng.kv.pool, eng.scheduler
     return {"tokens": tokens, "host": host, "spilled": pool.num_spilled,
             "restored": pool.num_restored, "preemptions": sched.num_preemptions,
-            "computed": sched.prefix_cache_queries - sched.prefix_cache_hits}  # fmt: skip
+            "computed": sched.prompt_tokens_computed}  # fmt: skip
 
 
 def engine(model: Path | str | None, host: int, **kw: Any) -> LLMEngine:
