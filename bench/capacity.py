@@ -8,8 +8,8 @@ a session is admitted only when its prompt and its whole decode fit beside every
 admitted session's), so the pool fills to the plan and nothing is preempted; the
 record's ``admitted_sessions`` is the most sessions running at once, ``preemptions``
 the count over the whole run, ``demand_at_peak`` the share of the pool held or
-projected at that moment, ``stored_at_end_of_wave`` the tokens held when the first
-wave's sessions had all grown to full length (as a share of the pool). Waste = (blocks
+projected at that moment, ``most_stored`` the most tokens held at once (as a share
+of the pool: how full the admitted sessions made it as they grew). Waste = (blocks
 allocated × block size − tokens stored) / that, at the peak.
 
 ``python -m bench.capacity [--device cpu]`` writes the records ``W5`` (this) and
@@ -62,8 +62,7 @@ def run_w5(llm: LLM, cfg: W5Config, log: Callable[[str], None] = print) -> dict[
     log(f"W5: pool {plan.num_blocks} blocks x {plan.block_size}; planned {planned}; adding {n}")
     ids = [engine.add_request(p, greedy(cfg.output_len), f"w5-{i}") for i, p in enumerate(prompts)]
     peak: dict[str, Any] = {"running": 0}
-    first_wave: set[str] = set()
-    wave_end: dict[str, Any] | None = None
+    most_stored = 0
     series, step_s, finished = [], [], 0
     preempt0, t0, reason = sched.num_preemptions, time.perf_counter(), "finished"
     while engine.has_unfinished_requests():
@@ -76,19 +75,13 @@ def run_w5(llm: LLM, cfg: W5Config, log: Callable[[str], None] = print) -> dict[
         finished += sum(o.finished for o in outs)
         running = sched.running
         series.append(len(running))
-        if not first_wave:
-            first_wave = {r.request_id for r in running}
         held = pool.num_blocks - pool.num_free_blocks
         snap = {"running": len(running), "blocks_allocated": held,
                 "tokens_stored": sum(r.num_computed_tokens for r in running),
                 "demand_blocks": held + sched.projected_blocks(), "step": len(series)}  # fmt: skip
         if snap["running"] > peak["running"]:
             peak = snap
-        grown = all(sched.requests.get(rid) is None or
-                    sched.requests[rid].num_output_tokens >= cfg.output_len - 1
-                    for rid in first_wave)  # fmt: skip
-        if wave_end is None and first_wave and grown:
-            wave_end = snap
+        most_stored = max(most_stored, snap["tokens_stored"])
     wall = time.perf_counter() - t0
     for rid in ids:
         engine.abort(rid)
@@ -107,7 +100,7 @@ def run_w5(llm: LLM, cfg: W5Config, log: Callable[[str], None] = print) -> dict[
         "admitted_sessions": peak["running"],
         "peak": peak,
         "demand_at_peak": peak.get("demand_blocks", 0) / plan.num_blocks,
-        "stored_at_end_of_wave": (wave_end or {}).get("tokens_stored", 0) / pool_tokens,
+        "most_stored": most_stored / pool_tokens,
         "wasted_fraction": (slots - peak.get("tokens_stored", 0)) / slots if slots else 0.0,
         "preemptions": sched.num_preemptions - preempt0,
         "steps": len(series),
@@ -122,7 +115,7 @@ def run_w5(llm: LLM, cfg: W5Config, log: Callable[[str], None] = print) -> dict[
         "ratios": {
             "admitted_over_planned": peak["running"] / planned if planned else float("nan"),
             "preemptions": float(raw["preemptions"]),
-            "stored_at_end_of_wave": raw["stored_at_end_of_wave"],
+            "most_stored_over_pool": raw["most_stored"],
             "kv_wasted_over_allocated": raw["wasted_fraction"],
         },
         "notes": {
@@ -130,8 +123,7 @@ def run_w5(llm: LLM, cfg: W5Config, log: Callable[[str], None] = print) -> dict[
             "admitted_sessions": "most sessions running at once",
             "preemptions": "over the whole run (goal: 0 at <= planned sessions)",
             "demand_at_peak": "(blocks held + blocks projected for admitted decodes) / pool",
-            "stored_at_end_of_wave": "tokens held when the first wave had grown to full "
-            "length / pool tokens",
+            "most_stored": "the most tokens whose K/V the pool held at once / pool tokens",
             "wasted_fraction": "(blocks allocated x block_size - tokens stored) / "
             "(blocks allocated x block_size) at the peak",
         },

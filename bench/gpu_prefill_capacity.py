@@ -115,7 +115,7 @@ def run_w5(env: GPUEnv, cfg: W5Config) -> Result:
 
 @dataclass(frozen=True, slots=True)
 class PagingConfig:
-    num_requests: int = 2000
+    num_requests: int = 2400  # more than the engine's own pool holds (~1,800 on an H200)
     max_model_len: int = 2048
     num_blocks: int | None = None  # None: the engine's own plan
 
@@ -126,7 +126,7 @@ def run_w5_paging(env: GPUEnv, cfg: PagingConfig) -> Result:
     env.drop_peer()
     extra = {} if cfg.num_blocks is None else {"num_blocks": cfg.num_blocks}
     llm = env.ours(max_num_seqs=cfg.num_requests, max_model_len=cfg.max_model_len,
-                   max_num_batched_tokens=8192, enforce_eager=True, **extra)  # fmt: skip
+                   max_num_batched_tokens=16384, enforce_eager=True, **extra)  # fmt: skip
     raw = paging.run_paging(llm, cfg.num_requests)
     env.log(f"W5-paging: {raw['contiguous_sessions']} contiguous, {raw['paged_sessions']} paged, "
             f"peak {raw['peak_running']} running ({raw['stopped']})")  # fmt: skip

@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.multiturn", description=__doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None, help="HF directory (default: SmolLM2)")
-    p.add_argument("--conversations", type=int, default=W10Config.conversations)
-    p.add_argument("--rate", type=float, default=W10Config.rate)
-    p.add_argument("--max-answer", type=int, default=W10Config.max_answer)
+    default = W10Config()
+    p.add_argument("--conversations", type=int, default=default.conversations)
+    p.add_argument("--rate", type=float, default=default.rate)
+    p.add_argument("--max-answer", type=int, default=default.max_answer)
     args = p.parse_args(argv)
     cfg = W10Config(conversations=args.conversations, rate=args.rate, max_answer=args.max_answer)
 

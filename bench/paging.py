@@ -8,11 +8,12 @@ ShareGPT first-turn lengths (``bench.sharegpt``: prompt and answer length pairs 
 ``max_model_len``) are taken in order: paged, the pool holds as many whole sessions as
 their blocks fit (``paged_sessions``, each at its own final length). The engine run
 checks the block arithmetic (random prompt ids, answers forced to their length, all
-queued at once, stepped until the first preemption): ``peak_running`` is the most
-sessions it ran at once, more than fit whole, because admission counts only a
-prompt's blocks and the sessions grow into the pool later (admission on projected KV
-is what would make the two equal). Waste: (blocks allocated × block size − tokens
-stored) / that, at the peak.
+queued at once, stepped until the first preemption or the running count stops
+growing): ``peak_running`` is the most sessions it ran at once. With admission on
+projected KV (the default) that is the sessions whose whole length fits, as
+``paged_sessions`` counts them; with ``kv_admission="committed"`` it is more, because
+only prompts are counted and the sessions grow into the pool later, to be preempted.
+Waste: (blocks allocated × block size − tokens stored) / that, at the peak.
 
 ``python -m bench.paging [--device cpu] [--num-blocks 1280] [--max-model-len 2048]``
 writes the record ``W5-paging`` (``bench/results``) and regenerates the report; the GPU
@@ -37,16 +38,18 @@ SEEDS_CLAIM = {"contiguous_sessions": 38, "paged_sessions": 52, "ratio": 52 / 38
 
 
 def run_paging(
-    llm: LLM, num_requests: int, seed: int = 0, max_steps: int = 100_000
+    llm: LLM, num_requests: int, seed: int = 0, max_steps: int = 100_000, stall_steps: int = 20
 ) -> dict[str, Any]:
-    """Queues ``num_requests`` ShareGPT-length sessions on ``llm``'s engine and steps it
-    until the first preemption, all of them running, or the queue drained; then aborts
-    what is left. The figures of the module doc."""
+    """Queues ``num_requests`` ShareGPT-length sessions on ``llm``'s engine (the length
+    mix repeated when it has fewer) and steps it until the first preemption, the queue
+    drained, or ``stall_steps`` steps without more running; then aborts what is left.
+    The figures of the module doc."""
     engine = llm.engine
     sched, plan = engine.scheduler, engine.runner.plan
     assert plan is not None and engine.kv is not None
     max_len = engine.scheduler_config.max_model_len
-    pairs = [(p, o) for p, o in sharegpt.load()["pairs"] if p + o <= max_len][:num_requests]
+    mix = [(p, o) for p, o in sharegpt.load()["pairs"] if p + o <= max_len]
+    pairs = (mix * -(-num_requests // len(mix)))[:num_requests]
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
     ids = []
@@ -58,12 +61,18 @@ def run_paging(
     contiguous = plan.num_blocks * plan.block_size // max_len
     peak: dict[str, Any] = {"running": 0}
     preempt0, steps, reason, t0 = sched.num_preemptions, 0, "queue drained", time.perf_counter()
+    grew_at = 0
     while engine.has_unfinished_requests() and steps < max_steps:
         engine.step()
         steps += 1
         running = sched.running
         if sched.num_preemptions > preempt0:
             reason = "first preemption"
+            break
+        if len(running) > peak["running"]:
+            grew_at = steps
+        elif steps - grew_at >= stall_steps:
+            reason = f"running count flat for {stall_steps} steps"
             break
         if len(running) >= peak["running"]:
             allocated = pool.num_blocks - pool.num_free_blocks
@@ -116,10 +125,10 @@ def result_of(raw: dict[str, Any], model: str) -> dict[str, Any]:
         "notes": {
             "contiguous_sessions": "num_blocks x block_size // max_model_len",
             "paged_sessions": "whole sessions (final lengths, in order) whose blocks fit the pool",
-            "peak_running": "most sessions the engine ran at once before its first preemption",
+            "peak_running": "most sessions the engine ran at once (projected admission)",
             "waste_at_peak": "(blocks allocated x block size - tokens stored) / that",
             "lengths": "ShareGPT V3 first turns (bench/data/sharegpt_w9.json, SmolLM2's "
-            "tokenizer) that fit max_model_len",
+            "tokenizer) that fit max_model_len, repeated in order when more are queued",
         },
     }
 

@@ -168,3 +168,25 @@ def test_fp8_cache_on_the_gpu_path_matches_the_reference_path(tiny_dirs: dict[st
     a = [o.outputs[0].token_ids for o in fast.generate(prompts, params)]
     assert a == [o.outputs[0].token_ids for o in ref.generate(prompts, params)]
     assert fast.engine.pool_is_whole()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_host_tier_on_cuda_gives_the_same_tokens(
+    tiny_dirs: dict[str, Path], async_scheduling: bool
+) -> None:
+    """Pinned host tier, copies on the step's stream (async to the host), Triton
+    kernels and CUDA graphs: conversations beyond the pool give the tier-off tokens,
+    with prefixes restored from the host."""
+    from engine import LLMEngine
+    from engine.config import EngineArgs
+    from tests.test_host_tier import conversations, run_rounds
+
+    convs = conversations(6, 3, seed=23)
+    kw = {"model": tiny_dirs["llama3"], "device": "cuda", "num_blocks": 24, "block_size": 8,
+          "max_model_len": 160, "async_scheduling": async_scheduling}  # fmt: skip
+    off = run_rounds(LLMEngine(EngineArgs(**kw)), convs)
+    eng = LLMEngine(EngineArgs(**kw, host_kv_cache_bytes=8 * 1024**2))
+    assert eng.runner.host_tier is not None and eng.runner.host_tier.host.is_pinned()
+    on = run_rounds(eng, convs)
+    assert on["tokens"] == off["tokens"]
+    assert on["restored"] > 0 and on["computed"] < off["computed"]
