@@ -2,7 +2,7 @@
 
 Must not import Ray or open sockets; runs alone on a laptop CPU. The control plane
 (``block_pool``, ``block_hash``, ``kv_cache_manager``, ``request``, ``scheduler``,
-``scheduler_output``, ``sampling_params``, ``config``) never imports torch; the
+``scheduler_output``, ``sampling_params``, ``config``, ``kv_budget``) never imports torch; the
 public names below are loaded lazily so importing the control plane stays light.
 """
 

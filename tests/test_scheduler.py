@@ -145,6 +145,7 @@ def test_control_plane_does_not_import_torch() -> None:
         "import sys\n"
         "import engine.scheduler, engine.block_pool, engine.kv_cache_manager, engine.request\n"
         "import engine.sampling_params, engine.config, engine.scheduler_output, engine.block_hash\n"
+        "import engine.kv_budget\n"
         "assert 'torch' not in sys.modules, 'control plane imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
