@@ -226,13 +226,15 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if self.kv is not None:
-                if reserved < 0:
+                projected = self.config.kv_admission == "projected"
+                if projected and reserved < 0:
                     reserved = self.projected_blocks()
                 if not self._fits(req, hits, reserved):
                     break  # FCFS: nobody overtakes the head of the queue
                 if not self.kv.allocate_slots(req, num_new, hits):
                     break
-                reserved += self.blocks_needed(req)
+                if projected:
+                    reserved += self.blocks_needed(req)
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
