@@ -58,8 +58,8 @@ PEERLESS = {"W5", "W5-paging", "W10"}
 FULL = Sizes(
     configs={"W1": W1Config(), "W2": W2Config(), "W3": W3Config(), "W4": W4Config(),
              "W5": W5Config(), "W9": W9Config(), "W5-paging": PagingConfig(),
-             "W10": W10Config(conversations=64, max_answer=512, rate=6.0, max_model_len=4096,
-                              max_num_seqs=128)},
+             "W10": W10Config(conversations=64, max_answer=512, rate=16.0, max_model_len=4096,
+                              max_num_seqs=128, control=True)},
     copy_bytes=2 * 1024**3,
     matmul_n=8192,
 )  # fmt: skip

@@ -19,7 +19,10 @@ Figures per run: TTFT p50/p99 (engine side: arrival to first token), prompt toke
 computed (the scheduler's count of prompt positions run through the model, recomputes
 included), prefix hits by tier, spills and restores, preemptions, wall time. The same
 turns and arrival schedule run twice in one process, tier off then on; greedy answers
-must be identical (``same_tokens``).
+must be identical (``same_tokens``). With ``control`` the tier-off run is repeated: in
+bf16 on a GPU, batches follow timing and recomputed K/V differ in the last bits from
+K/V computed during decode, so a random-weight model's near-tied greedy choices can
+flip; the control shows how far two runs without the tier differ on their own.
 
 ``python -m bench.multiturn [--device cpu] [--conversations 16] [--rate 2]`` writes the
 record ``W10`` (``bench/results``); the GPU suite runs ``run_w10`` as its ``W10``.
@@ -53,6 +56,9 @@ class W10Config:
     host_factor: float = 1.25  # host tier / working set
     max_model_len: int = 2048
     max_num_seqs: int = 64
+    # Run the tier-off engine a second time: how much two runs without the tier differ
+    # (bf16 on a GPU: batch composition follows timing, and so do the last bits).
+    control: bool = False
     seed: int = 0
 
 
@@ -142,7 +148,22 @@ def drive(llm: LLM, convs: list[list[tuple[int, int]]], cfg: W10Config) -> dict[
     }
 
 
-def run_w10(make_llm: Callable[..., LLM], cfg: W10Config, log: Callable[[str], None] = print,
+def _agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> dict[str, float]:
+    """Share of answers identical in ``a`` and ``b``, and where the others first differ
+    (mean token index, and as a share of the answer's length)."""
+    firsts = []
+    for k, x in a.items():
+        y = b[k]
+        if x != y:
+            firsts.append(next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
+                               min(len(x), len(y))) / max(1, len(x)))  # fmt: skip
+    return {
+        "identical": 1 - len(firsts) / len(a),
+        "first_difference_at": float(np.mean(firsts)) if firsts else 1.0,
+    }
+
+
+def run_w10(make_llm: Callable[..., Any], cfg: W10Config, log: Callable[[str], None] = print,
             free: Callable[[], None] = lambda: None) -> dict[str, Any]:  # fmt: skip
     """Tier off, then on, on engines ``make_llm(**engine_args)`` builds; a result body."""
     convs = load_conversations(cfg)
@@ -154,7 +175,8 @@ def run_w10(make_llm: Callable[..., LLM], cfg: W10Config, log: Callable[[str], N
     log(f"W10: {len(convs)} conversations, {sum(map(len, convs))} turns, working set {ws} "
         f"blocks; pool {num_blocks} blocks; host tier {host_bytes / 2**20:.0f} MiB")  # fmt: skip
     runs: dict[str, dict[str, Any]] = {}
-    for name, host in (("off", 0), ("on", host_bytes)):
+    plan = [("off", 0), ("on", host_bytes)] + ([("off_again", 0)] if cfg.control else [])
+    for name, host in plan:
         llm = make_llm(num_blocks=num_blocks, host_kv_cache_bytes=host,
                        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs)  # fmt: skip
         runs[name] = drive(llm, convs, cfg)
@@ -163,11 +185,16 @@ def run_w10(make_llm: Callable[..., LLM], cfg: W10Config, log: Callable[[str], N
         llm.shutdown()
         del llm
         free()
-    same = runs["off"].pop("answers") == runs["on"].pop("answers")
+    answers = {name: run.pop("answers") for name, run in runs.items()}
+    same = answers["off"] == answers["on"]
     off, on = runs["off"], runs["on"]
+    agreement = {"off_vs_on": _agreement(answers["off"], answers["on"])}
+    if "off_again" in answers:
+        agreement["off_vs_off_again"] = _agreement(answers["off"], answers["off_again"])
     config = {**asdict(cfg), "num_blocks": num_blocks, "host_kv_cache_bytes": host_bytes,
               "working_set_blocks": ws, "block_size": block_size}  # fmt: skip
-    raw = {"off": off, "on": on, "same_tokens": same,
+    raw = {"off": off, "on": on, "same_tokens": same, "agreement": agreement,
+           "off_again": runs.get("off_again"),
            "mean_turns": sum(map(len, convs)) / len(convs),
            "mean_human_len": float(np.mean([h for c in convs for h, _ in c])),
            "mean_answer_len": float(np.mean([o for c in convs for _, o in c]))}  # fmt: skip
@@ -181,6 +208,7 @@ def run_w10(make_llm: Callable[..., LLM], cfg: W10Config, log: Callable[[str], N
             "prompt_computed_on_over_off": on["prompt_tokens_computed"]
             / max(1, off["prompt_tokens_computed"]),
             "same_tokens": float(same),
+            "answers_identical_off_vs_on": agreement["off_vs_on"]["identical"],
         },
         "notes": {
             "ttft": "engine side, arrival (add_request) to first token, every turn",
