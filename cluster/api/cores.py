@@ -122,7 +122,7 @@ class Cores:
             return 1
         params = req.get("params")
         bound = getattr(params, "max_tokens", None)
-        tokens = projected_tokens(len(ids), bound, len(ids), 1 << 30, 0)
+        tokens = projected_tokens(len(ids), bound, len(ids), self.hasher.max_model_len, 0)
         return max(1, kv_blocks_for(tokens, self.hasher.block_size))
 
     def prefix(self, req: Request) -> list[int]:

@@ -77,7 +77,8 @@ class PromptHasher:
     """Tokenizes a request's prompt as the engine does and hashes its leading blocks,
     without torch (``engine.tokenizer``: an API process imports none).
 
-    ``info``: a core's ``info`` (``model_dir``, ``block_size``, ``prefix_key``).
+    ``info``: a core's ``info`` (``model_dir``, ``block_size``, ``prefix_key``,
+    ``max_model_len``).
     Raises ``OSError`` when the model directory is not on this node (then the API
     process goes without affinity)."""
 
@@ -85,6 +86,7 @@ class PromptHasher:
         from engine.tokenizer import Tokenizer
 
         self.block_size = int(info["block_size"])
+        self.max_model_len = int(info.get("max_model_len", 1 << 30))
         self.key = bytes.fromhex(str(info["prefix_key"]))
         self.tokenizer = Tokenizer(str(info["model_dir"]))
 
