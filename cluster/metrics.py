@@ -127,8 +127,8 @@ class EngineMetrics:
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
         self.kv_demand.set(stats.get("kv_demand", stats["kv_usage"]))
-        if stats.get("host_blocks"):
-            self.host_usage.set(stats["host_cached_blocks"] / stats["host_blocks"])
+        host = stats.get("host_blocks", 0)
+        self.host_usage.set(stats.get("host_cached_blocks", 0) / host if host else 0.0)
         if "loop_lag_p99_ms" in stats:
             self.loop_lag.set(stats["loop_lag_p99_ms"] / 1e3)
         for key, counter in (("prefix_cache_queries", self.prefix_queries),

@@ -376,7 +376,9 @@ def test_status_and_metrics(server: str, client: Any, ray_cluster: Any) -> None:
               "ray_kvserve_num_requests_running", "ray_kvserve_kv_cache_usage_perc",
               "ray_kvserve_prefix_cache_queries", "ray_kvserve_e2e_request_latency_seconds",
               "ray_kvserve_inter_token_latency_seconds",
-              "ray_kvserve_api_event_loop_lag_seconds"]  # fmt: skip
+              "ray_kvserve_api_event_loop_lag_seconds", "ray_kvserve_kv_cache_demand_perc",
+              "ray_kvserve_kv_host_cache_usage_perc",
+              "ray_kvserve_prefix_cache_host_hits"]  # fmt: skip
     deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:
