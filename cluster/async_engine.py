@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from cluster.core.handoff import Stream, consume, hand_over, post, set_exception, set_result
+from cluster.relay import engine_stats
 from engine.config import EngineArgs
-from engine.kv_budget import demand_blocks
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -276,27 +276,3 @@ class AsyncEngine:
     def stats(self) -> dict[str, Any]:
         """A snapshot for status tables and metrics (read without a lock: counters only)."""
         return engine_stats(self.engine, self.num_steps, self._dead is not None)
-
-
-def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
-    """An engine's figures (``kvserve status``, metrics); ``kv_demand``: blocks held plus
-    ``projected_blocks`` (``engine.kv_budget``), over all."""
-    sched = eng.scheduler
-    pool = eng.kv.pool if eng.kv is not None else None
-    projected = sched.projected_blocks()  # what projected admission keeps free
-    blocks: dict[str, float] = dict.fromkeys(("num_blocks", "free_blocks", "host_blocks",
-                                              "host_cached_blocks", "kv_demand"), 0)  # fmt: skip
-    if pool is not None:
-        blocks = {"num_blocks": pool.num_blocks, "free_blocks": pool.num_free_blocks,
-                  "host_blocks": pool.num_host_blocks,
-                  "host_cached_blocks": pool.num_host_cached_blocks,
-                  "kv_demand": demand_blocks(pool.num_blocks, pool.num_free_blocks, projected)
-                  / pool.num_blocks}  # fmt: skip
-    return {"time": time.time(), "tp": eng.args.tensor_parallel_size,
-            "block_size": eng.args.block_size, "running": len(sched.running),
-            "waiting": len(sched.waiting), **blocks, "projected_blocks": projected,
-            "kv_usage": eng.kv_usage(), "prefix_cache_queries": sched.prefix_cache_queries,
-            "prefix_cache_hits": sched.prefix_cache_hits,
-            "prefix_cache_host_hits": sched.prefix_cache_host_hits,
-            "prompt_tokens_computed": sched.prompt_tokens_computed,
-            "preemptions": sched.num_preemptions, "steps": num_steps, "dead": dead}  # fmt: skip

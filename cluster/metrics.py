@@ -126,19 +126,19 @@ class EngineMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
-        self.kv_demand.set(stats.get("kv_demand", stats["kv_usage"]))
-        host = stats.get("host_blocks", 0)
-        self.host_usage.set(stats.get("host_cached_blocks", 0) / host if host else 0.0)
+        self.kv_demand.set(stats["kv_demand"])
+        host = stats["host_blocks"]
+        self.host_usage.set(stats["host_cached_blocks"] / host if host else 0.0)
         if "loop_lag_p99_ms" in stats:
             self.loop_lag.set(stats["loop_lag_p99_ms"] / 1e3)
         for key, counter in (("prefix_cache_queries", self.prefix_queries),
                              ("prefix_cache_hits", self.prefix_hits),
                              ("prefix_cache_host_hits", self.prefix_host_hits),
                              ("preemptions", self.preemptions)):  # fmt: skip
-            grown = stats.get(key, 0) - self._last.get(key, 0)
+            grown = stats[key] - self._last.get(key, 0)
             if grown > 0:
                 counter.inc(grown)
-            self._last[key] = stats.get(key, 0)
+            self._last[key] = stats[key]
 
     def flush_tokens(self) -> None:
         """Advances the generated-tokens counter by what ``RequestTimer`` added since

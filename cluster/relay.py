@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.core.messages import Choice, Delta, Request
 from cluster.metrics import RequestTimer
+from engine.kv_budget import demand_blocks
 from engine.outputs import CompletionOutput, RequestOutput
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 
 def engine_info(model: str, role: str, engine: Any) -> dict[str, Any]:
@@ -26,6 +30,30 @@ def engine_info(model: str, role: str, engine: Any) -> dict[str, Any]:
     return {"model": model, "max_model_len": engine.scheduler_config.max_model_len,
             "role": role, "model_dir": str(engine.model_dir),
             "block_size": engine.args.block_size, "prefix_key": engine.prefix_key.hex()}  # fmt: skip
+
+
+def engine_stats(eng: LLMEngine, num_steps: int, dead: bool) -> dict[str, Any]:
+    """An engine's figures (``kvserve status``, metrics); ``kv_demand``: blocks held plus
+    ``projected_blocks`` (``engine.kv_budget``), over all."""
+    sched = eng.scheduler
+    pool = eng.kv.pool if eng.kv is not None else None
+    projected = sched.projected_blocks()  # what projected admission keeps free
+    blocks: dict[str, float] = dict.fromkeys(("num_blocks", "free_blocks", "host_blocks",
+                                              "host_cached_blocks", "kv_demand"), 0)  # fmt: skip
+    if pool is not None:
+        blocks = {"num_blocks": pool.num_blocks, "free_blocks": pool.num_free_blocks,
+                  "host_blocks": pool.num_host_blocks,
+                  "host_cached_blocks": pool.num_host_cached_blocks,
+                  "kv_demand": demand_blocks(pool.num_blocks, pool.num_free_blocks, projected)
+                  / pool.num_blocks}  # fmt: skip
+    return {"time": time.time(), "tp": eng.args.tensor_parallel_size,
+            "block_size": eng.args.block_size, "running": len(sched.running),
+            "waiting": len(sched.waiting), **blocks, "projected_blocks": projected,
+            "kv_usage": eng.kv_usage(), "prefix_cache_queries": sched.prefix_cache_queries,
+            "prefix_cache_hits": sched.prefix_cache_hits,
+            "prefix_cache_host_hits": sched.prefix_cache_host_hits,
+            "prompt_tokens_computed": sched.prompt_tokens_computed,
+            "preemptions": sched.num_preemptions, "steps": num_steps, "dead": dead}  # fmt: skip
 
 
 def prompt_of(req: Request, engine: Any) -> str | list[int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from engine.block_hash import extend_block_hashes
 from engine.block_pool import BlockPool
+from engine.kv_budget import blocks_for
 from engine.request import Request
 
 # A prefix hit held by the host tier: restored into a fresh device block when taken.
@@ -36,7 +37,13 @@ class KVCacheManager:
         return self._tables.get(request_id, [])
 
     def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
+
+    def free_beside(self, hits: list[Hit]) -> int:
+        """Blocks a request taking ``hits`` can still allocate: the free ones less its
+        device hits nobody holds (free and evictable, but about to be taken)."""
+        pool = self.pool
+        return pool.num_free_blocks - sum(1 for b in hits if b is not HOST and pool.ref_cnt[b] == 0)
 
     def find_cached_prefix(self, request: Request, host: bool = True) -> list[Hit]:
         """The leading blocks of ``request``'s tokens that are cached (no reference
@@ -87,9 +94,7 @@ class KVCacheManager:
         None (nothing changed) when the pool cannot supply them. Device hits nobody
         holds are evictable, so they count against the free blocks."""
         on_device = [b for b in cached_blocks if b is not HOST]
-        evictable_hits = sum(1 for b in on_device if self.pool.ref_cnt[b] == 0)
-        restores = len(cached_blocks) - len(on_device)
-        if n + restores > self.pool.num_free_blocks - evictable_hits:
+        if n + len(cached_blocks) - len(on_device) > self.free_beside(cached_blocks):
             return None
         self.pool.touch(on_device)  # before restoring: a restore must not evict them
         hashes = request.block_hashes

@@ -179,11 +179,8 @@ class Scheduler:
         assert self.kv is not None
         if self.config.kv_admission != "projected" or (not self.running and reserved == 0):
             return True
-        pool = self.kv.pool
-        on_device = [b for b in hits if b is not HOST]
-        evictable = sum(1 for b in on_device if pool.ref_cnt[b] == 0)
-        needed = self.blocks_needed(req) - len(on_device)
-        return needed <= pool.num_free_blocks - evictable - reserved
+        on_device = sum(1 for b in hits if b is not HOST)
+        return self.blocks_needed(req) - on_device <= self.kv.free_beside(hits) - reserved
 
     def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         if self.kv is None:
