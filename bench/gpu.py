@@ -111,7 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=540.0,
                    help="seconds; a workload not started by then is skipped (default 540)")  # fmt: skip
     args = p.parse_args(argv)
-    wanted = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
+    names = {w.upper(): w for w in RUNNERS}  # "w5-paging" names "W5-paging"
+    asked = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
+    wanted = {names.get(w, w) for w in asked}
     unknown = wanted - set(RUNNERS)
     if unknown:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(RUNNERS)}")

@@ -45,8 +45,16 @@ def load_latest(results_dir: Path = RESULTS_DIR) -> dict[tuple[str, str], Record
     return latest
 
 
+# Workloads whose name has a ``-`` but that are workloads of their own, not variants.
+OWN_FAMILIES = {"W5-paging"}
+
+
 def family(workload: str) -> str:
-    """A workload's family: its name before the first ``-`` (``W2-eager`` → ``W2``)."""
+    """A workload's family: its name before the first ``-`` (``W2-eager`` → ``W2``), or the
+    whole name of a workload in ``OWN_FAMILIES`` and of its variants (``W5-paging-fp8``)."""
+    for own in OWN_FAMILIES:
+        if workload == own or workload.startswith(own + "-"):
+            return own
     return workload.split("-")[0]
 
 
@@ -158,7 +166,9 @@ TITLES = {
     "W3": "W3 what the cache buys",
     "W4": "W4 prefill",
     "W5": "W5 capacity",
+    "W5-paging": "W5-paging: sessions held, paged vs contiguous slots",
     "W9": "W9 ShareGPT offline throughput (1000 requests at once)",
+    "W10": "W10 multi-turn conversations: the host-memory KV tier on vs off",
 }
 TABLES: dict[str, Callable[[Record], Table]] = {"W1": table_w1, "W2": table_w2, "W3": table_w3}
 

@@ -64,9 +64,11 @@ def table_w5(rec: Record) -> Table:
         ["sessions planned (pool tokens / session tokens)", str(raw["planned_sessions"])],
         ["requests added", str(raw["requests_added"])],
         ["sessions admitted (most running at once)", str(raw["admitted_sessions"])],
-        ["sessions' worth of tokens stored at that peak", fmt(raw["sessions_stored_at_peak"])],
+        ["held + projected blocks / pool at that peak", fmt(raw["demand_at_peak"])],
+        ["most tokens stored / pool tokens", fmt(raw["most_stored"])],
         ["blocks allocated / tokens stored at the peak",
          f"{peak['blocks_allocated']} / {peak['tokens_stored']}"],
+        ["preemptions", str(raw["preemptions"])],
         ["KV wasted / allocated", fmt(raw["wasted_fraction"])],
         ["stopped by", f"{raw['stop_reason']} after {raw['steps']} steps ({fmt(raw['wall_s'])} s)"],
     ]  # fmt: skip

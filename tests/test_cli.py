@@ -271,3 +271,14 @@ def test_kvserve_serve_behind_haproxy(tiny_dirs: dict[str, Path]) -> None:
         assert proc.wait(timeout=90) == 0
         _, alive = psutil.wait_procs(haproxies, timeout=30)
         assert not alive, alive
+
+
+def test_gpu_suite_names_workloads_in_any_case() -> None:
+    """``--workloads w5-paging,W10`` picks the runners by name, whatever the case; an unknown
+    name is a usage error that lists the known ones."""
+    from bench import gpu
+
+    args = gpu.parse_args(["--workloads", "w5-paging, W10,w1"])
+    assert args.workloads == ["W1", "W5-paging", "W10"]
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--workloads", "W5-pages"])
