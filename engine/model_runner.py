@@ -206,15 +206,21 @@ class ModelRunner:
         in the order of ``out.scheduled`` (requests with ``needs_sample``).
         ``prev_tokens``: the previous step's sampled tokens, still on the device, that
         ``out``'s ``PENDING`` ids are (``out.pending_sources`` says which row each).
-        The step's host-tier copies run first."""
+        The step's host-tier copies are queued first; each layer's attention waits for
+        its own layer's copies (``HostKVTier``)."""
+        ready, tier = None, self.host_tier
         if out.spills or out.restores:
-            assert self.host_tier is not None, "a host-tier copy without a host tier"
-            self.host_tier.copy(out.spills, out.restores)
+            assert tier is not None, "a host-tier copy without a host tier"
+            ready = tier.copy(out.spills, out.restores)
+        graph = self.graphs if self.graphs is not None and self.graphs.can_run(out) else None
+        if ready is not None and tier is not None and (graph is not None or not out.scheduled):
+            tier.wait(ready)  # no per-layer waits on these paths: wait for all copies
         if not out.scheduled:
             return torch.empty(0, self.cfg.model.vocab_size, device=self.device)
-        if self.graphs is not None and self.graphs.can_run(out):
-            return self.graphs.run(out, prev_tokens)
+        if graph is not None:
+            return graph.run(out, prev_tokens)
         input_ids, positions, meta, sample_rows = self.prepare(out)
+        meta.kv_ready = ready
         fill_pending(input_ids, out, prev_tokens)
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[sample_rows])

@@ -174,9 +174,9 @@ def test_fp8_cache_on_the_gpu_path_matches_the_reference_path(tiny_dirs: dict[st
 def test_host_tier_on_cuda_gives_the_same_tokens(
     tiny_dirs: dict[str, Path], async_scheduling: bool
 ) -> None:
-    """Pinned host tier, copies on the step's stream (async to the host), Triton
-    kernels and CUDA graphs: conversations beyond the pool give the tier-off tokens,
-    with prefixes restored from the host."""
+    """Pinned host tier, copies on the tier's stream layer by layer (each layer's
+    attention waits for its own), Triton kernels and CUDA graphs: conversations beyond
+    the pool give the tier-off tokens, with prefixes restored from the host."""
     from engine import LLMEngine
     from engine.config import EngineArgs
     from tests.test_host_tier import conversations, run_rounds
@@ -190,3 +190,10 @@ def test_host_tier_on_cuda_gives_the_same_tokens(
     on = run_rounds(eng, convs)
     assert on["tokens"] == off["tokens"]
     assert on["restored"] > 0 and on["computed"] < off["computed"]
+
+
+def test_host_tier_copies_on_cuda_follow_their_order() -> None:
+    """The tier's copies on its own stream, layer by layer, as on CPU."""
+    from tests.test_host_tier import check_tier_copies
+
+    check_tier_copies("cuda")

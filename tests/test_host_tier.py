@@ -192,3 +192,37 @@ def test_served_requests_report_host_hits_and_the_reset_empties_both_tiers(
         again = complete(second)
         assert again["kvserve"]["cached_tokens"] == 0
         assert again["choices"][0]["text"] == ref[0].outputs[0].text
+
+
+def check_tier_copies(device: str) -> None:
+    """``HostKVTier.copy`` on a random cache: spilled blocks land in their host blocks on
+    every layer, restores bring them back into other device blocks, a restore in the same
+    call reads the host block a spill of that call just wrote, and of two restores into
+    one device block the later wins. On CUDA the copies are queued on the tier's stream;
+    ``wait`` orders the current stream after them."""
+    import torch
+
+    from engine.host_tier import HostKVTier
+
+    gen = torch.Generator().manual_seed(3)
+    stack = torch.randn(3, 2, 10, 4, 2, 8, generator=gen).to(device)  # [L, 2, blocks, ...]
+    tier = HostKVTier(6, stack)
+    before = stack.clone()
+    # Spills 2 -> 0, 3 -> 1 (a run), 7 -> 4; then restores 0 -> 5, 4 -> 6, 1 -> 6 (wins).
+    ready = tier.copy([(2, 0), (3, 1), (7, 4)], [(0, 5), (4, 6), (1, 6)])
+    if device == "cuda":
+        assert ready is not None and len(ready) == 3
+        tier.wait(ready)
+    else:
+        assert ready is None
+    host = tier.host.to(device)
+    for hb, d in [(0, 2), (1, 3), (4, 7)]:
+        assert torch.equal(host[:, hb], before[:, :, d])
+    assert torch.equal(stack[:, :, 5], before[:, :, 2])
+    assert torch.equal(stack[:, :, 6], before[:, :, 3])
+    untouched = [b for b in range(10) if b not in (5, 6)]
+    assert torch.equal(stack[:, :, untouched], before[:, :, untouched])
+
+
+def test_tier_copies_move_whole_blocks_on_every_layer() -> None:
+    check_tier_copies("cpu")

@@ -45,6 +45,9 @@ class AttentionMetadata:
     use_cache: bool = True
     # Device tensors for the Triton backend (a ``TritonStepData``), built by the runner.
     triton: Any = None
+    # Per layer, a CUDA event that layer's attention waits for before it touches the
+    # cache: the host tier's copies of that layer (``engine.host_tier``); else None.
+    kv_ready: list[Any] | None = None
     # Decode rows (query_len == 1) attended in one batched call; built lazily per step.
     _decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)

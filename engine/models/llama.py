@@ -38,6 +38,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
+        self.layer_idx = layer_idx
         self.window = cfg.sliding_windows[layer_idx]
         # The attention backend class (torch reference or Triton), chosen by the runner.
         self.attn = backend(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
@@ -67,6 +68,8 @@ class LlamaAttention(nn.Module):
         if self.kv_amax is not None:
             self.kv_amax[0] = max(self.kv_amax[0], k.abs().max().item())
             self.kv_amax[1] = max(self.kv_amax[1], v.abs().max().item())
+        if meta.kv_ready is not None:  # this layer's host-tier copies
+            torch.cuda.current_stream().wait_event(meta.kv_ready[self.layer_idx])
         o = self.attn.forward(q, k, v.contiguous(), self.kv_cache, meta, self.window)
         return self.o_proj(o.reshape(t, q_size))
 
