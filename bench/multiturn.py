@@ -216,9 +216,14 @@ def run_w10(make_llm: Callable[..., Any], cfg: W10Config, log: Callable[[str], N
 def ratios(raw: dict[str, Any]) -> dict[str, float]:
     """The record's ratios from its raw figures. With the control run (``off_again``, the
     tier off again) they also say how far two runs without the tier differ: TTFT's noise and
-    how often batching numerics alone change an answer."""
+    how often batching numerics alone change an answer, and the first ratio is then the
+    conservative one: TTFT p50 of the faster tier-off run over the tier-on run's."""
     off, on, again = raw["off"], raw["on"], raw.get("off_again")
-    out = {
+    out: dict[str, float] = {}
+    if again:  # the headline: against the faster tier-off run (their spread is noise)
+        best = min(off["ttft_p50_s"], again["ttft_p50_s"])
+        out["ttft_p50_faster_off_over_on"] = best / on["ttft_p50_s"]
+    out |= {
         "ttft_p50_off_over_on": off["ttft_p50_s"] / on["ttft_p50_s"],
         "ttft_p99_off_over_on": off["ttft_p99_s"] / on["ttft_p99_s"],
         "prompt_computed_on_over_off": on["prompt_tokens_computed"]

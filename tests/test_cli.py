@@ -282,3 +282,28 @@ def test_gpu_suite_names_workloads_in_any_case() -> None:
     assert args.workloads == ["W1", "W5-paging", "W10"]
     with pytest.raises(SystemExit):
         gpu.parse_args(["--workloads", "W5-pages"])
+
+
+def test_w10_headline_is_against_the_faster_tier_off_run() -> None:
+    """With the control run, W10's first ratio (the report's headline) divides by the faster
+    of the two tier-off runs, so run-to-run noise cannot pass for the tier's gain."""
+    from bench import multiturn
+
+    def run(p50: float, computed: int) -> dict[str, float]:
+        return {"ttft_p50_s": p50, "ttft_p99_s": 2 * p50, "prompt_tokens_computed": computed}
+
+    agree = {"identical": 0.5, "first_difference_at": 0.5}
+    raw = {
+        "off": run(0.8, 1000),
+        "on": run(0.2, 150),
+        "off_again": run(0.16, 990),
+        "same_tokens": False,
+        "agreement": {"off_vs_on": agree, "off_vs_off_again": agree},
+    }
+    r = multiturn.ratios(raw)
+    assert next(iter(r)) == "ttft_p50_faster_off_over_on"
+    assert r["ttft_p50_faster_off_over_on"] == pytest.approx(0.8)
+    assert r["ttft_p50_off_over_on"] == pytest.approx(4.0)
+    assert r["prompt_computed_on_over_off"] == pytest.approx(0.15)
+    del raw["off_again"]
+    assert next(iter(multiturn.ratios(raw))) == "ttft_p50_off_over_on"
