@@ -1,5 +1,6 @@
 """A pool replica that drives a tensor-parallel worker group: the replica holds bundle 0
-of its placement group, its rank actor bundle 1; output equals the TP=1 engine's."""
+of its placement group, its rank actor bundle 1; output equals the TP=1 engine's, and a
+rank actor killed mid-stream costs no request and changes no token."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import httpx
 
 from engine import LLM, SamplingParams
 from tests.factories import serving
+from tests.serve_helpers import Stream, replica_ids, wait_attached, wait_until, wait_whole
 
 
-def test_tp2_replica_serves_the_tp1_tokens(ray_cluster: Any, tiny_dirs: dict[str, Path]) -> None:
+def test_tp2_replicas_serve_the_tp1_tokens_through_a_rank_kill(
+    ray_cluster: Any, tiny_dirs: dict[str, Path]
+) -> None:
     from ray import serve
     from ray.util import placement_group_table
 
@@ -22,8 +26,14 @@ def test_tp2_replica_serves_the_tp1_tokens(ray_cluster: Any, tiny_dirs: dict[str
         .generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
         .outputs[0]
     )
+    prompts = [[7, 8, 9, 10, 11 + i] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    want = [
+        o.outputs[0].text for o in LLM(tiny_dirs["llama3"], device="cpu").generate(prompts, params)
+    ]
     with serving(model=str(tiny_dirs["llama3"]), model_name="tiny", tensor_parallel_size=2,
-                 engine={"max_model_len": 256}) as cfg:  # fmt: skip
+                 num_replicas=2, engine={"max_model_len": 256},
+                 faults={"step_delay_s": 0.02}) as cfg:  # fmt: skip
         r = httpx.post(f"http://127.0.0.1:{cfg.http_port}/v1/completions", timeout=120,
                        json={"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0,
                              "ignore_eos": True, "logprobs": 0})  # fmt: skip
@@ -36,3 +46,32 @@ def test_tp2_replica_serves_the_tp1_tokens(ray_cluster: Any, tiny_dirs: dict[str
         assert groups, placement_group_table()
         stats = serve.get_deployment_handle("engine", app_name="kvserve").stats.remote().result()
         assert stats["tp"] == 2
+        # A rank actor killed while every stream is running: the streams of its replica
+        # resume on the other one with the same tokens, and Serve rebuilds the broken one.
+        import ray
+
+        base = f"http://127.0.0.1:{cfg.http_port}"
+        before = replica_ids("engine")
+        assert len(before) == 2
+        wait_attached(base, 2)  # the streams spread over both replicas
+        streams = [Stream(base, p, "tiny", 120) for p in prompts]
+        for st in streams:
+            st.start()
+        wait_until(lambda: all(len(st.pieces) >= 4 for st in streams), 120, "streams to run")
+        victim = sorted(before)[0]
+        h = serve.get_deployment_handle("engine", app_name="kvserve")
+        stats = h.stats.options().remote(target=victim).result(timeout_s=30)
+        assert stats["tp"] == 2 and stats["running"] > 0, stats
+        ((namespace, name),) = stats["rank_actors"]
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        for st in streams:
+            st.join(180)
+        for st, text in zip(streams, want, strict=True):
+            assert st.error is None and st.done, st.error
+            assert st.text == text
+        resumed = [st.kv for st in streams if st.kv.get("mode") == "resumed"]
+        assert resumed and all(kv["instance"] != victim for kv in resumed), [
+            st.kv for st in streams
+        ]
+        whole = wait_whole("engine", 2)  # every block back; the broken replica replaced
+        assert victim not in {w["instance"] for w in whole}
