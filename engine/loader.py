@@ -110,8 +110,39 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def dummy_tensors(
+    hf_config: object, seed: int, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a checkpoint ``hf_config`` describes, by Hugging Face name, each
+    seeded random and whole (norms 1, the rest N(0, 0.02), as a real checkpoint's scale),
+    from ``(seed, name)`` alone: every tensor-parallel rank takes its shard of the same
+    model, so TP sizes and pools agree on the tokens. Names and shapes come from
+    transformers' model for the config, built on the meta device (no memory)."""
+    import zlib
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config)
+    for name, meta in hf.state_dict().items():
+        if "norm" in name:
+            yield name, torch.ones(meta.shape, dtype=dtype, device=device)
+            continue
+        gen = torch.Generator(device=device).manual_seed(
+            seed * 1_000_003 + zlib.crc32(name.encode())
+        )
+        t = torch.empty(meta.shape, dtype=dtype, device=device)
+        yield name, t.normal_(0.0, 0.02, generator=gen)
+
+
 def load_weights(model: nn.Module, model_dir: Path) -> None:
-    """Copies this rank's shard of every checkpoint tensor into ``model``.
+    """Copies this rank's shard of every checkpoint tensor in ``model_dir`` into
+    ``model`` (``load_tensors``)."""
+    load_tensors(model, iter_safetensors(model_dir), str(model_dir))
+
+
+def load_tensors(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], where: str) -> None:
+    """Copies this rank's shard of every ``(name, tensor)`` into ``model``.
 
     Names are Hugging Face's; ``model.packed_modules`` maps fused parameters (q/k/v
     into qkv_proj, gate/up into gate_up_proj). Raises if a parameter stays unloaded.
@@ -119,7 +150,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     loaded: set[str] = set()
-    for name, tensor in iter_safetensors(model_dir):
+    for name, tensor in tensors:
         if "rotary_emb" in name:
             continue
         target, shard = name, None
@@ -131,7 +162,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         if param is None:
             if name == "lm_head.weight" and "lm_head.weight" not in params:
                 continue  # tied to the embedding
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} ({where}) has no place in {type(model).__name__}"
+            )
         loader = getattr(param, "weight_loader", None)
         t = tensor.to(param.dtype)
         if loader is None:
@@ -144,5 +177,5 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     missing = set(params) - loaded
     if missing:
         raise ValueError(
-            f"checkpoint in {model_dir} lacks {sorted(missing)[:5]} ({len(missing)} in all)"
+            f"checkpoint in {where} lacks {sorted(missing)[:5]} ({len(missing)} in all)"
         )

@@ -17,7 +17,7 @@ import torch
 from engine.attention import AttentionMetadata, select_backend
 from engine.host_tier import HostKVTier, num_host_blocks
 from engine.kv_cache import KVCachePlan, allocate_kv_cache, cache_dtype, plan_kv_cache
-from engine.loader import load_weights
+from engine.loader import dummy_tensors, load_tensors, load_weights
 from engine.models import LlamaForCausalLM
 from engine.parallel import TPContext
 from engine.pending import fill_pending
@@ -49,7 +49,9 @@ class ModelRunner:
                 if hasattr(module, "fused"):
                     setattr(module, "fused", True)  # noqa: B010 (mypy sees nn.Module)
         if cfg.load_format == "dummy":
-            init_dummy_weights(self.model, cfg.seed)
+            dtype = next(self.model.parameters()).dtype
+            tensors = dummy_tensors(cfg.model.hf_config, cfg.seed, cfg.device, dtype)
+            load_tensors(self.model, tensors, "dummy weights")
         elif cfg.load_format == "auto":
             load_weights(self.model, cfg.model_dir)
         else:
@@ -235,15 +237,3 @@ def build_model(cfg: RunnerConfig, tp: TPContext, backend: Any) -> LlamaForCausa
             return LlamaForCausalLM(cfg.model, cfg.scheduler.max_model_len, tp, backend)
     finally:
         torch.set_default_dtype(default)
-
-
-@torch.no_grad()
-def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights, as a real checkpoint's scale (norms 1, the rest N(0, 0.02)),
-    generated on the parameters' device: for speed runs at sizes nobody downloads."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02, generator=gen)

@@ -3,6 +3,7 @@ identical, last-step logits close (float32)."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,9 @@ def test_tiny_models_match_transformers(name: str, tiny_dirs: dict[str, Path]) -
     path = tiny_dirs[name]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     # Prompts longer than the sliding windows (6, 8) and past llama3's original 32 positions.
-    prompts = random_prompts(4, 20, 60, vocab=512, seed=hash(name) % 1000)
+    # A seed fixed per model (str hash() changes per process: prompts with a near-tie
+    # would make the run flaky, not the engine).
+    prompts = random_prompts(4, 20, 60, vocab=512, seed=zlib.crc32(name.encode()) % 1000)
     llm = LLM(path, device="cpu", max_model_len=256, max_num_batched_tokens=64)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     for p, out in zip(prompts, outs, strict=True):

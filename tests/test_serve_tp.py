@@ -75,3 +75,31 @@ def test_tp2_replicas_serve_the_tp1_tokens_through_a_rank_kill(
         ]
         whole = wait_whole("engine", 2)  # every block back; the broken replica replaced
         assert victim not in {w["instance"] for w in whole}
+
+
+def test_served_tp_bench_gives_one_model_at_every_tp(ray_cluster: Any) -> None:
+    """``bench.served_tp`` (issue 25's harness, here on gloo) at TP=1 and 2 on dummy weights:
+    the same greedy texts at both sizes (dummy weights are one model, whatever the shard),
+    and a rank actor killed mid-stream costs no request and changes no text."""
+    import torch
+
+    from bench.router import engine_args
+    from bench.served_tp import QUICK, run_served_tp
+    from engine.loader import dummy_tensors
+    from engine.shapes import make_config
+
+    a, b = (dict(dummy_tensors(make_config("tiny"), 3, torch.device("cpu"), torch.float32))
+            for _ in range(2))  # fmt: skip
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    import argparse
+
+    kw = engine_args(
+        argparse.Namespace(device="cpu", model="tiny", max_model_len=256, concurrency=8)
+    )
+    result = run_served_tp(kw.pop("model"), kw.pop("device"), [1, 2], QUICK, engine=kw)
+    r, kill = result["ratios"], result["raw"]["kill"]
+    assert r["same_text_tp2_vs_tp1"] == 1.0, result["raw"]
+    assert kill["running_at_kill"] > 0 and kill["rebuilt"], kill
+    assert r["kill_finished"] == 1.0 and r["kill_same_text"] == 1.0, kill
+    assert result["raw"]["tp2"]["W1"]["ok"] == QUICK.w1_requests
