@@ -15,6 +15,7 @@ from bench.soak import kill_replica, replica_ids
 __all__ = [
     "PROMPTS",
     "Stream",
+    "kill_a_rank_mid_stream",
     "kill_replica",
     "replica_ids",
     "stats_of",
@@ -129,3 +130,28 @@ def wait_attached(base: str, cores: int, timeout: float = 60) -> None:
         return True
 
     wait_until(all_attached, timeout, f"API replicas attached to {cores} cores")
+
+
+def kill_a_rank_mid_stream(deployment: str, base: str, prompts: list[Any], model: str,
+                           max_tokens: int) -> tuple[list[Stream], str]:  # fmt: skip
+    """Streams every prompt (spread over the deployment's replicas), and once each has
+    output a few pieces kills a rank actor of the first replica (TP > 1, it running some
+    of them); returns the finished streams and that replica's id."""
+    import ray
+    from ray import serve
+
+    before = replica_ids(deployment)
+    wait_attached(base, len(before))  # the streams spread over every replica
+    streams = [Stream(base, p, model, max_tokens) for p in prompts]
+    for st in streams:
+        st.start()
+    wait_until(lambda: all(len(st.pieces) >= 4 for st in streams), 120, "streams to run")
+    victim = sorted(before)[0]
+    h = serve.get_deployment_handle(deployment, app_name="kvserve")
+    stats = h.stats.options().remote(target=victim).result(timeout_s=30)
+    assert stats["tp"] > 1 and stats["running"] > 0, stats
+    namespace, name = stats["rank_actors"][0]
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    for st in streams:
+        st.join(180)
+    return streams, victim

@@ -31,6 +31,7 @@ from tests.factories import serving
 from tests.serve_helpers import (
     PROMPTS,
     Stream,
+    kill_a_rank_mid_stream,
     kill_replica,
     replica_ids,
     stats_of,
@@ -168,9 +169,6 @@ def test_disaggregated_tp2_transfers_every_rank_and_survives_a_decode_rank_kill(
     ranks' head groups; then a rank actor of a decode instance is killed mid-stream."""
     import json
 
-    import ray
-    from ray import serve
-
     prompts = [[7, 8, 9, 10, 11 + i] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     ref = [
@@ -184,21 +182,8 @@ def test_disaggregated_tp2_transfers_every_rank_and_survives_a_decode_rank_kill(
                  engine={"max_model_len": 256, "block_size": 16},
                  faults={"step_delay_s": 0.02}) as cfg:  # fmt: skip
         base = f"http://127.0.0.1:{cfg.http_port}"
-        before = replica_ids("decode")
-        wait_attached(base, 2)  # the streams spread over both decode replicas
-        assert len(before) == 2
-        streams = [Stream(base, p, "tiny", 120) for p in prompts]
-        for s in streams:
-            s.start()
-        wait_until(lambda: all(len(s.pieces) >= 4 for s in streams), 120, "streams to run")
-        victim = sorted(before)[0]
-        h = serve.get_deployment_handle("decode", app_name="kvserve")
-        stats = h.stats.options().remote(target=victim).result(timeout_s=30)
-        assert stats["tp"] == 2 and stats["running"] > 0, stats
-        ((namespace, name),) = stats["rank_actors"]
-        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        for s in streams:
-            s.join(180)
+        assert len(replica_ids("decode")) == 2
+        streams, victim = kill_a_rank_mid_stream("decode", base, prompts, "tiny", 120)
         for s, want in zip(streams, ref, strict=True):
             assert s.error is None and s.done, s.error
             assert s.text == want

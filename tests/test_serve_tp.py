@@ -11,7 +11,7 @@ import httpx
 
 from engine import LLM, SamplingParams
 from tests.factories import serving
-from tests.serve_helpers import Stream, replica_ids, wait_attached, wait_until, wait_whole
+from tests.serve_helpers import kill_a_rank_mid_stream, replica_ids, wait_whole
 
 
 def test_tp2_replicas_serve_the_tp1_tokens_through_a_rank_kill(
@@ -48,24 +48,9 @@ def test_tp2_replicas_serve_the_tp1_tokens_through_a_rank_kill(
         assert stats["tp"] == 2
         # A rank actor killed while every stream is running: the streams of its replica
         # resume on the other one with the same tokens, and Serve rebuilds the broken one.
-        import ray
-
         base = f"http://127.0.0.1:{cfg.http_port}"
-        before = replica_ids("engine")
-        assert len(before) == 2
-        wait_attached(base, 2)  # the streams spread over both replicas
-        streams = [Stream(base, p, "tiny", 120) for p in prompts]
-        for st in streams:
-            st.start()
-        wait_until(lambda: all(len(st.pieces) >= 4 for st in streams), 120, "streams to run")
-        victim = sorted(before)[0]
-        h = serve.get_deployment_handle("engine", app_name="kvserve")
-        stats = h.stats.options().remote(target=victim).result(timeout_s=30)
-        assert stats["tp"] == 2 and stats["running"] > 0, stats
-        ((namespace, name),) = stats["rank_actors"]
-        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        for st in streams:
-            st.join(180)
+        assert len(replica_ids("engine")) == 2
+        streams, victim = kill_a_rank_mid_stream("engine", base, prompts, "tiny", 120)
         for st, text in zip(streams, want, strict=True):
             assert st.error is None and st.done, st.error
             assert st.text == text
