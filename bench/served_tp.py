@@ -65,18 +65,18 @@ def _stats() -> dict[str, Any]:
 
 
 def _whole(timeout: float = 180) -> dict[str, Any]:
-    """Waits until the one engine replica is live, idle and has every block free."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            last = _stats()
-            if (last["running"] == 0 and last["waiting"] == 0 and not last["dead"]
-                    and last["free_blocks"] == last["num_blocks"]):  # fmt: skip
-                return last
-        except Exception as e:  # the replica being rebuilt
-            last = {"error": repr(e)}
+    """Waits until the deployment has its one replica again, idle with every block free and
+    no ledger reservation left (``bench.soak.books``); returns those books."""
+    from bench.soak import books
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = books(["engine"], timeout_s=0)  # one look
+        if found["whole"] and len(found["replicas"]) == 1:
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine replica is not whole: {found}")
         time.sleep(1.0)
-    raise RuntimeError(f"the engine replica is not whole: {last}")
 
 
 def _load(url: str, prompts: list[str], max_tokens: int, concurrency: int) -> tuple[Any, float]:
@@ -110,7 +110,7 @@ def _kill_run(url: str, prompts: list[str], max_tokens: int, concurrency: int,
     worker.join()
     whole = _whole()
     return {"records": out["records"], "wall": out["wall"], "killed_instance": victim,
-            "running_at_kill": running, "rebuilt": whole["instance"] != victim}  # fmt: skip
+            "running_at_kill": running, "rebuilt": victim not in whole["replicas"]}  # fmt: skip
 
 
 def run_served_tp(model: str, device: str, tps: list[int], cfg: ServedTPConfig,
